@@ -1,0 +1,95 @@
+"""`load(name)`: the catalogue of models passlab knows, and how to name others.
+
+A model is a built-in sample (`transformer`), a Hugging Face architecture built
+from a small config with random weights (`hf:gpt2`), or any user file
+(`path/to/model.py:function` returning `(module, example_inputs)`).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from .sample import Sample, preset_dtype
+
+SAMPLES = {  # name -> module under passlab.graphs
+    "mlp": "mlp",
+    "transformer": "transformer",
+    "llama": "llama",
+    "moe": "moe",
+    "convnet": "convnet",
+}
+DISTRIBUTED = {"tp_mlp": "distributed", "ep_moe": "distributed", "fsdp_mlp": "distributed"}
+PRESETS = ("tiny", "bench")
+
+
+class UnknownModelError(ValueError):
+    """The model name names nothing passlab can load."""
+
+
+def list_models() -> dict[str, str]:
+    """Name -> one-line description of every loadable built-in model."""
+    from . import hf
+    out = {}
+    for name, mod in {**SAMPLES, **DISTRIBUTED}.items():
+        try:
+            m = importlib.import_module(f"passlab.graphs.{mod}")
+        except ImportError:
+            continue
+        out[name] = (m.__doc__ or "").strip().splitlines()[0]
+    for arch, desc in hf.ARCHS.items():
+        out[f"hf:{arch}"] = desc
+    return out
+
+
+def load(name: str, preset: str = "tiny", *, dtype=None, device: str = "cpu") -> Sample:
+    if preset not in PRESETS:
+        raise UnknownModelError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    dt = preset_dtype(preset, device, dtype)
+    if name.startswith("hf:"):
+        from . import hf
+        return hf.build(name[3:], preset, dt, device)
+    if ":" in name and (name.split(":")[0].endswith(".py") or os.sep in name):
+        return load_file(name, preset, dt, device)
+    table = {**SAMPLES, **DISTRIBUTED}
+    if name not in table:
+        known = sorted(table) + ["hf:" + a for a in _hf_archs()]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownModelError(f"unknown model {name!r}{hint}; known models: {', '.join(known)}; "
+                                "or give path/to/file.py:function")
+    mod = importlib.import_module(f"passlab.graphs.{table[name]}")
+    builder = getattr(mod, "build_" + name, None) or mod.build
+    return builder(preset, dt, device)
+
+
+def _hf_archs():
+    from . import hf
+    return list(hf.ARCHS)
+
+
+def load_file(spec: str, preset: str, dtype: torch.dtype, device: str) -> Sample:
+    """`path/to/file.py:function` -> Sample; the function returns (module, example_inputs)."""
+    path, _, fn = spec.rpartition(":")
+    if not os.path.exists(path):
+        raise UnknownModelError(f"model file {path!r} does not exist")
+    modname = "passlab_user_" + os.path.splitext(os.path.basename(path))[0]
+    s = importlib.util.spec_from_file_location(modname, path)
+    m = importlib.util.module_from_spec(s)
+    s.loader.exec_module(m)
+    if not hasattr(m, fn):
+        fns = [k for k, v in vars(m).items() if callable(v) and not k.startswith("_")]
+        raise UnknownModelError(f"{path} has no function {fn!r}; it defines: {', '.join(fns)}")
+    result = getattr(m, fn)()
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
+        raise UnknownModelError(f"{spec} must return (module, example_inputs), got {type(result).__name__}")
+    module, inputs = result
+    inputs = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
+    floats = [t.dtype for t in inputs if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
+    return Sample(spec, module.eval().to(device), tuple(t.to(device) if isinstance(t, torch.Tensor) else t
+                                                          for t in inputs),
+                  dtype=floats[0] if floats else torch.float32, device=device, preset=preset,
+                  description=f"user model {fn}() from {path}")
