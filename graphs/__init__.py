@@ -1,7 +1,7 @@
 """Models and capture: `load(name, preset)` -> Sample; `capture(module, inputs)` -> GraphModule."""
-from .capture import CaptureError, capture, check_metadata
+from .capture import CaptureError, capture, check_metadata, clone
 from .catalog import PRESETS, UnknownModelError, list_models, load
 from .sample import Sample, has_native_bf16, parse_dtype, random_like
 
 __all__ = ["load", "capture", "Sample", "CaptureError", "UnknownModelError", "list_models",
-           "check_metadata", "random_like", "has_native_bf16", "parse_dtype", "PRESETS"]
+           "check_metadata", "clone", "random_like", "has_native_bf16", "parse_dtype", "PRESETS"]

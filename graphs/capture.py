@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import traceback
+import warnings
 
 import torch
 import torch.fx
@@ -24,18 +25,24 @@ def capture(module: torch.nn.Module, example_inputs, *, decompose: bool = True) 
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             ep = torch.export.export(module, args, strict=False)
             if decompose:
                 ep = ep.run_decompositions()
     except Exception as e:  # torch raises many types here; all mean "not capturable"
         raise CaptureError(describe_failure(module, e)) from e
-    gm = ep.module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        gm = ep.module()
     drop_guards(gm)
+    flatten_signature(gm)
     for p in gm.parameters():
         p.requires_grad_(False)
     gm.meta["captured_from"] = type(module).__name__
-    check_metadata(gm)
+    missing = check_metadata(gm)
+    if missing:
+        raise CaptureError(f"captured graph lacks metadata on nodes {missing[:5]}")
     return gm
 
 
@@ -51,9 +58,45 @@ def drop_guards(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
+def flatten_signature(gm: torch.fx.GraphModule) -> None:
+    """Replace export's pytree calling convention with plain positional inputs
+    and outputs, so every pass, clone and executor sees one simple signature.
+    The output stays a single tensor where the model returns one."""
+    out_spec = getattr(gm, "_out_spec", None)
+    gm.meta["out_spec"] = out_spec
+    gm.graph._codegen = torch.fx.graph.CodeGen()
+    out = gm.graph.output_node()
+    flat = out.args[0]
+    if isinstance(flat, (tuple, list)) and len(flat) == 1 and out_spec is not None and out_spec.is_leaf():
+        out.args = (flat[0],)
+    gm.recompile()
+
+
+def clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule with its own graph, sharing parameter tensors.
+
+    Cheap enough to take before every pass (rollback) and after it (snapshot):
+    node metadata is copied shallowly, weights are not copied at all.
+    """
+    g = torch.fx.Graph()
+    g._codegen = gm.graph._codegen
+    out = g.graph_copy(gm.graph, {})
+    g.output(out)
+    new = torch.fx.GraphModule(gm, g)
+    new.meta.update(gm.meta)
+    return new
+
+
 def check_metadata(gm: torch.fx.GraphModule) -> list[str]:
-    """Names of nodes without `meta["val"]` (output node excepted)."""
-    return [n.name for n in gm.graph.nodes if n.op != "output" and "val" not in n.meta]
+    """Names of nodes without `meta["val"]`. The output node and ops that return
+    nothing (runtime asserts) have no value to describe."""
+    return [n.name for n in gm.graph.nodes
+            if n.op != "output" and "val" not in n.meta and returns_value(n)]
+
+
+def returns_value(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return not (node.op == "call_function" and schema is not None and len(schema.returns) == 0)
 
 
 def describe_failure(module, exc: BaseException) -> str:

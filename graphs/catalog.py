@@ -39,7 +39,8 @@ def list_models() -> dict[str, str]:
             m = importlib.import_module(f"passlab.graphs.{mod}")
         except ImportError:
             continue
-        out[name] = (m.__doc__ or "").strip().splitlines()[0]
+        doc = (m.__doc__ or "").strip().splitlines()[0]
+        out[name] = doc.split(": ", 1)[1] if doc.startswith("`") and ": " in doc else doc
     for arch, desc in hf.ARCHS.items():
         out[f"hf:{arch}"] = desc
     return out

@@ -1,0 +1,203 @@
+"""The pass manager: runs a pipeline, with instruments around every pass.
+
+Each pass gets a clone of the graph (parameters shared), so a pass that raises,
+breaks the graph or changes numerics is rolled back to the graph before it,
+reported, and the pipeline goes on (or stops, under `strict`). Instruments —
+graph verifier, numerics check, statistics, snapshot — run after every pass;
+the passes themselves know nothing of them.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from passlab.graphs import check_metadata, clone
+from passlab.runtime import costmodel
+from passlab.runtime.executor import compile_graph
+
+from .api import PassContext, as_result
+from .pipeline import Step, parse
+
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+class PassRejected(RuntimeError):
+    """An instrument refused the graph a pass produced."""
+
+
+class PipelineFailed(RuntimeError):
+    """A pass failed under strict mode; `records` holds everything measured so far."""
+
+    def __init__(self, msg, records):
+        super().__init__(msg)
+        self.records = records
+
+
+@dataclass
+class StepRecord:
+    name: str
+    options: dict = field(default_factory=dict)
+    status: str = "ok"                  # ok | rolled_back | failed
+    changed: bool = False
+    error: str | None = None
+    nodes: int = 0
+    launches: int = 0
+    bytes: int = 0
+    flops: int = 0
+    max_error: float | None = None
+    numerics_ok: bool | None = None
+    pass_seconds: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+    snapshot: torch.fx.GraphModule | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict:
+        d = asdict(self, dict_factory=lambda kv: {k: v for k, v in kv if k != "snapshot"})
+        d["pass"] = d.pop("name")
+        return d
+
+
+# ---------------------------------------------------------------- instruments
+
+def relative_error(out, ref) -> float:
+    """max |out - ref| / max |ref| over all outputs; exact match for non-floats."""
+    outs, refs = costmodel.tensors(out), costmodel.tensors(ref)
+    if len(outs) != len(refs):
+        return float("inf")
+    worst = 0.0
+    for o, r in zip(outs, refs):
+        if o.shape != r.shape:
+            return float("inf")
+        if not r.dtype.is_floating_point:
+            worst = max(worst, float((o != r).float().mean()) if r.numel() else 0.0)
+            continue
+        o, r = o.detach().float(), r.detach().float()
+        same = (o == r) | (torch.isnan(o) & torch.isnan(r))   # infinities and NaNs that agree
+        diff = torch.where(same, torch.zeros_like(o), (o - r).abs())
+        if torch.isnan(diff).any():
+            return float("inf")
+        finite = r[torch.isfinite(r)]
+        scale = max(float(finite.abs().max()) if finite.numel() else 0.0, 1e-6)
+        worst = max(worst, float(diff.max()) / scale if diff.numel() else 0.0)
+    return worst
+
+
+class VerifyGraph:
+    """graph.lint() plus the metadata check: every value-producing node keeps meta['val']."""
+
+    def after_pass(self, step, gm, ctx, record):
+        gm.graph.lint()
+        missing = check_metadata(gm)
+        if missing:
+            raise PassRejected(f"nodes lost meta['val']: {', '.join(missing[:5])}"
+                               f"{' ...' if len(missing) > 5 else ''} (call passlab.passes.meta.propagate(gm))")
+
+
+class CheckNumerics:
+    """Runs the graph on fresh random inputs and compares with the eager reference."""
+
+    def __init__(self, reference: Callable, make_inputs: Callable[[int], tuple], device: str,
+                 tolerance: float, seed: int = 1234):
+        self.device, self.tolerance = device, tolerance
+        self.inputs = make_inputs(seed)
+        with torch.no_grad():
+            self.expected = reference(*self.inputs)
+
+    def error(self, gm) -> float:
+        with torch.no_grad():
+            return relative_error(compile_graph(gm, self.device)(*self.inputs), self.expected)
+
+    def after_pass(self, step, gm, ctx, record):
+        record.max_error = self.error(gm)
+        record.numerics_ok = record.max_error <= self.tolerance
+        if not record.numerics_ok:
+            raise PassRejected(f"numerics changed: relative error {record.max_error:.3g} "
+                               f"> tolerance {self.tolerance:g}")
+
+
+class Statistics:
+    """Node count and the cost model's launches / bytes / FLOPs estimates."""
+
+    def after_pass(self, step, gm, ctx, record):
+        fill_stats(record, gm)
+
+
+class Snapshot:
+    """Keeps a clone of the graph after each pass, for drawings and diffs."""
+
+    def after_pass(self, step, gm, ctx, record):
+        record.snapshot = clone(gm)
+
+
+def fill_stats(record: StepRecord, gm) -> None:
+    c = costmodel.graph_cost(gm)
+    record.nodes = sum(1 for n in gm.graph.nodes if n.op == "call_function")
+    record.launches, record.bytes, record.flops = c.launches, c.bytes, c.flops
+
+
+# ---------------------------------------------------------------- manager
+
+@dataclass
+class PipelineResult:
+    gm: torch.fx.GraphModule
+    baseline: StepRecord
+    steps: list[StepRecord]
+
+
+class PassManager:
+    def __init__(self, pipeline, *, instruments=None, strict: bool = False,
+                 progress: Callable[[int, int, str], None] | None = None):
+        self.steps: list[Step] = parse(pipeline) if not isinstance(pipeline, list) or \
+            (pipeline and not isinstance(pipeline[0], Step)) else pipeline
+        self.instruments = instruments if instruments is not None else [VerifyGraph(), Statistics(), Snapshot()]
+        self.strict, self.progress = strict, progress
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PipelineResult:
+        baseline = StepRecord("baseline", snapshot=clone(gm))
+        fill_stats(baseline, gm)
+        for inst in self.instruments:
+            if isinstance(inst, CheckNumerics):
+                baseline.max_error = inst.error(gm)
+                baseline.numerics_ok = baseline.max_error <= inst.tolerance
+        records: list[StepRecord] = []
+        for i, step in enumerate(self.steps):
+            if self.progress:
+                self.progress(i, len(self.steps), step.name)
+            gm, rec = self.run_one(step, gm, ctx, records[-1] if records else baseline)
+            records.append(rec)
+            if rec.status != "ok" and self.strict:
+                rec.status = "failed"
+                raise PipelineFailed(f"pass {step.name!r} failed: {rec.error}", (baseline, records))
+        if self.progress:
+            self.progress(len(self.steps), len(self.steps), "done")
+        return PipelineResult(gm, baseline, records)
+
+    def run_one(self, step: Step, gm, ctx: PassContext, prev: StepRecord):
+        rec = StepRecord(step.name, dict(step.options))
+        before = str(gm.graph)
+        work = clone(gm)
+        step_ctx = PassContext(**{**ctx.__dict__, "options": dict(step.options)})
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                res = as_result(step.pass_.run(work, step_ctx), work)
+            rec.pass_seconds = time.perf_counter() - t0
+            new = res.gm
+            new.recompile()
+            rec.changed = res.changed if res.changed is not None else str(new.graph) != before
+            rec.stats = dict(res.stats)
+            for inst in self.instruments:
+                inst.after_pass(step, new, step_ctx, rec)
+            return new, rec
+        except Exception as e:  # any failure of a pass or instrument: roll back
+            rec.pass_seconds = rec.pass_seconds or time.perf_counter() - t0
+            rec.status, rec.changed = "rolled_back", False
+            rec.error = f"{type(e).__name__}: {e}"
+            rec.stats = {"traceback": traceback.format_exc(limit=6)}
+            fill_stats(rec, gm)
+            rec.max_error, rec.numerics_ok, rec.snapshot = prev.max_error, prev.numerics_ok, prev.snapshot
+            return gm, rec

@@ -1,0 +1,40 @@
+"""Node metadata upkeep: every node carries `meta["val"]` (a fake tensor).
+
+Passes that create nodes call `propagate(gm)` to recompute the metadata of the
+whole graph from its placeholders; it runs on fake tensors, so it costs no
+real compute and allocates nothing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+
+def fake_mode_of(gm: torch.fx.GraphModule) -> FakeTensorMode:
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    return detect_fake_mode([v for v in vals if v is not None]) or FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def propagate(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    mode = fake_mode_of(gm)
+    inputs = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            v = n.meta.get("val")
+            if v is None:
+                raise ValueError(f"placeholder {n.name} has no meta['val']; capture the graph with passlab.graphs.capture")
+            inputs.append(v)
+    old = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True  # parameters are real tensors read through get_attr
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+    finally:
+        mode.allow_non_fake_inputs = old
+    return gm
+
+
+def val(node: torch.fx.Node):
+    return node.meta.get("val")

@@ -1,0 +1,111 @@
+"""Static cost model: FLOPs, bytes moved and kernel launches of a graph.
+
+These are *estimates* read off the graph's metadata (no timing): a view moves
+nothing and launches nothing; every other op is one launch that reads its
+tensor inputs and writes its outputs once; a fused node is one launch that
+reads its inputs and writes its outputs once (its intermediates stay in
+registers). GEMM/conv FLOPs are exact; pointwise ops count one FLOP per output
+element.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.fx
+
+from .opclass import OpClass, op_class
+
+aten = torch.ops.aten
+
+
+@dataclass
+class Cost:
+    flops: int = 0
+    bytes: int = 0
+    launches: int = 0
+
+    def __add__(self, o: "Cost") -> "Cost":
+        return Cost(self.flops + o.flops, self.bytes + o.bytes, self.launches + o.launches)
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def tensors(x):
+    """Flat list of tensors in a (possibly nested) meta value."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in tensors(v)]
+    return []
+
+
+def nbytes(x) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors(x))
+
+
+def arg_vals(node: torch.fx.Node):
+    vals = []
+    for a in node.all_input_nodes:
+        vals.extend(tensors(a.meta.get("val")))
+    return vals
+
+
+def gemm_flops(node: torch.fx.Node) -> int:
+    t = node.target
+    out = tensors(node.meta.get("val"))
+    if not out:
+        return 0
+    o = out[0]
+    ins = [a.meta.get("val") for a in node.args if isinstance(a, torch.fx.Node)]
+    if t in (aten.mm.default, aten.addmm.default):
+        a = ins[-2]
+        return 2 * o.numel() * a.shape[-1]
+    if t in (aten.bmm.default, aten.baddbmm.default):
+        a = ins[-2]
+        return 2 * o.numel() * a.shape[-1]
+    if t == aten.convolution.default:
+        w = ins[1]
+        groups = node.args[8] if len(node.args) > 8 else 1
+        return 2 * o.numel() * math.prod(w.shape[1:]) if groups else 0
+    if len(ins) >= 2 and hasattr(ins[0], "shape"):  # attention and friends: a rough count
+        q, k = ins[0], ins[1]
+        return 4 * q.numel() * k.shape[-2]
+    return 2 * o.numel()
+
+
+def node_cost(node: torch.fx.Node) -> Cost:
+    if node.op != "call_function":
+        return Cost()
+    cls = op_class(node)
+    if cls in (OpClass.VIEW, OpClass.BROADCAST):
+        return Cost()
+    target = node.target
+    if cls == OpClass.FUSED and hasattr(target, "cost"):
+        return target.cost(node)
+    out_val = node.meta.get("val")
+    moved = nbytes(out_val) + sum(t.numel() * t.element_size() for t in arg_vals(node))
+    if cls == OpClass.GEMM:
+        return Cost(gemm_flops(node), moved, 1)
+    if "assert" in str(target):
+        return Cost()
+    return Cost(sum(t.numel() for t in tensors(out_val)), moved, 1)
+
+
+def graph_cost(gm: torch.fx.GraphModule) -> Cost:
+    total = Cost()
+    for n in gm.graph.nodes:
+        total = total + node_cost(n)
+    return total
+
+
+def op_histogram(gm: torch.fx.GraphModule) -> dict[str, int]:
+    hist: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            name = getattr(n.target, "__name__", str(n.target))
+            name = str(n.target) if name in ("default", "Tensor") else name
+            hist[name] = hist.get(name, 0) + 1
+    return dict(sorted(hist.items(), key=lambda kv: -kv[1]))

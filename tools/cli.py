@@ -1,0 +1,185 @@
+"""`passlab` command line: list, show, run, new-pass.
+
+Exit codes: 0 done (also when a pass was rolled back, unless --strict);
+1 the run failed; 2 bad arguments (unknown model or pass, bad option).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+BAD_ARGS, FAILED = 2, 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="passlab", description="compiler-pass playground for operation fusion")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    ls = sub.add_parser("list", help="list models or passes")
+    ls.add_argument("what", choices=["models", "passes"])
+
+    sh = sub.add_parser("show", help="show a model's captured graph (after some passes)")
+    sh.add_argument("model")
+    sh.add_argument("--preset", default="tiny", choices=["tiny", "bench"])
+    sh.add_argument("--dtype", default=None, help="fp32|bf16|fp16 (default: by preset and machine)")
+    sh.add_argument("--after", default=None, help="run these passes first, e.g. cleanup,fuse")
+    sh.add_argument("--kernels", action="store_true", help="print each fused group's ops and generated source")
+    sh.add_argument("--format", default="text", choices=["text", "svg", "png", "dot"])
+    sh.add_argument("--device", default="cpu")
+    sh.add_argument("--depth", type=int, default=None, help="collapse the drawing by module hierarchy")
+    sh.add_argument("-o", "--output", default=None, help="file to write (drawings)")
+
+    rn = sub.add_parser("run", help="run a pipeline on a model and measure each pass")
+    rn.add_argument("model")
+    rn.add_argument("--preset", default="tiny", choices=["tiny", "bench"])
+    rn.add_argument("--dtype", default=None)
+    rn.add_argument("--pipeline", default=None, help="comma-separated passes, e.g. cleanup,fuse(max_nodes=16)")
+    rn.add_argument("--device", default="cpu")
+    rn.add_argument("--strict", action="store_true", help="stop at the first failing pass (exit 1)")
+    rn.add_argument("--tolerance", type=float, default=None, help="numerics tolerance (relative error)")
+    rn.add_argument("--json", default=None, help="write the run record here")
+    rn.add_argument("--csv", default=None)
+    rn.add_argument("--report", default=None, help="write an HTML report into this folder")
+    rn.add_argument("--no-measure", dest="measure", action="store_false", help="skip throughput measurement")
+    rn.add_argument("--budget", type=float, default=None, help="seconds of timing per measured graph")
+    rn.add_argument("--ablate", action="store_true", help="leave-one-out contribution of each pass")
+    rn.add_argument("--shapley", action="store_true", help="Shapley values over subsets of passes")
+    rn.add_argument("--peers", action="store_true", help="also measure eager and torch.compile")
+    rn.add_argument("--world-size", type=int, default=1)
+    rn.add_argument("--link", default=None, help="link preset or rate=..,latency=..")
+    rn.add_argument("--timeline", default=None, help="Chrome-trace JSON of the distributed run")
+    rn.add_argument("--timeout", type=float, default=300.0, help="distributed run timeout (s)")
+
+    np_ = sub.add_parser("new-pass", help="scaffold a new pass and its test")
+    np_.add_argument("name")
+    np_.add_argument("--dir", default=None, help="repository root (default: the passlab checkout)")
+
+    for extra in EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+EXTRA_COMMANDS = []  # other tools modules add subcommands here: fn(subparsers)
+
+
+def main(argv=None) -> int:
+    load_extra_commands()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except BadArguments as e:
+        print(f"passlab: error: {e}", file=sys.stderr)
+        return BAD_ARGS
+    except KeyboardInterrupt:
+        print("passlab: interrupted", file=sys.stderr)
+        return FAILED
+
+
+class BadArguments(Exception):
+    pass
+
+
+def bad_args_errors():
+    from passlab.graphs import UnknownModelError
+    from passlab.passes import PipelineError, UnknownPassError
+    return (UnknownModelError, PipelineError, UnknownPassError)
+
+
+def cmd_list(args) -> int:
+    from .table import render
+    if args.what == "models":
+        from passlab.graphs import list_models
+        items = list_models()
+    else:
+        from passlab.passes import list_passes
+        items = list_passes()
+    print(render(["name", "description"], [[k, v] for k, v in items.items()]))
+    return 0
+
+
+def cmd_show(args) -> int:
+    from . import show
+    try:
+        return show.main(args)
+    except bad_args_errors() as e:
+        raise BadArguments(e) from e
+
+
+def cmd_run(args) -> int:
+    from . import record as records
+    from .runner import RunFailed, run
+    from .table import pass_table
+    if args.world_size > 1:
+        from . import distributed_run
+        return distributed_run.main(args)
+    say = lambda msg: print(f"passlab: {msg}", file=sys.stderr, flush=True)
+    budget = args.budget if args.budget is not None else (1.0 if args.preset == "tiny" else 3.0)
+    try:
+        r = run(args.model, preset=args.preset, pipeline=args.pipeline, device=args.device, dtype=args.dtype,
+                strict=args.strict, tolerance=args.tolerance, measure=args.measure, budget_s=budget,
+                ablate=args.ablate, shapley=args.shapley, peers=args.peers, progress=say)
+    except bad_args_errors() as e:
+        raise BadArguments(e) from e
+    except RunFailed as e:
+        print(pass_table(e.record))
+        write_outputs(args, e.record, None)
+        print(f"passlab: error: {e} (--strict)", file=sys.stderr)
+        return FAILED
+    except Exception as e:
+        print(f"passlab: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return FAILED
+    print(pass_table(r.record))
+    write_outputs(args, r.record, r)
+    return 0
+
+
+def write_outputs(args, rec: dict, run) -> None:
+    from . import record as records
+    written = []
+    if args.json:
+        records.write_json(rec, args.json)
+        written.append(args.json)
+    if args.csv:
+        records.write_csv(rec, args.csv)
+        written.append(args.csv)
+    if args.report:
+        try:
+            from . import report
+            path = report.write(rec, run, args.report)
+            written.append(path)
+        except Exception as e:  # the report must never lose the record
+            print(f"passlab: could not write the report: {type(e).__name__}: {e}", file=sys.stderr)
+    for w in written:
+        print(f"passlab: wrote {os.path.abspath(w)}", file=sys.stderr)
+
+
+def cmd_new_pass(args) -> int:
+    from . import scaffold
+    try:
+        for path in scaffold.new_pass(args.name, args.dir):
+            print(f"created {path}")
+    except ValueError as e:
+        raise BadArguments(e) from e
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "new-pass": cmd_new_pass}
+
+
+def load_extra_commands():
+    """Optional subcommands from other tools modules (e.g. simulate)."""
+    import importlib
+    for mod in ("simulate",):
+        try:
+            m = importlib.import_module(f"passlab.tools.{mod}")
+        except ImportError:
+            continue
+        if hasattr(m, "add_command") and m.add_command not in EXTRA_COMMANDS:
+            EXTRA_COMMANDS.append(m.add_command)
+            COMMANDS[mod] = m.command
+
+
+if __name__ == "__main__":
+    sys.exit(main())

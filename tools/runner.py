@@ -1,0 +1,80 @@
+"""One run: load a model, capture it, run a pipeline under the pass manager's
+instruments, measure each step, and assemble the run record.
+
+Everything computed before a failure is kept: a strict failure raises
+`RunFailed` carrying the partial record, which the CLI still writes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from passlab.graphs import Sample, capture, load
+from passlab.passes import (CheckNumerics, PassContext, PassManager, PipelineFailed, PipelineResult,
+                            TOLERANCE, parse)
+from passlab.passes.manager import Snapshot, Statistics, VerifyGraph
+
+from . import record as records
+
+
+class RunFailed(RuntimeError):
+    def __init__(self, msg, record):
+        super().__init__(msg)
+        self.record = record
+
+
+@dataclass
+class Run:
+    record: dict
+    result: PipelineResult
+    sample: Sample
+    gm: torch.fx.GraphModule
+
+
+def make_manager(steps, sample: Sample, device: str, *, strict=False, tolerance=None, check_numerics=True,
+                 progress=None) -> PassManager:
+    instruments = [VerifyGraph()]
+    if check_numerics:
+        tol = tolerance if tolerance is not None else TOLERANCE.get(sample.dtype, 1e-4)
+        instruments.append(CheckNumerics(sample.module, sample.make_inputs, device, tol))
+    instruments += [Statistics(), Snapshot()]
+    return PassManager(steps, instruments=instruments, strict=strict, progress=progress)
+
+
+def context(sample: Sample, device: str) -> PassContext:
+    return PassContext(device=device, dtype=sample.dtype, example_inputs=sample.example_inputs, sample=sample)
+
+
+def run(model: str | Sample, *, preset: str = "tiny", pipeline=None, device: str = "cpu", dtype=None,
+        strict: bool = False, tolerance: float | None = None, measure: bool = True,
+        budget_s: float = 2.0, ablate: bool = False, shapley: bool = False, peers: bool = False,
+        progress: Callable[[str], None] | None = None) -> Run:
+    say = progress or (lambda msg: None)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but no CUDA device is available here; use --device cpu")
+    steps = parse(pipeline)
+    sample = model if isinstance(model, Sample) else load(model, preset, dtype=dtype, device=device)
+    say(f"capturing {sample.name} ({sample.preset}, {str(sample.dtype).replace('torch.', '')}, {device})")
+    gm = capture(sample.module, sample.example_inputs)
+    manager = make_manager(steps, sample, device, strict=strict, tolerance=tolerance,
+                           progress=lambda i, n, name: say(f"[{i}/{n}] {name}"))
+    names = [str(s) for s in steps]
+    try:
+        result = manager.run(gm, context(sample, device))
+    except PipelineFailed as e:
+        baseline, recs = e.records
+        rec = records.build(model=sample.name, preset=sample.preset, device=device, pipeline=names,
+                            baseline=baseline, steps=recs)
+        raise RunFailed(str(e), rec) from e
+    measured, extra = {}, {}
+    if measure or ablate or shapley or peers:
+        from . import attribution
+        measured, extra = attribution.measure_run(sample, result, steps, device=device, budget_s=budget_s,
+                                                  ablate=ablate, shapley=shapley, peers=peers, say=say)
+    rec = records.build(model=sample.name, preset=sample.preset, device=device, pipeline=names,
+                        baseline=result.baseline, steps=result.steps, measured=measured, extra=extra)
+    rec["dtype"] = str(sample.dtype).replace("torch.", "")
+    rec["description"] = sample.description
+    return Run(rec, result, sample, result.gm)

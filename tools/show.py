@@ -1,0 +1,66 @@
+"""`passlab show`: a model's captured graph as text (op histogram, node count,
+parameters, FLOPs), after any passes, with fused kernels' sources, or drawn."""
+from __future__ import annotations
+
+import sys
+
+from passlab.graphs import capture, load
+from passlab.passes import PassManager
+from passlab.runtime import costmodel
+
+from .table import human_bytes, render
+
+
+def graph_after(model, preset, dtype, device, after):
+    sample = load(model, preset, dtype=dtype, device=device)
+    gm = capture(sample.module, sample.example_inputs)
+    result = None
+    if after:
+        from .runner import context, make_manager
+        from passlab.passes import parse
+        result = make_manager(parse(after), sample, device).run(gm, context(sample, device))
+        gm = result.gm
+    return sample, gm, result
+
+
+def summary(sample, gm) -> str:
+    c = costmodel.graph_cost(gm)
+    params = sum(p.numel() for p in sample.module.parameters())
+    hist = costmodel.op_histogram(gm)
+    lines = [f"{sample.name} ({sample.preset}): {sample.description}",
+             f"dtype {str(sample.dtype).replace('torch.', '')}, inputs "
+             + ", ".join(str(tuple(t.shape)) for t in sample.example_inputs if hasattr(t, "shape")),
+             f"nodes {sum(1 for n in gm.graph.nodes if n.op == 'call_function')}, parameters {params:,}, "
+             f"est. FLOPs {c.flops:,}, est. launches {c.launches}, est. bytes {human_bytes(c.bytes)}", "",
+             render(["op", "count"], [[k, str(v)] for k, v in hist.items()])]
+    return "\n".join(lines)
+
+
+def kernels_text(gm) -> str:
+    from passlab.runtime.executor import fused_kernels
+    ks = fused_kernels(gm)
+    if not ks:
+        return "no fused kernels (run with --after ...,fuse)"
+    return "\n\n".join(k.describe() for k in ks)
+
+
+def main(args) -> int:
+    sample, gm, result = graph_after(args.model, args.preset, args.dtype, args.device, args.after)
+    if result is not None:
+        for s in result.steps:
+            if s.status != "ok":
+                print(f"passlab: pass {s.name} rolled back: {s.error}", file=sys.stderr)
+    if args.format != "text":
+        from . import draw
+        path = draw.write(gm, args.output or f"{sample.name}.{args.format}", fmt=args.format, depth=args.depth)
+        print(f"passlab: wrote {path}", file=sys.stderr)
+        return 0
+    text = summary(sample, gm)
+    if args.kernels:
+        text += "\n\n" + kernels_text(gm)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0

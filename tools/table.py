@@ -1,0 +1,68 @@
+"""Terminal tables: the per-pass table and simple aligned listings."""
+from __future__ import annotations
+
+
+def human_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def fmt(v, spec="") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return format(v, spec) if spec else str(v)
+
+
+def render(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    numeric = [all(looks_numeric(r[i]) for r in rows) for i in range(len(headers))]
+    line = lambda cells: "  ".join(c.rjust(w) if numeric[i] and i else c.ljust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), sep] + [line(r) for r in rows])
+
+
+def pass_table(record: dict) -> str:
+    measured = record["baseline"].get("throughput") is not None
+    headers = ["pass", "status", "changed", "nodes", "launches", "bytes", "max err", "pass s"]
+    if measured:
+        headers += [f"{record['baseline'].get('unit') or 'units'}/s", "±95%", "vs prev", "cumul."]
+    b = record["baseline"]
+    rows = [["baseline", "-", "-", fmt(b.get("nodes")), fmt(b["launches"]), human_bytes(b["bytes"]),
+             fmt(b.get("max_error"), ".1e"), "-"]]
+    if measured:
+        rows[0] += [fmt(b["throughput"], ",.0f"), ci(b), "-", "1.00x"]
+    for s in record["steps"]:
+        r = [s["pass"], s["status"], fmt(s["changed"]), fmt(s.get("nodes")), fmt(s["launches"]),
+             human_bytes(s["bytes"]), fmt(s["max_error"], ".1e"), fmt(s["pass_seconds"], ".2f")]
+        if measured:
+            r += [fmt(s.get("throughput"), ",.0f"), ci(s), speed(s.get("speedup_vs_prev")),
+                  speed(s.get("cumulative_speedup"))]
+        rows.append(r)
+    out = render(headers, rows)
+    errors = [f"  {s['pass']}: {s['error']}" for s in record["steps"] if s.get("error")]
+    if errors:
+        out += "\nrolled back:\n" + "\n".join(errors)
+    return out
+
+
+def ci(d) -> str:
+    tp, lo, hi = d.get("throughput"), d.get("ci_low"), d.get("ci_high")
+    if not tp or lo is None or hi is None:
+        return "-"
+    return f"{100 * (hi - lo) / 2 / tp:.1f}%"
+
+
+def speed(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def looks_numeric(c: str) -> bool:
+    return bool(c) and (c[0].isdigit() or c[0] in "-+.") and c not in ("-",) or c == "-"
