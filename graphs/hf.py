@@ -39,10 +39,10 @@ def config(arch: str, s: dict):
     if arch == "llama":
         return tf.LlamaConfig(**llama_like)
     if arch == "mixtral":
-        cfg = tf.MixtralConfig(num_local_experts=4 if s is SIZES["tiny"] else 8, num_experts_per_tok=2,
-                               **llama_like)
-        cfg.experts_implementation = "batched_mm"  # plain aten instead of an opaque grouped GEMM op
-        return cfg
+        # a constructor keyword: transformers reads `_experts_implementation`, set only from kwargs;
+        # batched_mm exports as plain aten bmm instead of an opaque grouped GEMM op
+        return tf.MixtralConfig(num_local_experts=4 if s is SIZES["tiny"] else 8, num_experts_per_tok=2,
+                                experts_implementation="batched_mm", **llama_like)
     raise KeyError(arch)
 
 
