@@ -113,6 +113,17 @@ def parse(text: str | list | None) -> list[Step]:
     return steps
 
 
+def parse_items(text: str | list | None) -> list[tuple[str, list[Step]]]:
+    """The pipeline as its user wrote it: one (item, steps) per top-level item,
+    an alias keeping its passes together. Attribution treats each item as one
+    player."""
+    if text is None:
+        text = DEFAULT_PIPELINE
+    if isinstance(text, (list, tuple)):
+        text = ",".join(text)
+    return [(item.strip(), parse(item)) for item in split_items(text) if item.strip()]
+
+
 def available_default() -> str:
     """The default pipeline, less the passes not registered in this build."""
     from .registry import list_passes

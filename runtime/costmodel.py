@@ -109,3 +109,29 @@ def op_histogram(gm: torch.fx.GraphModule) -> dict[str, int]:
             name = str(n.target) if name in ("default", "Tensor") else name
             hist[name] = hist.get(name, 0) + 1
     return dict(sorted(hist.items(), key=lambda kv: -kv[1]))
+
+
+def materialized_bytes(gm: torch.fx.GraphModule) -> int:
+    """Bytes of the tensors the graph writes to memory (views excluded): what
+    fusion saves when intermediates stay in registers."""
+    total = 0
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and op_class(n) not in (OpClass.VIEW, OpClass.BROADCAST):
+            total += nbytes(n.meta.get("val"))
+    return total
+
+
+def roofline_bound_s(gm: torch.fx.GraphModule, profile: dict, dtype: torch.dtype) -> float:
+    """A lower bound on the graph's time (an estimate): GEMM/conv FLOPs at the
+    measured matmul rate for `dtype`, every other byte moved at copy bandwidth."""
+    rate = profile["matmul_flops_per_s"].get(str(dtype).replace("torch.", "")) \
+        or profile["matmul_flops_per_s"]["float32"]
+    bw = profile["copy_bytes_per_s"]
+    t = 0.0
+    for n in gm.graph.nodes:
+        c = node_cost(n)
+        if n.op == "call_function" and op_class(n) == OpClass.GEMM:
+            t += max(c.flops / rate, c.bytes / bw)
+        else:
+            t += c.bytes / bw
+    return t

@@ -114,12 +114,14 @@ def cmd_run(args) -> int:
     if args.world_size > 1:
         from . import distributed_run
         return distributed_run.main(args)
-    say = lambda msg: print(f"passlab: {msg}", file=sys.stderr, flush=True)
+    from .progress import Progress
+    prog = Progress()
+    say = prog.message
     budget = args.budget if args.budget is not None else (1.0 if args.preset == "tiny" else 3.0)
     try:
         r = run(args.model, preset=args.preset, pipeline=args.pipeline, device=args.device, dtype=args.dtype,
                 strict=args.strict, tolerance=args.tolerance, measure=args.measure, budget_s=budget,
-                ablate=args.ablate, shapley=args.shapley, peers=args.peers, progress=say)
+                ablate=args.ablate, shapley=args.shapley, peers=args.peers, progress=say, bar=prog.bar)
     except bad_args_errors() as e:
         raise BadArguments(e) from e
     except RunFailed as e:

@@ -14,6 +14,7 @@ import torch
 from passlab.graphs import Sample, capture, load
 from passlab.passes import (CheckNumerics, PassContext, PassManager, PipelineFailed, PipelineResult,
                             TOLERANCE, parse)
+from passlab.passes.pipeline import available_default
 from passlab.passes.manager import Snapshot, Statistics, VerifyGraph
 
 from . import record as records
@@ -50,10 +51,13 @@ def context(sample: Sample, device: str) -> PassContext:
 def run(model: str | Sample, *, preset: str = "tiny", pipeline=None, device: str = "cpu", dtype=None,
         strict: bool = False, tolerance: float | None = None, measure: bool = True,
         budget_s: float = 2.0, ablate: bool = False, shapley: bool = False, peers: bool = False,
-        progress: Callable[[str], None] | None = None) -> Run:
+        progress: Callable[[str], None] | None = None,
+        bar: Callable[[int, int, str], None] | None = None) -> Run:
     say = progress or (lambda msg: None)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but no CUDA device is available here; use --device cpu")
+    if pipeline is None:
+        pipeline = available_default()
     steps = parse(pipeline)
     sample = model if isinstance(model, Sample) else load(model, preset, dtype=dtype, device=device)
     say(f"capturing {sample.name} ({sample.preset}, {str(sample.dtype).replace('torch.', '')}, {device})")
@@ -72,9 +76,11 @@ def run(model: str | Sample, *, preset: str = "tiny", pipeline=None, device: str
     if measure or ablate or shapley or peers:
         from . import attribution
         measured, extra = attribution.measure_run(sample, result, steps, device=device, budget_s=budget_s,
-                                                  ablate=ablate, shapley=shapley, peers=peers, say=say)
+                                                  ablate=ablate, shapley=shapley, peers=peers, say=say,
+                                                  pipeline=pipeline, bar=bar)
     rec = records.build(model=sample.name, preset=sample.preset, device=device, pipeline=names,
                         baseline=result.baseline, steps=result.steps, measured=measured, extra=extra)
+    rec["pipeline_text"] = pipeline
     rec["dtype"] = str(sample.dtype).replace("torch.", "")
     rec["description"] = sample.description
     return Run(rec, result, sample, result.gm)

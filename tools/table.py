@@ -33,7 +33,7 @@ def pass_table(record: dict) -> str:
     measured = record["baseline"].get("throughput") is not None
     headers = ["pass", "status", "changed", "nodes", "launches", "bytes", "max err", "pass s"]
     if measured:
-        headers += [f"{record['baseline'].get('unit') or 'units'}/s", "±95%", "vs prev", "cumul."]
+        headers += [record["baseline"].get("unit") or "units/s", "±95%", "vs prev", "cumul."]
     b = record["baseline"]
     rows = [["baseline", "-", "-", fmt(b.get("nodes")), fmt(b["launches"]), human_bytes(b["bytes"]),
              fmt(b.get("max_error"), ".1e"), "-"]]

@@ -1,0 +1,220 @@
+"""Timing: median and a 95% confidence interval of the median, adaptively.
+
+CPU: `perf_counter_ns` around each call, a fixed, reported thread count.
+GPU: CUDA events around each call, an L2 flush between repetitions, optional
+CUDA-graph capture. Several callables are timed *interleaved*, round-robin, so
+that machine noise (a shared 2-core VM) hits them alike and their ratios stay
+honest. Repetitions go on until every CI is within `target_ci` of its median
+or the time budget runs out.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+Z95 = 1.96
+
+
+@dataclass
+class Timing:
+    median_s: float
+    ci_low_s: float
+    ci_high_s: float
+    n: int
+    method: str
+    threads: int
+    samples_s: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def ci_rel(self) -> float:
+        return (self.ci_high_s - self.ci_low_s) / 2 / self.median_s if self.median_s else float("inf")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("samples_s")
+        return d
+
+
+def median_ci(xs: list[float]) -> tuple[float, float, float]:
+    """Median with a distribution-free 95% CI from order statistics."""
+    s = sorted(xs)
+    n = len(s)
+    med = s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+    if n < 3:
+        return med, s[0], s[-1]
+    half = Z95 * math.sqrt(n) / 2
+    lo = max(0, int(math.floor(n / 2 - half)) - 1)
+    hi = min(n - 1, int(math.ceil(n / 2 + half)))
+    return med, s[lo], s[hi]
+
+
+class CpuClock:
+    method = "perf_counter_ns"
+
+    def time(self, fn, inputs) -> float:
+        t0 = time.perf_counter_ns()
+        fn(*inputs)
+        return (time.perf_counter_ns() - t0) * 1e-9
+
+
+class CudaClock:
+    """CUDA events; flushes L2 before each repetition so no run profits from
+    the previous one's cache."""
+    method = "cuda_events+l2_flush"
+
+    def __init__(self):
+        self.flush_buf = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.float32, device="cuda")
+        self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def time(self, fn, inputs) -> float:
+        self.flush_buf.zero_()
+        self.start.record()
+        fn(*inputs)
+        self.end.record()
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) * 1e-3
+
+
+def cuda_graph(fn, inputs):
+    """Capture `fn(*inputs)` as one CUDA graph; returns a replaying callable
+    that ignores its arguments (inputs are the captured static buffers)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(*inputs)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn(*inputs)
+    return lambda *_: g.replay()
+
+
+def measure_many(fns: dict[str, Callable], input_sets: list[tuple], *, device: str = "cpu",
+                 budget_s: float = 2.0, target_ci: float = 0.02, min_reps: int = 7,
+                 max_reps: int = 10000, warmup: int = 2,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Timing]:
+    """Time every callable on rotating input sets, interleaved, until each
+    median's 95% CI is within `target_ci` or `budget_s` per callable is spent."""
+    clock = CudaClock() if device.startswith("cuda") else CpuClock()
+    threads = torch.get_num_threads()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for k, fn in fns.items():
+            for i in range(warmup):
+                fn(*input_sets[i % len(input_sets)])
+        spent = {k: 0.0 for k in fns}
+        active = set(fns)
+        rnd = 0
+        while active:
+            for k in list(active):
+                fn = fns[k]
+                # a chunk of ~50 ms per callable per round keeps the rounds fine-grained
+                one = samples[k][-1] if samples[k] else 0.0
+                reps = max(1, min(50, int(0.05 / one) if one > 0 else 1))
+                for r in range(reps):
+                    t = clock.time(fn, input_sets[(rnd + r) % len(input_sets)])
+                    samples[k].append(t)
+                    spent[k] += t
+                n = len(samples[k])
+                if n >= min_reps:
+                    med, lo, hi = median_ci(samples[k])
+                    if (hi - lo) / 2 <= target_ci * med or spent[k] >= budget_s or n >= max_reps:
+                        active.discard(k)
+            rnd += 1
+            if progress:
+                progress(f"timing: {len(fns) - len(active)}/{len(fns)} done")
+    out = {}
+    for k, xs in samples.items():
+        med, lo, hi = median_ci(xs)
+        out[k] = Timing(med, lo, hi, len(xs), clock.method, threads, xs)
+    return out
+
+
+def measure(fn: Callable, input_sets: list[tuple], **kw) -> Timing:
+    return measure_many({"f": fn}, input_sets, **kw)["f"]
+
+
+def peak_memory(fn: Callable, inputs: tuple, device: str = "cpu") -> tuple[int | None, str]:
+    """Peak bytes allocated during one call, and how it was measured."""
+    with torch.no_grad():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn(*inputs)
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base, "torch.cuda.max_memory_allocated"
+        from torch.profiler import ProfilerActivity, profile
+        with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn(*inputs)
+        events = [e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)]
+        events.sort(key=lambda e: e.time_range.start)
+        cur = peak = 0
+        for e in events:
+            cur += e.cpu_memory_usage
+            peak = max(peak, cur)
+        return peak, "torch.profiler memory tracking (CPU allocator)"
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence native code's stderr (the profiler logs start/stop lines there)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+class EnergyMeter:
+    """Joules consumed around a region: NVML's total-energy counter on NVIDIA
+    GPUs, Linux powercap (RAPL) where readable; otherwise unavailable."""
+
+    def __init__(self, device: str):
+        self.read, self.source = None, None
+        if device.startswith("cuda"):
+            try:
+                import pynvml
+                pynvml.nvmlInit()
+                h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+                self.read = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(h) * 1e-3
+                self.source = "nvml"
+            except Exception:
+                pass
+        else:
+            import glob
+            for p in sorted(glob.glob("/sys/class/powercap/*/energy_uj")):
+                try:
+                    open(p).read()
+                except OSError:
+                    continue
+                self.read = lambda p=p: int(open(p).read()) * 1e-6
+                self.source = f"powercap {p}"
+                break
+
+    @property
+    def available(self) -> bool:
+        return self.read is not None
+
+    def joules(self, fn: Callable, inputs: tuple, reps: int) -> float | None:
+        if not self.available:
+            return None
+        with torch.no_grad():
+            e0 = self.read()
+            for _ in range(reps):
+                fn(*inputs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return (self.read() - e0) / reps
