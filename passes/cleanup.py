@@ -1,0 +1,284 @@
+"""Cleanup passes: dead code, common subexpressions, no-ops, constant folding.
+
+They run first (the `cleanup` alias) so that the fusion and layout passes see
+each value computed once, no copies that copy nothing, and weights already in
+the form the kernels read. Captured graphs are functional, which is what makes
+these rewrites sound; nodes with side effects (runtime asserts, mutations,
+random ops) are never removed, merged or folded.
+"""
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from functools import reduce
+
+import torch
+import torch.fx
+from torch.fx.passes.dialect.common.cse_pass import CSEPass
+
+from .api import PassResult
+from .registry import register_pass
+
+aten = torch.ops.aten
+
+
+def side_effecting(node: torch.fx.Node) -> bool:
+    """What DCE, CSE and folding must leave alone: fx's own impurity test
+    (placeholders, outputs, asserts, mutations, random ops) plus any op whose
+    schema returns nothing, which can only exist for its effect."""
+    if node.is_impure():
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and (len(schema.returns) == 0 or schema.is_mutable)
+
+
+def call_count(gm: torch.fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method"))
+
+
+def op_name(node: torch.fx.Node) -> str:
+    if node.op in ("get_attr", "placeholder"):
+        return node.op
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t.overloadpacket.__name__
+    return getattr(t, "__name__", None) or getattr(t, "name", None) or str(t)
+
+
+# ---------------------------------------------------------------- dce
+
+@register_pass("dce")
+def dce(gm: torch.fx.GraphModule, ctx) -> PassResult:
+    """Dead-code elimination: drop nodes nobody reads; keep asserts and other side effects."""
+    before = Counter(op_name(n) for n in gm.graph.nodes if n.op != "output")
+    kept = sum(1 for n in gm.graph.nodes if n.op == "call_function" and not n.users and side_effecting(n))
+    changed = gm.graph.eliminate_dead_code(is_impure_node=side_effecting)
+    after = Counter(op_name(n) for n in gm.graph.nodes if n.op != "output")
+    removed = before - after
+    if changed:
+        gm.recompile()
+    return PassResult(gm, changed, {"removed": sum(removed.values()), "removed_by_op": dict(removed),
+                                    "kept_side_effects": kept})
+
+
+# ---------------------------------------------------------------- cse
+
+def cse_banned(gm: torch.fx.GraphModule) -> set:
+    """CSEPass bans by target: every target that has a side-effecting node."""
+    return {getattr(n.target, "overloadpacket", n.target) for n in gm.graph.nodes
+            if n.op == "call_function" and side_effecting(n)}
+
+
+@register_pass("cse")
+def cse(gm: torch.fx.GraphModule, ctx) -> PassResult:
+    """Common-subexpression elimination: one node per (op, inputs, arguments)."""
+    n_before = call_count(gm)
+    try:
+        res = CSEPass(banned_ops=cse_banned(gm))(gm)
+    except TypeError as e:  # an argument that cannot be hashed: nothing merged, say why
+        return PassResult(gm, False, {"merged": 0, "skipped": {f"unhashable argument: {e}": 1}})
+    if not res.modified:
+        return PassResult(gm, False, {"merged": 0})
+    new = res.graph_module
+    new.graph._codegen = gm.graph._codegen
+    new.meta.update(gm.meta)
+    new.recompile()
+    return PassResult(new, True, {"merged": n_before - call_count(new)})
+
+
+# ---------------------------------------------------------------- remove_noops
+
+# ops whose result equals their first input whenever shape, dtype, strides and
+# storage offset come out unchanged (a view of the same elements, or a copy of them)
+SAME_VALUE_OPS = {
+    aten.view, aten._unsafe_view, aten.reshape, aten.alias, aten.clone, aten.contiguous, aten._to_copy,
+    aten.expand, aten.permute, aten.transpose, aten.t, aten.slice, aten.squeeze, aten.flatten,
+    aten.detach, aten.lift_fresh_copy, aten.as_strided, aten.repeat, aten.type_as,
+}
+for _name in ("_to_dim_order_copy", "to", "_unsafe_view"):
+    if hasattr(aten, _name):
+        SAME_VALUE_OPS.add(getattr(aten, _name))
+
+# arithmetic identities: op -> (identity scalar, which argument may hold it)
+IDENTITY_ARITH = {
+    aten.mul.Tensor: (1, (0, 1)), aten.mul.Scalar: (1, (1,)),
+    aten.div.Tensor: (1, (1,)), aten.div.Scalar: (1, (1,)),
+    aten.add.Tensor: (0, (0, 1)), aten.add.Scalar: (0, (1,)),
+    aten.sub.Tensor: (0, (1,)), aten.sub.Scalar: (0, (1,)),
+    aten.pow.Tensor_Scalar: (1, (1,)),
+}
+
+
+def same_tensor_layout(a, b) -> bool:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    return (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.layout == b.layout
+            and (a.layout != torch.strided or (a.stride() == b.stride() and a.storage_offset() == b.storage_offset())))
+
+
+def noop_source(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The input `node` merely passes through, or None."""
+    if node.op != "call_function" or side_effecting(node):
+        return None
+    t = node.target
+    packet = getattr(t, "overloadpacket", None)
+    if packet in SAME_VALUE_OPS:
+        src = node.args[0] if node.args else None
+    elif t in IDENTITY_ARITH:
+        ident, slots = IDENTITY_ARITH[t]
+        if len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
+            return None
+        src = None
+        for i in slots:
+            other = node.args[1 - i]
+            if not isinstance(node.args[i], torch.fx.Node) and isinstance(other, torch.fx.Node) \
+                    and type(node.args[i]) in (int, float) and node.args[i] == ident:
+                src = other
+    else:
+        return None
+    if not isinstance(src, torch.fx.Node):
+        return None
+    return src if same_tensor_layout(node.meta.get("val"), src.meta.get("val")) else None
+
+
+@register_pass("remove_noops")
+def remove_noops(gm: torch.fx.GraphModule, ctx) -> PassResult:
+    """Remove views, copies, casts and arithmetic identities that change nothing (same shape, dtype, strides)."""
+    removed, skipped = Counter(), Counter()
+    outputs = set(gm.graph.output_node().all_input_nodes)
+    for node in list(gm.graph.nodes):
+        src = noop_source(node)
+        if src is None:
+            continue
+        if node in outputs and src.op in ("placeholder", "get_attr"):
+            skipped["output would alias an input or a weight"] += 1
+            continue
+        if any(getattr(getattr(u.target, "_schema", None), "is_mutable", False) for u in node.users):
+            skipped["a user mutates it"] += 1
+            continue
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        removed[op_name(node)] += 1
+    if removed:
+        gm.recompile()
+    stats = {"removed": sum(removed.values()), "removed_by_op": dict(removed)}
+    if skipped:
+        stats["skipped"] = dict(skipped)
+    return PassResult(gm, bool(removed), stats)
+
+
+# ---------------------------------------------------------------- fold_constants
+
+def fetch_attr(gm: torch.nn.Module, target: str):
+    return reduce(getattr, target.split("."), gm)
+
+
+def nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(nbytes(v) for v in value)
+    return 0
+
+
+def is_tensorish(value) -> bool:
+    return isinstance(value, torch.Tensor) or (
+        isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value))
+
+
+def foldable_target(node: torch.fx.Node) -> str | None:
+    """None if the node's op may be evaluated at compile time, else why not."""
+    t = node.target
+    if t is operator.getitem:
+        return None
+    if not isinstance(t, torch._ops.OpOverload):
+        return "not an aten op"
+    if side_effecting(node):
+        return "side effect"
+    if torch.Tag.nondeterministic_seeded in t.tags:
+        return "random"
+    return None
+
+
+@register_pass("fold_constants")
+def fold_constants(gm: torch.fx.GraphModule, ctx, *, max_growth: float = 1.0) -> PassResult:
+    """Compute parameter-only subgraphs once (weight transposes, casts, masks) and store them as buffers.
+
+    A folded value may take at most `max_growth` times the bytes of the weights
+    it is computed from (values of at most one element are always allowed), so
+    folding never multiplies memory, e.g. an `expand` to a bigger tensor stays
+    in the graph.
+    """
+    graph = gm.graph
+    values: dict[torch.fx.Node, object] = {}       # node -> real value, for constant nodes
+    leaves: dict[torch.fx.Node, frozenset] = {}    # constant node -> the weights it is computed from
+    skipped = Counter()
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            v = fetch_attr(gm, node.target)
+            if isinstance(v, torch.Tensor):
+                values[node], leaves[node] = v, frozenset([node.target])
+            continue
+        if node.op != "call_function":
+            continue
+        inputs = node.all_input_nodes
+        if not inputs and not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        if any(i not in values for i in inputs):
+            continue
+        why = foldable_target(node)
+        if why:
+            skipped[why] += 1
+            continue
+        env = lambda a: values[a] if isinstance(a, torch.fx.Node) else a
+        try:
+            v = node.target(*torch.fx.node.map_aggregate(node.args, env),
+                            **torch.fx.node.map_aggregate(node.kwargs, env))
+        except Exception:
+            skipped["could not evaluate"] += 1
+            continue
+        if not is_tensorish(v):
+            continue
+        if isinstance(v, (tuple, list)) and any(u.target is not operator.getitem for u in node.users):
+            skipped["multi-output value used whole"] += 1
+            continue
+        src = frozenset().union(*(leaves[i] for i in inputs)) if inputs else frozenset()
+        cap = max_growth * sum(nbytes(fetch_attr(gm, t)) for t in src)
+        single = isinstance(v, torch.Tensor) and v.numel() <= 1
+        if nbytes(v) > cap and not single:
+            skipped["would grow memory"] += 1
+            continue
+        values[node], leaves[node] = v, src
+
+    shared = {t.untyped_storage().data_ptr() for t in list(gm.parameters()) + list(gm.buffers())}
+    folded, consts, bytes_folded, bytes_new = 0, 0, 0, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node not in values or not isinstance(values[node], torch.Tensor):
+            continue
+        if not node.users or all(u in values for u in node.users):
+            continue          # interior of a folded subgraph: its users fold it in
+        if graph.output_node() in node.users:
+            skipped["output would alias a weight"] += 1
+            continue
+        v = values[node]
+        name = f"_folded_{node.name}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.register_buffer(name, v)
+        with graph.inserting_before(node):
+            attr = graph.get_attr(name)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        consts += 1
+        bytes_folded += nbytes(v)
+        if v.untyped_storage().data_ptr() not in shared:
+            bytes_new += nbytes(v)
+    if consts:
+        n_before = call_count(gm)
+        graph.eliminate_dead_code(is_impure_node=side_effecting)
+        folded = n_before - call_count(gm)
+        gm.recompile()
+    stats = {"folded": folded, "constants": consts, "bytes_folded": bytes_folded, "bytes_new": bytes_new}
+    if skipped:
+        stats["skipped"] = dict(skipped)
+    return PassResult(gm, bool(consts), stats)
