@@ -42,7 +42,7 @@ def measure_profile(device: str = "cpu", budget_s: float = 0.5) -> dict:
     dst = torch.empty_like(src)
     t = measure(lambda: dst.copy_(src), [()], device=device, budget_s=budget_s)
     prof = {"device": device, "copy_bytes_per_s": 2 * src.numel() * 4 / t.median_s, "matmul_flops_per_s": {}}
-    size = 4096 if device.startswith("cuda") else 1024
+    size = 4096 if device.startswith("cuda") else 2048
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         a = torch.randn(size, size, device=device).to(dt)
         b = torch.randn(size, size, device=device).to(dt)

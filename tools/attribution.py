@@ -123,6 +123,8 @@ def measure_run(sample: Sample, result, steps, *, device: str = "cpu", budget_s:
         if ablate:
             extra["ablation"] = {players[i]: math.exp(v[full] - v[tuple(j for j in full if j != i)])
                                  for i in range(n)}
+            extra["solo"] = {players[i]: math.exp(v[(i,)] - v[()]) for i in range(n)}
+            extra["players"] = players
         if shapley:
             phi, samples = shapley_values(v, n)
             extra["shapley"] = {players[i]: phi[i] for i in range(n)}
@@ -138,6 +140,7 @@ def subset_graphs(sample, result, player_steps, device, *, ablate, shapley, say)
     need: set[tuple] = {(), tuple(range(n))}
     if ablate:
         need |= {tuple(j for j in range(n) if j != i) for i in range(n)}
+        need |= {(i,) for i in range(n)}
     if shapley:
         if n <= EXACT_SHAPLEY_MAX:
             need |= {c for r in range(n + 1) for c in itertools.combinations(range(n), r)}

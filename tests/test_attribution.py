@@ -1,0 +1,85 @@
+import itertools
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from passlab.runtime.timing import measure_many, median_ci
+from passlab.tools.attribution import shapley_values
+from passlab.tools.runner import run
+
+STEP_FIELDS = {"pass", "changed", "status", "error", "throughput", "ci_low", "ci_high", "unit", "speedup_vs_prev",
+               "cumulative_speedup", "launches", "bytes", "flops", "peak_memory_bytes", "max_error", "numerics_ok",
+               "pass_seconds", "stats", "overlap_efficiency", "energy_j_per_unit"}
+
+
+def test_median_ci_brackets_the_median():
+    xs = [float(i) for i in range(1, 102)]
+    med, lo, hi = median_ci(xs)
+    assert med == 51.0 and lo < med < hi
+    assert hi - lo < 25  # ~ 2*1.96*sqrt(n)/2 ranks wide
+
+
+def test_shapley_of_additive_game_is_each_players_value():
+    gains = [0.3, -0.1, 0.5]
+    v = {s: sum(gains[i] for i in s) for r in range(4) for s in itertools.combinations(range(3), r)}
+    phi, samples = shapley_values(v, 3)
+    assert samples is None
+    assert phi == pytest.approx(gains)
+
+
+def test_shapley_splits_pure_interaction_evenly_and_sums_to_total():
+    # only the pair (0, 1) together gains; player 2 is a dummy
+    v = {s: (1.0 if {0, 1} <= set(s) else 0.0) for r in range(4) for s in itertools.combinations(range(3), r)}
+    phi, _ = shapley_values(v, 3)
+    assert phi == pytest.approx([0.5, 0.5, 0.0])
+    assert sum(phi) == pytest.approx(v[(0, 1, 2)] - v[()])
+
+
+def test_sampled_shapley_beyond_eight_players_is_efficient():
+    n = 9
+    gains = [0.1 * i for i in range(n)]
+    v = {}
+    for r in range(n + 1):
+        for s in itertools.combinations(range(n), r):
+            v[s] = sum(gains[i] for i in s)
+    phi, samples = shapley_values(v, n)
+    assert samples and samples >= 32
+    assert phi == pytest.approx(gains)
+
+
+def test_interleaved_timing_orders_a_slow_and_a_fast_function():
+    a = torch.randn(256, 256)
+    fns = {"fast": lambda x: x + 1, "slow": lambda x: x @ x @ x @ x}
+    t = measure_many(fns, [(a,)], budget_s=0.2, min_reps=5)
+    assert t["slow"].median_s > t["fast"].median_s
+    assert all(tm.n >= 5 and tm.ci_low_s <= tm.median_s <= tm.ci_high_s for tm in t.values())
+
+
+def test_run_record_has_every_field_with_shapley_and_ablation():
+    r = run("mlp", pipeline="cse,dce", budget_s=0.05, ablate=True, shapley=True)
+    rec = r.record
+    assert rec["schema"] == 1 and rec["model"] == "mlp" and rec["pipeline"] == ["cse", "dce"]
+    assert rec["baseline"]["throughput"] > 0 and rec["baseline"]["ci_low"] <= rec["baseline"]["ci_high"]
+    for s in rec["steps"]:
+        assert STEP_FIELDS <= set(s)
+        assert s["throughput"] > 0 and s["numerics_ok"]
+    assert set(rec["shapley"]) == {"cse", "dce"} and set(rec["ablation"]) == {"cse", "dce"}
+    total = math.log(rec["steps"][-1]["throughput"] / rec["baseline"]["throughput"])
+    # Shapley values are efficient up to measurement: the subsets are timed separately
+    assert isinstance(rec["interaction"], float)
+    assert all(math.isfinite(v) for v in rec["shapley"].values())
+
+
+def test_cli_json_and_csv(tmp_path):
+    j, c = tmp_path / "r.json", tmp_path / "r.csv"
+    p = subprocess.run([sys.executable, "-m", "passlab.tools.cli", "run", "mlp", "--pipeline", "dce",
+                        "--budget", "0.05", "--json", str(j), "--csv", str(c)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rec = json.loads(j.read_text())
+    assert rec["steps"][0]["pass"] == "dce" and rec["machine"]["threads"] >= 1
+    lines = c.read_text().splitlines()
+    assert lines[0].startswith("pass,status") and lines[1].startswith("baseline") and lines[2].startswith("dce")
