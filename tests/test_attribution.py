@@ -83,3 +83,15 @@ def test_cli_json_and_csv(tmp_path):
     assert rec["steps"][0]["pass"] == "dce" and rec["machine"]["threads"] >= 1
     lines = c.read_text().splitlines()
     assert lines[0].startswith("pass,status") and lines[1].startswith("baseline") and lines[2].startswith("dce")
+
+
+def test_mlir_peer_counts_elementwise_groups():
+    from passlab.tools import mlir_peer
+    if not mlir_peer.available():
+        pytest.skip("torch-mlir not installed")
+    from passlab.graphs import capture, load
+    s = load("mlp", "tiny")
+    gm = capture(s.module, s.example_inputs)
+    c = mlir_peer.compare(s, gm, gm)
+    assert c["elementwise_loops_after"] < c["elementwise_loops_before"]  # MLIR fused something
+    assert c["passlab_before"] == 4  # 2 blocks x (gelu, add)

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--device", default="cpu")
     sh.add_argument("--depth", type=int, default=None, help="collapse the drawing by module hierarchy")
     sh.add_argument("-o", "--output", default=None, help="file to write (drawings)")
+    sh.add_argument("--mlir", action="store_true",
+                    help="cross-check: MLIR's elementwise fusion group count beside ours (needs the mlir extra)")
 
     rn = sub.add_parser("run", help="run a pipeline on a model and measure each pass")
     rn.add_argument("model")

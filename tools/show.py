@@ -58,9 +58,22 @@ def main(args) -> int:
     text = summary(sample, gm)
     if args.kernels:
         text += "\n\n" + kernels_text(gm)
+    if getattr(args, "mlir", False):
+        text += "\n\n" + mlir_text(sample, result, gm)
     if args.output:
         with open(args.output, "w") as f:
             f.write(text + "\n")
     else:
         print(text)
     return 0
+
+
+def mlir_text(sample, result, gm) -> str:
+    from . import mlir_peer
+    if not mlir_peer.available():
+        return "MLIR cross-check: torch-mlir is not installed (pip install -e '.[mlir]')"
+    before = result.baseline.snapshot if result is not None else gm
+    c = mlir_peer.compare(sample, before, gm)
+    return (f"elementwise/reduction loop nests — MLIR linalg-fuse-elementwise-ops: "
+            f"{c['elementwise_loops_before']} -> {c['elementwise_loops_after']}; "
+            f"passlab: {c['passlab_before']} -> {c['passlab_after']} kernels")
