@@ -1,0 +1,90 @@
+"""The pass contract, as a check anyone can run on any pass.
+
+What every pass owes the pipeline, whatever it rewrites: it returns a graph
+that lints, every value-producing node keeps `meta["val"]`, the parameters it
+was given are unchanged (passes make new attributes, never edit weights in
+place), its statistics are a plain dict, and the graph computes what the eager
+model computes on fresh random inputs. A pass that does not apply to a model
+must still pass: it returns the graph it got.
+
+The contract tests run `check` for every registered pass on every sample; a
+new pass's own test (see `passlab new-pass`) calls it too.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from passlab.graphs import capture, check_metadata, clone, load
+
+from .api import Pass, PassContext, PassResult, as_result
+from .manager import TOLERANCE, CheckNumerics
+from .registry import get_pass
+
+
+class ContractViolation(AssertionError):
+    """A pass broke the pass contract; the message says which clause and how."""
+
+
+@dataclass
+class ContractReport:
+    pass_name: str
+    model: str
+    result: PassResult
+    max_error: float
+
+
+@functools.lru_cache(maxsize=16)
+def captured(model: str, preset: str = "tiny"):
+    """(Sample, GraphModule) for a model, captured once per process; clone the graph before changing it."""
+    sample = load(model, preset)
+    return sample, capture(sample.module, sample.example_inputs)
+
+
+def check(pass_: str | Pass, model: str, *, options: dict | None = None, seed: int = 1234,
+          tolerance: float | None = None, device: str = "cpu") -> ContractReport:
+    """Run one pass on a captured tiny model and check every clause of the contract.
+
+    Raises ContractViolation naming the clause broken; returns the report otherwise.
+    """
+    p = get_pass(pass_) if isinstance(pass_, str) else pass_
+    sample, original = captured(model)
+    gm = clone(original)
+    weights = {k: v.detach().clone() for k, v in list(gm.named_parameters()) + list(gm.named_buffers())}
+    ctx = PassContext(device=device, dtype=sample.dtype, example_inputs=sample.example_inputs,
+                      options=dict(options or {}), sample=sample)
+    where = f"pass {p.name!r} on {model}"
+    with torch.no_grad():
+        try:
+            res = as_result(p.run(gm, ctx), gm)
+        except Exception as e:
+            raise ContractViolation(f"{where} raised {type(e).__name__}: {e}") from e
+    if not isinstance(res.stats, dict):
+        raise ContractViolation(f"{where}: stats must be a dict, got {type(res.stats).__name__}")
+    out = res.gm
+    out.recompile()
+    try:
+        out.graph.lint()
+    except Exception as e:
+        raise ContractViolation(f"{where} returned a graph that fails lint: {e}") from e
+    missing = check_metadata(out)
+    if missing:
+        raise ContractViolation(f"{where} left nodes without meta['val']: {', '.join(missing[:5])} "
+                                "(call passlab.passes.meta.propagate(gm) after rewriting)")
+    current = dict(list(original.named_parameters()) + list(original.named_buffers()))
+    for k, before in weights.items():
+        if not torch.equal(current[k], before):
+            captured.cache_clear()     # the cached model is spoiled for the checks after this one
+            raise ContractViolation(f"{where} changed weight {k!r} in place; register a new attribute instead")
+    tol = tolerance if tolerance is not None else TOLERANCE.get(sample.dtype, 1e-4)
+    numerics = CheckNumerics(sample.module, sample.make_inputs, device, tol, seed=seed)
+    try:
+        err = numerics.error(out)
+    except Exception as e:
+        raise ContractViolation(f"{where}: the rewritten graph does not run: {type(e).__name__}: {e}") from e
+    if not err <= tol:
+        raise ContractViolation(f"{where} changed numerics: relative error {err:.3g} > tolerance {tol:g} "
+                                f"on fresh inputs (seed {seed})")
+    return ContractReport(p.name, model, res, err)
