@@ -1,0 +1,434 @@
+"""`layout`: give every tensor a memory layout and propagate it, so that data
+is reordered as rarely as possible.
+
+Values of aten ops do not depend on strides, but their cost does: a oneDNN or
+cuDNN convolution fed NCHW reorders its input to a blocked/NHWC layout and its
+output back on every call (ONEDNN_VERBOSE shows both reorders), a GEMM fed an
+operand whose matrix is neither row- nor column-major copies it first, and a
+view of data in the wrong order needs an explicit copy. The pass
+
+1. cancels inverse permute pairs and composes permute chains;
+2. runs conv nets channels-last: one conversion where NCHW data enters, conv
+   weights re-laid out once at compile time (new buffers; parameters are
+   shared with other graphs and never touched), NHWC carried through
+   batchnorm, pointwise ops, pooling and residual adds, and a conversion back
+   only where a consumer needs the old layout (a view that is impossible on
+   NHWC strides, `as_strided`, a fused kernel, a graph output);
+3. removes layout-changing copies whose consumers take the strided input as
+   it is (views that stay views, GEMM operands that stay BLAS-ready);
+4. optionally pre-transposes GEMM weights (`addmm(b, x, permute(W))` reads a
+   contiguous W^T made once).
+
+A copy is kept only when taking it out fails one of those checks, which is
+the proof that it is needed. `count_conversions` is the measure, before and
+after; it counts explicit copies and the reorders kernels do internally.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from .api import PassResult
+from .meta import fake_mode_of, propagate
+from .registry import register_pass
+
+aten = torch.ops.aten
+
+COPIES = {aten.clone.default, aten._to_copy.default, aten.copy.default}
+if hasattr(aten, "as_strided_copy"):
+    COPIES.add(aten.as_strided_copy.default)
+VIEWS = {aten.view.default, aten._unsafe_view.default}
+PERMUTES = {aten.permute.default, aten.transpose.int, aten.t.default}
+GEMM_OPERANDS = {aten.mm.default: (0, 1), aten.addmm.default: (1, 2),
+                 aten.bmm.default: (0, 1), aten.baddbmm.default: (1, 2)}
+STORAGE_READERS = {aten.as_strided.default}   # their meaning depends on the input's strides
+CONV = aten.convolution.default
+
+
+class LayoutError(RuntimeError):
+    """A relayout would change what a stride-sensitive consumer reads."""
+
+
+# ---------------------------------------------------------------- layout facts
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal strides wherever they matter (dims of size > 1)."""
+    return a.shape == b.shape and all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+def blas_ready(t: torch.Tensor) -> bool:
+    """The matrix part (last two dims) is row- or column-major, so a GEMM reads it in place."""
+    (m, n), (sm, sn) = t.shape[-2:], t.stride()[-2:]
+    row = (sn == 1 or n == 1) and (sm >= max(1, n) or m == 1)
+    col = (sm == 1 or m == 1) and (sn >= max(1, m) or n == 1)
+    return row or col
+
+
+def channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def prefers_channels_last(device: str, dtype: torch.dtype) -> bool:
+    """Where the convolution library's fast kernels are NHWC: oneDNN on CPU;
+    cuDNN's tensor-core kernels (half precision) on GPU."""
+    if str(device).startswith("cuda"):
+        return dtype in (torch.float16, torch.bfloat16)
+    return torch.backends.mkldnn.is_available()
+
+
+def nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def tensor_val(node) -> torch.Tensor | None:
+    v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+# ---------------------------------------------------------------- the measure
+
+@dataclass
+class Conversions:
+    """Layout conversions of a graph: explicit copies that change strides, and
+    reorders kernels perform internally because an operand is in the wrong layout."""
+    explicit: int = 0
+    implicit: int = 0
+    explicit_bytes: int = 0
+    implicit_bytes: int = 0
+    sites: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.explicit + self.implicit
+
+    @property
+    def bytes(self) -> int:
+        return self.explicit_bytes + self.implicit_bytes
+
+
+def count_conversions(gm: torch.fx.GraphModule, device: str = "cpu") -> Conversions:
+    """Count layout conversions, with the bytes they read and write.
+
+    Explicit: clone/_to_copy/copy/as_strided_copy whose output strides differ
+    from its input's (this covers permute+clone and expand+clone pairs).
+    Implicit: where the convolution library prefers NHWC, each non-channels-last
+    input or output of a 4-D convolution (reordered: 1 each), and a GEMM
+    operand that is not BLAS-ready (copied: 1).
+    """
+    c = Conversions()
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        out = tensor_val(n)
+        src = tensor_val(n.args[0]) if n.args else None
+        if n.target in COPIES and out is not None and src is not None:
+            if n.target is aten.copy.default:
+                src = tensor_val(n.args[1]) if len(n.args) > 1 else None
+            if src is not None and src.shape == out.shape and not same_layout(src, out):
+                c.explicit += 1
+                c.explicit_bytes += nbytes(src) + nbytes(out)
+                c.sites.append(n.name)
+        elif n.target is CONV and src is not None and out is not None and src.dim() == 4:
+            if prefers_channels_last(device, src.dtype):
+                wrong = [t for t in (src, out) if not channels_last(t)]
+                c.implicit += len(wrong)
+                c.implicit_bytes += sum(2 * nbytes(t) for t in wrong)
+                if wrong:
+                    c.sites.append(n.name)
+        elif n.target in GEMM_OPERANDS:
+            for i in GEMM_OPERANDS[n.target]:
+                v = tensor_val(n.args[i]) if i < len(n.args) else None
+                if v is not None and not blas_ready(v):
+                    c.implicit += 1
+                    c.implicit_bytes += 2 * nbytes(v)
+                    c.sites.append(f"{n.name}.arg{i}")
+    return c
+
+
+# ---------------------------------------------------------------- propagation with repairs
+
+class Settle(FakeTensorProp):
+    """Fake-tensor propagation that keeps the graph valid under new layouts.
+
+    Where a node needs its input in the layout the captured graph had, and the
+    input's layout has changed, it inserts a conversion back (repair=True) or
+    raises LayoutError (repair=False, used to test whether a copy can go).
+    """
+
+    def __init__(self, gm, original: dict, *, repair: bool, contiguous_outputs: bool):
+        super().__init__(gm, fake_mode_of(gm))
+        self.original, self.repair, self.contiguous_outputs = original, repair, contiguous_outputs
+        self.inserted: list[torch.fx.Node] = []
+
+    def run_node(self, n):
+        if n.op == "call_function":
+            if n.target in VIEWS:
+                v = self.env[n.args[0]]
+                if not viewable(v, n.args[1]):
+                    self.restore(n, n.args[0], torch.contiguous_format, "view_needs_copy")
+            elif n.target in STORAGE_READERS or getattr(n.target, "is_fused_kernel", False):
+                for a in n.all_input_nodes:
+                    self.keep_original(n, a)
+        elif n.op == "output" and self.contiguous_outputs:
+            for a in n.all_input_nodes:
+                self.keep_original(n, a)
+        return super().run_node(n)
+
+    def keep_original(self, user, arg):
+        v, was = self.env.get(arg), self.original.get(arg)
+        if not isinstance(v, torch.Tensor) or was is None or v.shape != was[0] or \
+                all(x == y for x, y, s in zip(v.stride(), was[1], v.shape) if s > 1):
+            return
+        probe = torch.empty_strided(was[0], was[1], device="meta")
+        why = "output_layout" if user.op == "output" else "consumer_needs_strides"
+        if probe.is_contiguous():
+            self.restore(user, arg, torch.contiguous_format, why)
+        elif probe.dim() == 4 and probe.is_contiguous(memory_format=torch.channels_last):
+            self.restore(user, arg, torch.channels_last, why)
+        else:
+            raise LayoutError(f"{user.name} needs {arg.name} in its original strides {was[1]}", why)
+
+    def restore(self, user, arg, fmt, why):
+        if not self.repair:
+            raise LayoutError(f"{user.name} cannot take {arg.name} with strides {self.env[arg].stride()}", why)
+        g = user.graph
+        with g.inserting_before(user):
+            c = g.call_function(aten.clone.default, (arg,), {"memory_format": fmt})
+        user.replace_input_with(arg, c)
+        self.env[c] = self.env[arg].clone(memory_format=fmt)
+        c.meta["val"] = self.env[c]
+        self.inserted.append(c)
+
+    def settle(self):
+        inputs = [n.meta["val"] for n in self.module.graph.nodes if n.op == "placeholder"]
+        mode = self._mode
+        old, mode.allow_non_fake_inputs = mode.allow_non_fake_inputs, True
+        try:
+            self.propagate_dont_convert_inputs(*inputs)
+        finally:
+            mode.allow_non_fake_inputs = old
+        return self.inserted
+
+
+def viewable(t: torch.Tensor, size) -> bool:
+    try:
+        torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta").view(size)
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+def layouts(gm) -> dict:
+    return {n: (v.shape, v.stride()) for n in gm.graph.nodes if (v := tensor_val(n)) is not None}
+
+
+def settle(gm, original, *, repair=True, contiguous_outputs=True) -> list:
+    inserted = Settle(gm, original, repair=repair, contiguous_outputs=contiguous_outputs).settle()
+    gm.graph.lint()
+    return inserted
+
+
+# ---------------------------------------------------------------- rewrites
+
+def permutation(node) -> list[int] | None:
+    v = tensor_val(node.args[0])
+    if v is None:
+        return None
+    rank = v.dim()
+    if node.target is aten.permute.default:
+        return [d % rank for d in node.args[1]] if rank else []
+    if node.target is aten.t.default:
+        return [1, 0] if rank == 2 else list(range(rank))
+    d0, d1 = node.args[1] % rank, node.args[2] % rank
+    p = list(range(rank))
+    p[d0], p[d1] = p[d1], p[d0]
+    return p
+
+
+def cancel_transposes(gm) -> tuple[int, int]:
+    """permute(permute(x, p), q) -> x when q undoes p, else one permute; identity
+    permutes vanish. Returns (cancelled, composed)."""
+    cancelled = composed = 0
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target not in PERMUTES:
+            continue
+        q = permutation(n)
+        src = n.args[0]
+        if q is None:
+            continue
+        if isinstance(src, torch.fx.Node) and src.op == "call_function" and src.target in PERMUTES:
+            p = permutation(src)
+            if p is None:
+                continue
+            q, src = [p[i] for i in q], src.args[0]
+        elif q != list(range(len(q))):
+            continue
+        if q == list(range(len(q))):
+            n.replace_all_uses_with(src)
+            cancelled += 1
+        else:
+            composed += 1
+            with gm.graph.inserting_before(n):
+                new = gm.graph.call_function(aten.permute.default, (src, q))
+            new.meta.update(n.meta)
+            n.replace_all_uses_with(new)
+        erase_dead(gm, n)
+    return cancelled, composed
+
+
+def erase_dead(gm, node) -> None:
+    """Erase `node` and the views/copies that only fed it."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n.users or n.op != "call_function" or not (n.target in PERMUTES or n.target in VIEWS or
+                                                    n.target in COPIES or n.target is aten.expand.default):
+            continue
+        srcs = n.all_input_nodes
+        gm.graph.erase_node(n)
+        todo.extend(srcs)
+
+
+def to_channels_last(gm, original, contiguous_outputs) -> dict:
+    """Run every 4-D convolution on NHWC data; carry NHWC as far as it goes."""
+    convs = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is CONV
+             and (x := tensor_val(n.args[0])) is not None and x.dim() == 4]
+    if not convs:
+        return {}
+    weights, entering = {}, []
+    for conv in convs:
+        x, w = conv.args[0], conv.args[1]
+        with gm.graph.inserting_before(conv):
+            c = gm.graph.call_function(aten.clone.default, (x,), {"memory_format": torch.channels_last})
+        conv.replace_input_with(x, c)
+        entering.append(c)
+        if isinstance(w, torch.fx.Node) and w.op == "get_attr":
+            if w.target not in weights:
+                name = "layout_nhwc_" + w.target.replace(".", "_")
+                real = getattr_path(gm, w.target)
+                gm.register_buffer(name, real.contiguous(memory_format=torch.channels_last), persistent=False)
+                with gm.graph.inserting_after(w):
+                    weights[w.target] = gm.graph.get_attr(name)
+            conv.replace_input_with(w, weights[w.target])
+        elif isinstance(w, torch.fx.Node):
+            with gm.graph.inserting_before(conv):
+                cw = gm.graph.call_function(aten.clone.default, (w,), {"memory_format": torch.channels_last})
+            conv.replace_input_with(w, cw)
+    for w in list(gm.graph.nodes):
+        if w.op == "get_attr" and not w.users and w.target in weights:
+            gm.graph.erase_node(w)
+    gm.recompile()
+    back = settle(gm, original, contiguous_outputs=contiguous_outputs)
+    redundant = 0
+    for c in entering:
+        if same_layout(tensor_val(c.args[0]), tensor_val(c)):
+            c.replace_all_uses_with(c.args[0])
+            gm.graph.erase_node(c)
+            redundant += 1
+    propagate(gm)
+    return {"convs_nhwc": len(convs), "weights_nhwc": len(weights),
+            "conversions_in": len(entering) - redundant, "conversions_back": len(back)}
+
+
+def getattr_path(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def drop_copies(gm, original, contiguous_outputs, device) -> tuple[int, dict]:
+    """Remove each layout-changing clone whose consumers take its input as it is:
+    every view stays a view, no stride-sensitive consumer sees new strides, and
+    no kernel it feeds starts reordering internally (the graph's conversion
+    count must drop)."""
+    removed, kept = 0, {}
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not aten.clone.default:
+            continue
+        src, out = tensor_val(n.args[0]), tensor_val(n)
+        if src is None or out is None or same_layout(src, out):
+            continue
+        total_before = count_conversions(gm, device).total
+        saved = {u: (u.args, u.kwargs) for u in n.users}
+        n.replace_all_uses_with(n.args[0])
+        reason = None
+        try:
+            settle(gm, original, repair=False, contiguous_outputs=contiguous_outputs)
+            if count_conversions(gm, device).total >= total_before:
+                reason = "consumer_would_reorder"
+        except LayoutError as e:
+            reason = e.args[1] if len(e.args) > 1 else "consumer_needs_strides"
+        if reason is None:
+            gm.graph.erase_node(n)
+            removed += 1
+        else:
+            for u, (args, kwargs) in saved.items():
+                u.args, u.kwargs = args, kwargs
+            kept[reason] = kept.get(reason, 0) + 1
+            propagate(gm)
+    return removed, kept
+
+
+def pretranspose_weights(gm) -> int:
+    """`mm(x, permute(W, [1, 0]))` with W a get_attr -> a contiguous W^T buffer made once."""
+    made = 0
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target not in PERMUTES:
+            continue
+        w = n.args[0]
+        if not (isinstance(w, torch.fx.Node) and w.op == "get_attr" and permutation(n) == [1, 0]):
+            continue
+        if not all(u.op == "call_function" and u.target in (aten.mm.default, aten.addmm.default) and
+                   u.args[GEMM_OPERANDS[u.target][1]] is n for u in n.users):
+            continue
+        name = "layout_t_" + w.target.replace(".", "_")
+        gm.register_buffer(name, getattr_path(gm, w.target).t().contiguous(), persistent=False)
+        with gm.graph.inserting_before(n):
+            wt = gm.graph.get_attr(name)
+        n.replace_all_uses_with(wt)
+        gm.graph.erase_node(n)
+        if not w.users:
+            gm.graph.erase_node(w)
+        made += 1
+    return made
+
+
+# ---------------------------------------------------------------- the pass
+
+@register_pass("layout")
+def layout(gm: torch.fx.GraphModule, ctx, *, channels_last: bool = True, transposes: bool = True,
+           copies: bool = True, pretranspose: bool = False, contiguous_outputs: bool = True) -> PassResult:
+    """Choose memory layouts (NHWC for convs, strided GEMM operands) and remove needless conversions."""
+    device = ctx.device
+    before = count_conversions(gm, device)
+    original = layouts(gm)
+    stats: dict = {"conversions_before": before.total, "conversion_bytes_before": before.bytes,
+                   "explicit_before": before.explicit, "implicit_before": before.implicit}
+    if transposes:
+        stats["transposes_cancelled"], stats["transposes_composed"] = cancel_transposes(gm)
+    convs = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is CONV]
+    if channels_last and convs:
+        dtype = next((v.dtype for n in convs if (v := tensor_val(n)) is not None), torch.float32)
+        if prefers_channels_last(device, dtype):
+            stats.update(to_channels_last(gm, original, contiguous_outputs))
+        else:
+            stats["skipped"] = {"device_prefers_nchw": len(convs)}
+    if copies:
+        removed, kept = drop_copies(gm, original, contiguous_outputs, device)
+        stats["copies_removed"] = removed
+        if kept:
+            stats["copies_kept"] = kept
+    if pretranspose:
+        stats["weights_pretransposed"] = pretranspose_weights(gm)
+    gm.graph.lint()
+    gm.recompile()
+    propagate(gm)
+    after = count_conversions(gm, device)
+    stats.update({"conversions_after": after.total, "conversion_bytes_after": after.bytes,
+                  "explicit_after": after.explicit, "implicit_after": after.implicit,
+                  "conversion_sites": after.sites})
+    return PassResult(gm, stats=stats)
