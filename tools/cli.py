@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     np_ = sub.add_parser("new-pass", help="scaffold a new pass and its test")
     np_.add_argument("name")
     np_.add_argument("--dir", default=None, help="repository root (default: the passlab checkout)")
+    np_.add_argument("--plugin", action="store_true",
+                     help="scaffold a separately installable package (entry point group passlab.passes) "
+                          "in --dir (default: the current folder)")
 
     for extra in EXTRA_COMMANDS:
         extra(sub)
@@ -162,7 +165,7 @@ def write_outputs(args, rec: dict, run) -> None:
 def cmd_new_pass(args) -> int:
     from . import scaffold
     try:
-        for path in scaffold.new_pass(args.name, args.dir):
+        for path in scaffold.new_pass(args.name, args.dir, plugin=args.plugin):
             print(f"created {path}")
     except ValueError as e:
         raise BadArguments(e) from e

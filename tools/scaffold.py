@@ -1,0 +1,181 @@
+"""`passlab new-pass NAME`: a new pass module and its test, from a template.
+
+In-tree, the pass lands in passes/NAME.py, where the registry imports it, and
+its test in tests/test_pass_NAME.py; the contract tests cover it from then on.
+With `plugin=True` it becomes a package of its own, passlab-NAME, that
+registers through the `passlab.passes` entry-point group once pip-installed.
+The template is a small, correct pass (x ** 2 -> x * x) that shows the parts
+every pass has: match, legality, rewrite, metadata, statistics, an option.
+"""
+from __future__ import annotations
+
+import keyword
+import os
+import re
+
+NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
+
+PASS_TEMPLATE = '''\
+"""{name}: TODO one line on what it rewrites and why that is faster.
+
+Scaffolded by `passlab new-pass {name}`. The example rewrite, x ** 2 -> x * x
+(a multiply is cheaper than pow), shows the parts of a pass: match, check
+legality, rewrite, keep meta["val"], count. Replace it with yours; run
+`python -m pytest -q {test_path}` and
+`passlab run llama --pipeline cleanup,{name} --no-measure` to see it work.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from passlab.passes import PassResult, register_pass
+from passlab.passes.meta import propagate
+
+aten = torch.ops.aten
+
+
+@register_pass("{name}")
+def {name}(gm: torch.fx.GraphModule, ctx, *, max_rewrites: int = -1) -> PassResult:
+    """TODO: one line for `passlab list passes`.
+
+    max_rewrites: stop after this many rewrites (-1: no limit); halve it to
+    bisect a miscompile: `{name}(max_rewrites=3)`.
+    """
+    matched, rewritten, skipped = 0, 0, Counter()
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.pow.Tensor_Scalar:    # match
+            continue
+        matched += 1
+        x, exponent = node.args[:2]
+        if exponent != 2:                                                               # legality
+            skipped["exponent is not 2"] += 1
+            continue
+        if 0 <= max_rewrites <= rewritten:
+            skipped["max_rewrites reached"] += 1
+            continue
+        with gm.graph.inserting_before(node):                                           # rewrite
+            square = gm.graph.call_function(aten.mul.Tensor, (x, x))
+        node.replace_all_uses_with(square)
+        gm.graph.erase_node(node)
+        rewritten += 1
+    if rewritten:
+        gm.recompile()
+        propagate(gm)            # new nodes need meta["val"]; runs on fake tensors, costs no compute
+    return PassResult(gm, rewritten > 0, {{"matched": matched, "rewritten": rewritten, "skipped": dict(skipped)}})
+'''
+
+TEST_TEMPLATE = '''\
+"""Tests for the `{name}` pass (scaffolded by `passlab new-pass {name}`).
+
+`check` runs the pass on a captured tiny model and asserts the whole pass
+contract: the graph lints, every node keeps meta["val"], weights are not
+edited in place, and outputs match eager on fresh random inputs.
+"""
+import pytest
+import torch
+{import_line}
+from passlab.passes import get_pass
+from passlab.passes.contract import check
+
+
+def test_registered():
+    assert get_pass("{name}").name == "{name}"
+
+
+@pytest.mark.parametrize("model", ["mlp", "transformer", "llama"])
+def test_contract(model):
+    check("{name}", model)
+
+
+def test_rewrites_where_its_pattern_occurs():
+    """TODO: pick the model (or build a small graph) where your pattern occurs."""
+    report = check("{name}", "llama")        # RMSNorm squares its input: pow(x, 2)
+    stats = report.result.stats
+    assert stats["rewritten"] >= 1
+    assert torch.ops.aten.pow.Tensor_Scalar not in [n.target for n in report.result.gm.graph.nodes]
+
+
+def test_option_limits_rewrites():
+    report = check("{name}", "llama", options={{"max_rewrites": 1}})
+    assert report.result.stats["rewritten"] == 1
+'''
+
+PYPROJECT_TEMPLATE = '''\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "passlab-{dist}"
+version = "0.1.0"
+description = "The {name} pass for passlab"
+requires-python = ">=3.11"
+dependencies = ["passlab"]
+
+[project.entry-points."passlab.passes"]
+{name} = "passlab_{name}:{name}"
+
+[tool.setuptools]
+py-modules = ["passlab_{name}"]
+'''
+
+
+def checkout_root() -> str:
+    """The passlab checkout this module runs from (an editable install)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def validate(name: str) -> None:
+    if not NAME.match(name or "") or keyword.iskeyword(name):
+        raise ValueError(f"bad pass name {name!r}: use a lower_snake_case Python identifier, "
+                         "e.g. fuse_rmsnorm (it is also the module and function name)")
+    from passlab.passes import list_passes
+    if name in list_passes():
+        raise ValueError(f"a pass or alias named {name!r} already exists; choose another name "
+                         "(see `passlab list passes`)")
+
+
+def refuse_existing(paths: list[str]) -> None:
+    there = [p for p in paths if os.path.exists(p)]
+    if there:
+        raise ValueError(f"{', '.join(there)} already exists; not overwriting it")
+
+
+def write(files: dict[str, str]) -> list[str]:
+    for path, text in files.items():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "x") as f:
+            f.write(text)
+    return list(files)
+
+
+def new_pass(name: str, root_dir: str | None = None, *, plugin: bool = False) -> list[str]:
+    """Create the pass module and its test; return the created paths.
+
+    Raises ValueError (with the reason) for a bad or taken name, a file that
+    exists already, or a root that is not a passlab checkout.
+    """
+    validate(name)
+    root = os.path.abspath(root_dir or (os.getcwd() if plugin else checkout_root()))
+    if plugin:
+        pkg = os.path.join(root, f"passlab-{name.replace('_', '-')}")
+        files = {
+            os.path.join(pkg, "pyproject.toml"): PYPROJECT_TEMPLATE.format(name=name, dist=name.replace("_", "-")),
+            os.path.join(pkg, f"passlab_{name}.py"):
+                PASS_TEMPLATE.format(name=name, test_path=f"tests/test_{name}.py"),
+            os.path.join(pkg, "tests", f"test_{name}.py"):
+                TEST_TEMPLATE.format(name=name, import_line=f"\nimport passlab_{name}  # noqa: F401  registers it"),
+        }
+    else:
+        if not os.path.isdir(os.path.join(root, "passes")):
+            raise ValueError(f"{root} is not a passlab checkout (no passes/ folder); give --dir, "
+                             "or scaffold a plugin package with --plugin")
+        test_rel = os.path.join("tests", f"test_pass_{name}.py")
+        files = {
+            os.path.join(root, "passes", f"{name}.py"): PASS_TEMPLATE.format(name=name, test_path=test_rel),
+            os.path.join(root, test_rel): TEST_TEMPLATE.format(name=name, import_line=""),
+        }
+    refuse_existing(list(files))
+    return write(files)
