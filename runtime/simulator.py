@@ -1,0 +1,290 @@
+"""Scale-out simulator: the step time of a captured distributed graph at W ranks.
+
+A rank's graph is replayed on two streams: a compute stream that runs the
+nodes in program order at roofline speed (GEMM FLOPs at the device's matmul
+rate, every other byte at its memory bandwidth, plus a per-op dispatch cost),
+and a communication stream that runs each collective, in issue order, for the
+time a ring / pairwise schedule needs on the link (formulas in
+`collective_time`). A `wait_tensor` blocks the compute stream until its
+collective is done; the blocked time is the exposed communication. All ranks
+are assumed to run the same program in lock step (no skew, no stragglers), so
+one rank's timeline is the step.
+
+Every number here is an estimate. Device profiles are this machine's measured
+rates (`passlab.runtime.profiles`) or datasheet numbers (labelled so); link
+presets are nominal rates. The overlap passes use the same model to choose a
+schedule; `overlap_metrics` reads the events this simulator emits the same way
+it reads a measured timeline.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from . import costmodel
+from .opclass import OpClass, op_class
+
+
+# ---------------------------------------------------------------- links
+
+@dataclass(frozen=True)
+class Link:
+    """One direction of a rank's link: bytes/s and per-message latency."""
+    name: str
+    bytes_per_s: float
+    latency_s: float
+    source: str = ""
+
+    def __str__(self):
+        return f"{self.name} ({self.bytes_per_s / 1e9:.3g} GB/s, {self.latency_s * 1e6:.3g} us)"
+
+
+# nominal per-direction numbers; the emulated presets of the distributed runtime
+# (tc-shaped veths) override these when that module is present
+LINKS = {
+    "nvlink-h100": Link("nvlink-h100", 450e9, 2e-6, "NVLink 4 datasheet: 900 GB/s bidirectional per GPU"),
+    "ib-400g": Link("ib-400g", 50e9, 5e-6, "InfiniBand NDR 400 Gbit/s nominal"),
+    "pcie4": Link("pcie4", 25e9, 5e-6, "PCIe 4.0 x16 nominal ~32 GB/s, ~25 GB/s achievable"),
+    "eth-10g": Link("eth-10g", 1.25e9, 50e-6, "10 Gbit/s Ethernet nominal"),
+    "loopback": Link("loopback", 2e9, 30e-6, "gloo over localhost TCP on a 2-core VM (rough)"),
+}
+
+UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_rate(text: str) -> float:
+    """'10gbit', '1.25GB', '400mbit', '5e9' -> bytes/s."""
+    m = re.fullmatch(r"\s*([\d.eE+-]+)\s*([kmgtKMGT]?)(bit|b|B|bps|Bps)?(/s)?\s*", text)
+    if not m:
+        raise ValueError(f"cannot read a rate from {text!r} (e.g. 10gbit, 1.25GB)")
+    value = float(m.group(1)) * UNITS[m.group(2).lower()]
+    unit = m.group(3) or "B"
+    return value / 8 if unit in ("bit", "b", "bps") else value
+
+
+def parse_time(text: str) -> float:
+    m = re.fullmatch(r"\s*([\d.eE+-]+)\s*(s|ms|us|ns)?\s*", text)
+    if not m:
+        raise ValueError(f"cannot read a time from {text!r} (e.g. 50us, 1ms)")
+    return float(m.group(1)) * {"s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}[m.group(2) or "s"]
+
+
+def emulated_links() -> dict[str, Link]:
+    """The distributed runtime's emulated link presets, when it is installed."""
+    try:
+        from passlab.runtime.distributed import link as emulated   # noqa: F401
+    except Exception:
+        return {}
+    out = {}
+    for name, p in getattr(emulated, "PRESETS", {}).items():
+        rate = getattr(p, "rate_bytes_per_s", None) or (p.get("rate_bytes_per_s") if isinstance(p, dict) else None)
+        lat = getattr(p, "latency_s", None) if not isinstance(p, dict) else p.get("latency_s")
+        if rate and lat is not None:
+            out[name] = Link(name, float(rate), float(lat), "emulated preset (tc)")
+    return out
+
+
+def get_link(spec: "str | Link") -> Link:
+    """A preset name or 'rate=10gbit,latency=50us'."""
+    if isinstance(spec, Link):
+        return spec
+    known = {**LINKS, **emulated_links()}
+    if spec in known:
+        return known[spec]
+    if "=" in spec:
+        kv = dict(part.split("=", 1) for part in spec.split(","))
+        unknown = set(kv) - {"rate", "latency"}
+        if unknown or "rate" not in kv:
+            raise ValueError(f"link spec {spec!r}: give rate=..[,latency=..]")
+        return Link(spec, parse_rate(kv["rate"]), parse_time(kv.get("latency", "0")), "given")
+    raise ValueError(f"unknown link {spec!r} (known: {', '.join(sorted(known))}, or rate=..,latency=..)")
+
+
+# ---------------------------------------------------------------- devices
+
+DATASHEET = "datasheet (dense, no sparsity), not measured"
+DEVICES = {
+    # bytes/s of HBM; matmul FLOP/s per dtype (float32 on CUDA cores, TF32 not assumed)
+    "h100": {"device": "h100", "copy_bytes_per_s": 3.35e12, "source": f"H100 SXM5 {DATASHEET}",
+             "matmul_flops_per_s": {"float32": 67e12, "bfloat16": 989e12, "float16": 989e12},
+             "op_overhead_s": 5e-6, "collective_overhead_s": 10e-6},
+    "h200": {"device": "h200", "copy_bytes_per_s": 4.8e12, "source": f"H200 SXM {DATASHEET}",
+             "matmul_flops_per_s": {"float32": 67e12, "bfloat16": 989e12, "float16": 989e12},
+             "op_overhead_s": 5e-6, "collective_overhead_s": 10e-6},
+    "a100": {"device": "a100", "copy_bytes_per_s": 2.039e12, "source": f"A100 SXM4 80GB {DATASHEET}",
+             "matmul_flops_per_s": {"float32": 19.5e12, "bfloat16": 312e12, "float16": 312e12},
+             "op_overhead_s": 5e-6, "collective_overhead_s": 10e-6},
+}
+
+# eager dispatch of one aten op from a GraphModule on CPU (~2 us measured on the
+# 2-core development VM) and gloo's fixed cost per collective (enqueue, tag
+# exchange, thread hand-off)
+CPU_OP_OVERHEAD_S = 3e-6
+CPU_COLLECTIVE_OVERHEAD_S = 60e-6
+
+
+def device_profile(name: str = "cpu") -> dict:
+    """'cpu' (this machine, measured and cached) or a named datasheet device."""
+    if name in DEVICES:
+        return dict(DEVICES[name])
+    if name.startswith("cpu") or name.startswith("cuda"):
+        from .profiles import get_profile
+        prof = dict(get_profile(name))
+        prof.setdefault("source", f"measured on this machine ({prof.get('measured_at', '?')})")
+        prof.setdefault("op_overhead_s", CPU_OP_OVERHEAD_S if name.startswith("cpu") else 5e-6)
+        prof.setdefault("collective_overhead_s", CPU_COLLECTIVE_OVERHEAD_S if name.startswith("cpu") else 10e-6)
+        return prof
+    raise ValueError(f"unknown device {name!r} (known: cpu, {', '.join(sorted(DEVICES))})")
+
+
+# ---------------------------------------------------------------- per-node times
+
+COLLECTIVE_KINDS = {"all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce",
+                    "all_gather_into_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter",
+                    "all_to_all_single": "all_to_all", "broadcast": "broadcast"}
+
+
+def collective_kind(node: torch.fx.Node) -> str | None:
+    """'all_reduce', 'all_gather', 'reduce_scatter', 'all_to_all', 'broadcast', 'wait' or None."""
+    if node.op != "call_function" or op_class(node) != OpClass.COLLECTIVE:
+        return None
+    name = node.target.overloadpacket.__name__ if hasattr(node.target, "overloadpacket") else str(node.target)
+    return "wait" if name == "wait_tensor" else COLLECTIVE_KINDS.get(name, "all_reduce")
+
+
+def collective_bytes(node: torch.fx.Node, kind: str) -> int:
+    """The size the formulas take: the full (gathered / unscattered) buffer."""
+    ins = costmodel.nbytes(node.args[0].meta.get("val")) if node.args and isinstance(node.args[0], torch.fx.Node) else 0
+    out = costmodel.nbytes(node.meta.get("val"))
+    return max(ins, out) if kind in ("all_gather", "reduce_scatter") else ins or out
+
+
+def collective_time(kind: str, nbytes: int, world: int, link: Link, overhead_s: float = 0.0) -> float:
+    """Bandwidth-optimal schedules over W ranks:
+    ring all_reduce     2(W-1)/W * bytes/bw + 2(W-1) * latency
+    all_gather, reduce_scatter (W-1)/W * bytes/bw + (W-1) * latency  (bytes: the full buffer)
+    all_to_all          (W-1)/W * bytes/bw + (W-1) * latency  (pairwise exchange)
+    broadcast           bytes/bw + ceil(log2 W) * latency   (pipelined tree)"""
+    if world <= 1:
+        return 0.0
+    w, bw, lat = world, link.bytes_per_s, link.latency_s
+    if kind == "all_reduce":
+        t = 2 * (w - 1) / w * nbytes / bw + 2 * (w - 1) * lat
+    elif kind in ("all_gather", "reduce_scatter", "all_to_all"):
+        t = (w - 1) / w * nbytes / bw + (w - 1) * lat
+    elif kind == "broadcast":
+        t = nbytes / bw + math.ceil(math.log2(w)) * lat
+    else:
+        raise ValueError(f"no formula for collective {kind!r}")
+    return t + overhead_s
+
+
+def matmul_rate(profile: dict, dtype) -> float:
+    rates = profile["matmul_flops_per_s"]
+    return rates.get(str(dtype).replace("torch.", "")) or rates["float32"]
+
+
+def compute_time(node: torch.fx.Node, profile: dict) -> float:
+    """Roofline time of one node plus its dispatch cost; views and getitem cost
+    only dispatch; placeholders, weights and the output cost nothing."""
+    if node.op != "call_function":
+        return 0.0
+    over = profile.get("op_overhead_s", 0.0)
+    cls = op_class(node)
+    if cls in (OpClass.VIEW, OpClass.BROADCAST):
+        return 0.0 if node.target.__name__ == "getitem" else over / 2
+    c = costmodel.node_cost(node)
+    t = c.bytes / profile["copy_bytes_per_s"]
+    if cls in (OpClass.GEMM, OpClass.FUSED):
+        out = costmodel.tensors(node.meta.get("val"))
+        t = max(t, c.flops / matmul_rate(profile, out[0].dtype if out else torch.float32))
+    return t + over
+
+
+# ---------------------------------------------------------------- two-stream replay
+
+@dataclass
+class Event:
+    """One interval of a timeline, in the Chrome-trace spirit: stream is 'compute' or 'comm'."""
+    name: str
+    stream: str
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class Simulation:
+    world: int
+    step_s: float
+    compute_s: float               # busy time of the compute stream
+    comm_s: float                  # busy time of the comm stream
+    exposed_comm_s: float          # compute stream blocked on waits (plus trailing comm)
+    events: list[Event] = field(default_factory=list, repr=False)
+
+    @property
+    def overlap_efficiency(self) -> float | None:
+        denom = min(self.comm_s, self.compute_s)
+        return (self.comm_s - self.exposed_comm_s) / denom if denom > 0 else None
+
+    def as_dict(self) -> dict:
+        return {"world": self.world, "step_s": self.step_s, "compute_s": self.compute_s, "comm_s": self.comm_s,
+                "exposed_comm_s": self.exposed_comm_s, "overlap_efficiency": self.overlap_efficiency}
+
+
+class Estimator:
+    """Durations of nodes for one (device, link, world): what the schedulers read."""
+
+    def __init__(self, profile: dict, link: Link, world: int):
+        self.profile, self.link, self.world = profile, link, world
+
+    def compute(self, node) -> float:
+        return compute_time(node, self.profile)
+
+    def comm(self, node) -> float:
+        kind = collective_kind(node)
+        if kind in (None, "wait"):
+            return 0.0
+        return collective_time(kind, collective_bytes(node, kind), self.world, self.link,
+                               self.profile.get("collective_overhead_s", 0.0) if self.world > 1 else 0.0)
+
+
+def replay(nodes, est: Estimator) -> Simulation:
+    """Run `nodes` (a program order) on the two streams."""
+    t = comm_free = 0.0
+    done: dict[torch.fx.Node, float] = {}
+    events: list[Event] = []
+    busy = blocked = 0.0
+    for n in nodes:
+        kind = collective_kind(n)
+        if kind == "wait":
+            coll = n.args[0]
+            end = done.get(coll, t)
+            if end > t:
+                blocked += end - t
+                t = end
+            continue
+        if kind is not None:
+            start = max(t, comm_free)
+            dur = est.comm(n)
+            comm_free = done[n] = start + dur
+            if dur > 0:
+                events.append(Event(n.name, "comm", start, start + dur))
+            t += est.profile.get("op_overhead_s", 0.0)
+            continue
+        dur = est.compute(n)
+        if dur > 0:
+            events.append(Event(n.name, "compute", t, t + dur))
+            busy += dur
+        t += dur
+    tail = max(0.0, comm_free - t)
+    comm = sum(e.end_s - e.start_s for e in events if e.stream == "comm")
+    return Simulation(est.world, t + tail, busy, comm, blocked + tail, events)
+
+
+def simulate(gm: torch.fx.GraphModule, *, world: int, link="ib-400g", device: "str | dict" = "cpu") -> Simulation:
+    profile = device_profile(device) if isinstance(device, str) else device
+    return replay(list(gm.graph.nodes), Estimator(profile, get_link(link), world))
