@@ -110,12 +110,11 @@ class Grouper:
     def split(self, partition) -> list[set]:
         groups: list[set] = []
         where: dict = {}
+        members = set(partition)
         for n in sorted(partition, key=self.order.get):
             if n.target is operator.getitem:
-                g = where[n.args[0]]
-                g.add(n)
-                where[n] = g
                 continue
+            unit = {n} | {u for u in n.users if u.target is operator.getitem and u in members}
             producers = []
             for a in n.all_input_nodes:
                 g = where.get(a)
@@ -123,7 +122,7 @@ class Grouper:
                     producers.append(g)
             placed = None
             if producers:
-                union = set().union(*producers) | {n}
+                union = set().union(*producers) | unit
                 if self.legal(union):
                     for g in producers[1:]:
                         groups.remove(g)
@@ -131,12 +130,12 @@ class Grouper:
                     placed = producers[0]
                 else:
                     for g in sorted(producers, key=len, reverse=True):
-                        if self.legal(g | {n}):
-                            g.add(n)
+                        if self.legal(g | unit):
+                            g |= unit
                             placed = g
                             break
             if placed is None:
-                placed = {n}
+                placed = set(unit)
                 groups.append(placed)
             for m in placed:
                 where[m] = placed
@@ -234,7 +233,7 @@ def to_kernels(gm: torch.fx.GraphModule, names: list[list[str]]) -> None:
         propagate(sub)
         main = next((n for n in inner if n.target in COMPOSITES), inner[0])
         label = getattr(main.target, "__name__", str(main.target)).split(".")[0].lstrip("_")
-        fk = FusedKernel(f"fused_{i}_{label}", sub)
+        fk = FusedKernel(f"{node.name}_{label}", sub)
         node.op, node.target = "call_function", fk
         node.meta["fused_from"] = by_first.get(tuple(sorted(n.name for n in inner)), [n.name for n in inner])
     for name, _ in list(gm.named_children()):

@@ -246,7 +246,7 @@ DECOMP = {
     aten.sub.Tensor: _binary("sub"), aten.sub.Scalar: _binary("sub"), aten.rsub.Scalar: _binary("sub", True),
     aten.mul.Tensor: _binary("mul"), aten.mul.Scalar: _binary("mul"),
     aten.div.Tensor: _binary("div"), aten.div.Scalar: _binary("div"), aten.div.Tensor_mode: _div_mode,
-    aten.maximum.default: _binary("max"), aten.minimum.default: _binary("min"),
+    aten.maximum.default: _binary("maximum"), aten.minimum.default: _binary("minimum"),
     aten.eq.Tensor: _binary("eq"), aten.eq.Scalar: _binary("eq"), aten.ne.Tensor: _binary("ne"),
     aten.ne.Scalar: _binary("ne"), aten.lt.Tensor: _binary("lt"), aten.lt.Scalar: _binary("lt"),
     aten.le.Tensor: _binary("le"), aten.le.Scalar: _binary("le"), aten.gt.Tensor: _binary("gt"),
@@ -256,13 +256,13 @@ DECOMP = {
     aten.tanh.default: _unary("tanh"), aten.sigmoid.default: _unary("sigmoid"), aten.erf.default: _unary("erf"),
     aten.reciprocal.default: _unary("recip"), aten.sin.default: _unary("sin"), aten.cos.default: _unary("cos"),
     aten.floor.default: _unary("floor"), aten.ceil.default: _unary("ceil"),
-    aten.relu.default: lambda b, n, x: b.ew("max", x, 0.0),
+    aten.relu.default: lambda b, n, x: b.ew("maximum", x, 0.0),
     aten.silu.default: lambda b, n, x: b.ew("mul", x, b.ew("sigmoid", x)),
     aten.gelu.default: lambda b, n, x, approximate="none": _gelu(b, x, approximate),
     aten.pow.Tensor_Scalar: lambda b, n, x, e: _pow(b, x, e),
     aten.clamp.default: lambda b, n, x, lo=None, hi=None: _clamp(b, x, lo, hi),
-    aten.clamp_min.default: lambda b, n, x, lo: b.ew("max", x, lo),
-    aten.clamp_max.default: lambda b, n, x, hi: b.ew("min", x, hi),
+    aten.clamp_min.default: lambda b, n, x, lo: b.ew("maximum", x, lo),
+    aten.clamp_max.default: lambda b, n, x, hi: b.ew("minimum", x, hi),
     aten.hardtanh.default: lambda b, n, x, lo=-1.0, hi=1.0: _clamp(b, x, lo, hi),
     aten.leaky_relu.default: lambda b, n, x, s=0.01: b.ew("where", b.ew("gt", x, 0.0), x, b.ew("mul", x, s)),
     aten.where.self: lambda b, n, c, x, y: b.ew("where", c, x, y, type_=TYPE_OF[n.meta["val"].dtype]),
@@ -292,6 +292,8 @@ DECOMP = {
     aten.amin.default: lambda b, n, x, dims=(), keepdim=False: b.reduce("min", x, _dims(x, dims), keepdim),
     aten.any.dims: lambda b, n, x, dims=None, keepdim=False: b.reduce("max", _truth(b, x), _dims(x, dims), keepdim),
     aten.any.dim: lambda b, n, x, dim, keepdim=False: b.reduce("max", _truth(b, x), (dim,), keepdim),
+    aten.any.default: lambda b, n, x: b.reduce("max", _truth(b, x), _dims(x, None), False),
+    aten.all.default: lambda b, n, x: b.reduce("min", _truth(b, x), _dims(x, None), False),
     aten.all.dim: lambda b, n, x, dim, keepdim=False: b.reduce("min", _truth(b, x), (dim,), keepdim),
     aten.var.correction: lambda b, n, x, dims=None, correction=1, keepdim=False:
         _var(b, b.cast(x, "f"), dims, 1 if correction is None else correction, keepdim),
@@ -301,9 +303,9 @@ DECOMP = {
 
 def _clamp(b, x, lo, hi):
     if lo is not None:
-        x = b.ew("max", x, lo)
+        x = b.ew("maximum", x, lo)
     if hi is not None:
-        x = b.ew("min", x, hi)
+        x = b.ew("minimum", x, hi)
     return x
 
 

@@ -29,8 +29,8 @@ EXPR = {
     "sub": ("({0} - {1})", "({0} - {1})"),
     "mul": ("({0} * {1})", "({0} * {1})"),
     "div": ("((float){0} / (float){1})", "({0}.to(tl.float32) / {1})"),
-    "max": ("pl_max({0}, {1})", "tl.maximum({0}, {1})"),
-    "min": ("pl_min({0}, {1})", "tl.minimum({0}, {1})"),
+    "maximum": ("pl_max({0}, {1})", "tl.maximum({0}, {1})"),
+    "minimum": ("pl_min({0}, {1})", "tl.minimum({0}, {1})"),
     "neg": ("(-{0})", "(-{0})"),
     "exp": ("pl_exp({0})", "tl.exp({0})"),
     "log": ("pl_log({0})", "tl.log({0})"),
@@ -101,15 +101,24 @@ STATS = {"compiles": 0, "cache_hits": 0}
 
 
 def build(kernels, device: str = "cpu") -> None:
-    """Compile every kernel of a graph for `device` and attach a runner to each."""
-    dev = "cuda" if str(device).startswith("cuda") else "cpu"
+    """Compile every kernel of a graph for `device` and attach a runner to each.
+
+    "cpu" prints C++, "cuda" prints Triton; "triton" prints Triton for
+    whatever device the tensors are on (CPU tensors need TRITON_INTERPRET=1)."""
+    dev = "cuda" if str(device).startswith("cuda") else device
     todo = [k for k in kernels if dev not in k._compiled]
     if not todo:
         return
     if dev == "cpu":
         build_cpu(todo)
     else:
-        build_triton(todo)
+        build_triton(todo, dev)
+
+
+def runner(fk, device: str = "cpu"):
+    """The compiled callable of one kernel for `device` (built on first use)."""
+    build([fk], device)
+    return fk._compiled["cuda" if str(device).startswith("cuda") else device]
 
 
 def build_cpu(kernels) -> None:
@@ -168,7 +177,6 @@ def compile_library(text: str, so: str, sig: str) -> None:
         with open(out, "rb") as f:
             data = f.read()
     STATS["compiles"] += 1
-    # a fresh name per build: dlopen would hand back an already-loaded library of the same path
     for p in (so, sig):
         if os.path.exists(p):
             os.unlink(p)
@@ -176,7 +184,7 @@ def compile_library(text: str, so: str, sig: str) -> None:
     atomic_write(sig, hashlib.sha256(data).hexdigest().encode())
 
 
-def build_triton(kernels) -> None:
+def build_triton(kernels, dev: str = "cuda") -> None:
     from . import triton as tr
     bodies = {}
     for k in kernels:
@@ -194,7 +202,7 @@ def build_triton(kernels) -> None:
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
     for k in kernels:
-        k._compiled["cuda"] = make_runner(k, getattr(mod, tr.symbol(k)), "cuda", mod)
+        k._compiled[dev] = make_runner(k, getattr(mod, tr.symbol(k)), dev, mod)
 
 
 def make_runner(fk, fn, device: str, keepalive):
