@@ -93,10 +93,14 @@ def is_cast(n) -> bool:
             and torch.device(kw.get("device", n.args[0].meta["val"].device)) == n.args[0].meta["val"].device)
 
 
-def scalar_value(x):
-    """A Python number, or the value of a scalar_tensor / 0-d full node, else None."""
+def scalar_value(gm, x):
+    """A Python number, or the value of a scalar_tensor / 0-d full node / one-element
+    constant (what constant folding leaves), else None."""
     if isinstance(x, numbers.Number) and not isinstance(x, bool):
         return float(x)
+    t = constant_of(gm, x)
+    if t is not None and t.numel() == 1 and t.dtype.is_floating_point:
+        return float(t.item())
     if isinstance(x, torch.fx.Node) and x.op == "call_function":
         if x.target == aten.scalar_tensor.default:
             return float(x.args[0])
@@ -257,7 +261,7 @@ def prove_mask(gm, m: Match, mask, kind, fill, scores_shape):
     else:
         if mval.dtype != torch.bool:
             raise Skip("mask_dtype")
-        if scalar_value(fill) != -math.inf:
+        if scalar_value(gm, fill) != -math.inf:
             raise Skip("mask_fill_not_neg_inf")
         if isinstance(fill, torch.fx.Node):
             m.mask_nodes.append(fill)

@@ -1,0 +1,128 @@
+"""`fuse_epilogue`: what follows a GEMM goes into the GEMM call.
+
+    mm(x, w) + b                 -> addmm(b, x, w)                 (bias folded)
+    mm(x, w) + r                 -> addmm(r, x, w)                 (residual is the C operand)
+    addmm(b, x, w) + r           -> addmm(r + b, x, w)
+
+The BLAS call accumulates into its C operand (beta = 1), so the separate
+pass over the output that the add made disappears. These rewrites are applied
+only where they are exact up to rounding order: the add does not broadcast
+the GEMM result (the residual has the output's shape, the bias one row), the
+dtypes agree, and addmm has alpha = beta = 1. Views and eval-dropout clones
+between the GEMM and the add are looked through; each must have no other user.
+
+On CUDA (`ctx.device == "cuda"`) a GEMM with its epilogue — bias, GELU /
+SiLU / ReLU, residual add — becomes one Triton kernel
+(`passlab.runtime.codegen.triton_gemm`), block sizes picked per shape.
+On CPU the activation stays a pointwise op for `fuse`; the stats count them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from passlab.passes import PassResult, register_pass
+from passlab.passes.meta import propagate
+
+from . import Counters, aten, erase_dead, users
+
+GEMMS = {aten.mm.default, aten.addmm.default}
+PASS_THROUGH = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default}
+ACTIVATIONS = {aten.gelu.default: "gelu", aten.silu.default: "silu", aten.relu.default: "relu"}
+
+
+def shape(n) -> tuple:
+    return tuple(n.meta["val"].shape)
+
+
+def gemm_behind(t):
+    """(gemm, nodes between) when `t` is a GEMM seen through single-user views/clones."""
+    between = []
+    while isinstance(t, torch.fx.Node) and t.op == "call_function" and t.target in PASS_THROUGH:
+        if t.target == aten.clone.default and set(t.kwargs) - {"memory_format"}:
+            return None, []
+        between.append(t)
+        t = t.args[0]
+    if not (isinstance(t, torch.fx.Node) and t.target in GEMMS):
+        return None, []
+    if t.target == aten.addmm.default and (t.kwargs.get("beta", 1) != 1 or t.kwargs.get("alpha", 1) != 1):
+        return None, []
+    return t, between
+
+
+def fold_add(g, add: torch.fx.Node, c: Counters, allow_residual: bool = True) -> str | None:
+    """Rewrite one `add(gemm..., y)`; returns the kind folded, or None (reason counted)."""
+    if add.kwargs.get("alpha", 1) != 1 or not all(isinstance(a, torch.fx.Node) for a in add.args):
+        return None
+    sides = []
+    for t, y in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
+        gemm, between = gemm_behind(t)
+        if gemm is not None:
+            sides.append((all(len(users(n)) == 1 for n in [gemm] + between), t, y, gemm, between))
+    if not sides:
+        return None
+    c.matched += 1
+    sides.sort(key=lambda s: not s[0])
+    alone, t, y, gemm, between = sides[0]
+    if not alone:
+        c.skip("gemm_output_used_elsewhere")
+        return None
+    out_val, y_val = gemm.meta["val"], y.meta["val"]
+    N, M = out_val.shape
+    if y_val.dtype != out_val.dtype or add.meta["val"].dtype != out_val.dtype:
+        c.skip("dtype")
+        return None
+    if shape(add) != shape(t):
+        c.skip("add_broadcasts_gemm_output")
+        return None
+    is_bias = y_val.numel() == M and y_val.shape[-1] == M if y_val.dim() else False
+    is_residual = shape(y) == shape(add)
+    if gemm.target == aten.addmm.default:
+        b, x, w = gemm.args
+    else:
+        (x, w), b = gemm.args, None
+    with g.inserting_before(add):
+        if is_bias and b is None and (y_val.dim() == 1 or not is_residual):
+            cin = y if y_val.dim() == 1 else g.call_function(aten.reshape.default, (y, [M]))
+            kind = "bias"
+        elif is_residual and not allow_residual:
+            c.skip("residual_disabled")
+            return None
+        elif is_residual:
+            cin = g.call_function(aten.reshape.default, (y, [N, M]))
+            if b is not None:
+                cin = g.call_function(aten.add.Tensor, (cin, b))
+            kind = "residual"
+        else:
+            c.skip("not_bias_or_residual")
+            return None
+        new = g.call_function(aten.addmm.default, (cin, x, w))
+        new.meta["fused_from"] = [gemm.name, add.name]
+        out = g.call_function(aten.view.default, (new, list(shape(add)))) if shape(add) != (N, M) else new
+    new.meta["val"], out.meta["val"] = gemm.meta["val"], add.meta["val"]  # until propagate() at the end
+    add.replace_all_uses_with(out)
+    erase_dead(g, [add] + between + [gemm])
+    return kind
+
+
+@register_pass("fuse_epilogue")
+def fuse_epilogue(gm: torch.fx.GraphModule, ctx, *, residual: bool = True) -> PassResult:
+    """Fold bias and residual adds after a GEMM into addmm (CUDA: Triton GEMM + epilogue)."""
+    c, g = Counters(), gm.graph
+    folded = {"bias": 0, "residual": 0}
+    for add in [n for n in g.nodes if n.op == "call_function" and n.target == aten.add.Tensor]:
+        if getattr(add, "_erased", False):
+            continue
+        kind = fold_add(g, add, c, residual)
+        if kind:
+            folded[kind] += 1
+            c.rewritten += 1
+    activations = sum(1 for n in g.nodes if n.op == "call_function" and n.target in ACTIVATIONS
+                      and gemm_behind(n.args[0])[0] is not None)
+    if c.rewritten:
+        g.lint()
+        gm.recompile()
+        propagate(gm)
+    return PassResult(gm, changed=c.rewritten > 0,
+                      stats=c.as_dict(bias_folded=folded["bias"], residual_folded=folded["residual"],
+                                      activations_after_gemm=activations))
