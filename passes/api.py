@@ -7,6 +7,7 @@ the pass manager's instruments do that around every pass.
 from __future__ import annotations
 
 import inspect
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -70,15 +71,29 @@ class FunctionPass(Pass):
         doc = (description or inspect.getdoc(fn) or "").strip()
         self.description = doc.splitlines()[0] if doc else ""
         self.options = {}
+        try:  # annotations are strings under `from __future__ import annotations`
+            hints = typing.get_type_hints(fn)
+        except Exception:
+            hints = {}
         for p in list(inspect.signature(fn).parameters.values())[2:]:
             if p.default is inspect.Parameter.empty:
                 continue
-            ann = p.annotation if isinstance(p.annotation, type) else type(p.default)
-            self.options[p.name] = Option(ann, p.default)
+            self.options[p.name] = Option(option_type(hints.get(p.name, p.annotation), p.default), p.default)
 
     def run(self, gm, ctx):
         kwargs = {k: v for k, v in ctx.options.items() if k in self.options}
         return self.fn(gm, ctx, **kwargs)
+
+
+def option_type(annotation, default) -> type:
+    """The type a pipeline string converts an option to: the annotation, the
+    non-None member of `X | None`, else the default's type (str for None)."""
+    if isinstance(annotation, type) and annotation not in (type(None), inspect.Parameter.empty):
+        return annotation
+    members = [a for a in typing.get_args(annotation) if isinstance(a, type) and a is not type(None)]
+    if members:
+        return members[0]
+    return str if default is None else type(default)
 
 
 def as_result(out, gm_in: torch.fx.GraphModule) -> PassResult:

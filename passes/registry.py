@@ -70,8 +70,8 @@ def load_builtin_and_plugins() -> None:
             continue
         if not (isinstance(obj, Pass) and obj.name in _PASSES and _PASSES[obj.name] is obj):
             already = any(getattr(p, "fn", None) is obj or p is obj or type(p) is obj for p in _PASSES.values())
-            if not already:
-                register_pass(ep.name)(obj)
+            if not already:  # a Pass keeps its own name; a plain function takes the entry point's
+                register_pass(getattr(obj, "name", None) or ep.name)(obj)
 
 
 def get_pass(name: str) -> Pass:

@@ -1,5 +1,7 @@
 """Pass infrastructure: pipeline parser, pass manager rollback, CLI exit codes,
 plugins installed as real packages, and the `new-pass` scaffold."""
+from __future__ import annotations    # option types must come from string annotations too
+
 import importlib.util
 import json
 import os
@@ -178,14 +180,16 @@ def test_pass_options_reach_the_pass(mlp):
     seen = {}
 
     @register_pass("t_options")
-    def with_options(gm, ctx, *, depth: int = 1, mode: str = "fast", on: bool = False):
-        seen.update(depth=depth, mode=mode, on=on)
+    def with_options(gm, ctx, *, depth: int = 1, mode: str = "fast", on: bool = False,
+                     limit: int | None = None, ratio: float = 1, tag=None):
+        seen.update(depth=depth, mode=mode, on=on, limit=limit, ratio=ratio, tag=tag)
         return gm
     try:
-        assert get_pass("t_options").options["depth"].type is int
+        types = {k: o.type for k, o in get_pass("t_options").options.items()}
+        assert types == {"depth": int, "mode": str, "on": bool, "limit": int, "ratio": float, "tag": str}
         s, gm = mlp
-        manager(s, "t_options(depth=3,on=yes)").run(gm, PassContext(sample=s))
-        assert seen == {"depth": 3, "mode": "fast", "on": True}
+        manager(s, "t_options(depth=3,on=yes,limit=16,ratio=0.5)").run(gm, PassContext(sample=s))
+        assert seen == {"depth": 3, "mode": "fast", "on": True, "limit": 16, "ratio": 0.5, "tag": None}
         with pytest.raises(PipelineError, match="'maybe' is not a valid bool"):
             parse("t_options(on=maybe)")
     finally:
@@ -219,6 +223,7 @@ def test_installed_plugin_passes_are_listed(plugin_site):
     r = passlab(plugin_site, "list", "passes")
     assert r.returncode == 0, r.stderr
     assert "recompose_silu" in r.stdout and "bad_pass" in r.stdout and "dce" in r.stdout
+    assert "cheaper_gelu" not in r.stdout        # a Pass keeps its own name, whatever the entry point says
     assert "plugin 'broken_plugin'" in r.stderr and "failed to load" in r.stderr   # warned, not fatal
 
 
