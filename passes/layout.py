@@ -31,6 +31,9 @@ import torch
 import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from passlab.graphs import clone
+from passlab.runtime.opclass import OpClass, op_class
+
 from .api import PassResult
 from .meta import fake_mode_of, propagate
 from .registry import register_pass
@@ -120,7 +123,7 @@ def count_conversions(gm: torch.fx.GraphModule, device: str = "cpu") -> Conversi
     """
     c = Conversions()
     for n in gm.graph.nodes:
-        if n.op != "call_function":
+        if n.op != "call_function" or not n.users:     # dead code moves nothing
             continue
         out = tensor_val(n)
         src = tensor_val(n.args[0]) if n.args else None
@@ -249,34 +252,46 @@ def permutation(node) -> list[int] | None:
 
 
 def cancel_transposes(gm) -> tuple[int, int]:
-    """permute(permute(x, p), q) -> x when q undoes p, else one permute; identity
+    """permute(permute(x, p), q) -> x when q undoes p, else one permute; also
+    through one unary pointwise op (permute(relu(permute(x)))) -> relu(x)); identity
     permutes vanish. Returns (cancelled, composed)."""
     cancelled = composed = 0
     for n in list(gm.graph.nodes):
-        if n.op != "call_function" or n.target not in PERMUTES:
+        if n.op != "call_function" or n.target not in PERMUTES or (q := permutation(n)) is None:
             continue
-        q = permutation(n)
-        src = n.args[0]
-        if q is None:
-            continue
-        if isinstance(src, torch.fx.Node) and src.op == "call_function" and src.target in PERMUTES:
-            p = permutation(src)
-            if p is None:
-                continue
+        src, between = n.args[0], None
+        if unary_pointwise(src) and len(src.users) == 1 and src.args[0].target in PERMUTES:
+            src, between = src.args[0], src
+        if src.op == "call_function" and src.target in PERMUTES and (p := permutation(src)) is not None:
             q, src = [p[i] for i in q], src.args[0]
-        elif q != list(range(len(q))):
+        elif q != list(range(len(q))) or between is not None:
             continue
-        if q == list(range(len(q))):
-            n.replace_all_uses_with(src)
+        if q != list(range(len(q))) and between is not None:
+            continue
+        g = gm.graph
+        with g.inserting_before(n):
+            if between is not None:
+                new = g.call_function(between.target, (src, *between.args[1:]), dict(between.kwargs))
+                new.meta.update(between.meta)
+            elif q == list(range(len(q))):
+                new = src
+            else:
+                new = g.call_function(aten.permute.default, (src, q))
+                new.meta.update(n.meta)
+        n.replace_all_uses_with(new)
+        if new is src or between is not None:
             cancelled += 1
         else:
             composed += 1
-            with gm.graph.inserting_before(n):
-                new = gm.graph.call_function(aten.permute.default, (src, q))
-            new.meta.update(n.meta)
-            n.replace_all_uses_with(new)
         erase_dead(gm, n)
     return cancelled, composed
+
+
+def unary_pointwise(node) -> bool:
+    """A pointwise op of one tensor (the rest scalars): it commutes with a permute."""
+    return (isinstance(node, torch.fx.Node) and op_class(node) is OpClass.POINTWISE and bool(node.args) and
+            isinstance(node.args[0], torch.fx.Node) and
+            not any(isinstance(a, torch.fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())))
 
 
 def erase_dead(gm, node) -> None:
@@ -285,7 +300,8 @@ def erase_dead(gm, node) -> None:
     while todo:
         n = todo.pop()
         if n.users or n.op != "call_function" or not (n.target in PERMUTES or n.target in VIEWS or
-                                                    n.target in COPIES or n.target is aten.expand.default):
+                                                    n.target in COPIES or unary_pointwise(n) or
+                                                    n.target is aten.expand.default):
             continue
         srcs = n.all_input_nodes
         gm.graph.erase_node(n)
@@ -410,11 +426,21 @@ def layout(gm: torch.fx.GraphModule, ctx, *, channels_last: bool = True, transpo
                    "explicit_before": before.explicit, "implicit_before": before.implicit}
     if transposes:
         stats["transposes_cancelled"], stats["transposes_composed"] = cancel_transposes(gm)
+        gm.recompile()
+        propagate(gm)
     convs = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is CONV]
     if channels_last and convs:
         dtype = next((v.dtype for n in convs if (v := tensor_val(n)) is not None), torch.float32)
         if prefers_channels_last(device, dtype):
-            stats.update(to_channels_last(gm, original, contiguous_outputs))
+            trial = clone(gm)
+            trial_original = layouts(trial)
+            made = to_channels_last(trial, trial_original, contiguous_outputs)
+            now, then = count_conversions(gm, device), count_conversions(trial, device)
+            if (then.total, then.bytes) < (now.total, now.bytes):
+                gm, original = trial, trial_original
+                stats.update(made)
+            else:
+                stats["skipped"] = {"channels_last_no_gain": len(convs)}
         else:
             stats["skipped"] = {"device_prefers_nchw": len(convs)}
     if copies:
