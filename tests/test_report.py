@@ -1,0 +1,199 @@
+"""The HTML report: built from a real pipeline run (with a fused kernel), self-
+contained, and checked in headless Chromium (no console errors, every drawing
+rendered, a non-blank screenshot)."""
+import os
+import re
+import shutil
+import struct
+import subprocess
+import zlib
+
+import pytest
+
+from passlab.graphs import capture, clone, load
+from passlab.passes import PassManager, parse, register_pass, unregister_pass
+from passlab.tools import draw, record as records, report
+from passlab.tools.runner import Run, context
+from test_draw import fake_fuse
+
+CHROMIUM = shutil.which("chromium") or (os.path.exists("/usr/bin/chromium") and "/usr/bin/chromium")
+needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` is not installed")
+browser = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def run_with_fusion():
+    """mlp through cleanup and a fusion step (the fusion engine's interface),
+    with the measured numbers a measured run would add."""
+    @register_pass("test_report_fuse")
+    def fuse_two(gm, ctx):
+        fake_fuse(gm, ["addmm", "gelu"], "k_addmm_gelu")
+        return gm
+
+    @register_pass("test_report_noop")
+    def noop(gm, ctx):
+        return gm
+
+    try:
+        sample = load("mlp", "tiny")
+        gm = capture(sample.module, sample.example_inputs)
+        result = PassManager(parse("cse,test_report_fuse,test_report_noop")).run(gm, context(sample, "cpu"))
+    finally:
+        unregister_pass("test_report_fuse")
+        unregister_pass("test_report_noop")
+    assert [s.status for s in result.steps] == ["ok", "ok", "ok"]
+    tp = [1000.0, 1000.0, 1250.0, 1240.0]
+    measured = {"baseline": {"throughput": tp[0], "ci_low": 980.0, "ci_high": 1020.0, "unit": "samples/s",
+                             "median_s": 8e-3, "bound_s": 2e-3, "percent_of_bound": 25.0}}
+    for i in range(3):
+        measured[i] = {"throughput": tp[i + 1], "ci_low": tp[i + 1] * 0.97, "ci_high": tp[i + 1] * 1.03,
+                       "unit": "samples/s", "median_s": 8e-3 / (tp[i + 1] / 1000), "bound_s": 1.8e-3,
+                       "percent_of_bound": 1.8e-3 / (8e-3 / (tp[i + 1] / 1000)) * 100}
+    timeline = [{"name": "forward", "ph": "X", "ts": 0, "dur": 800, "pid": r, "tid": 0, "cat": "compute"}
+                for r in range(2)] + \
+               [{"name": "all_reduce", "ph": "X", "ts": 800 + 50 * r, "dur": 300, "pid": r, "tid": 1, "cat": "comm"}
+                for r in range(2)]
+    extra = {"shapley": {"cse": 0.0, "test_report_fuse": 0.25, "test_report_noop": -0.01}, "interaction": -0.02,
+             "ablation": {"cse": 1.0, "test_report_fuse": 1.22, "test_report_noop": 0.99},
+             "peers": {"eager": {"throughput": 1100.0, "settings": "torch.no_grad()"},
+                       "torch.compile": {"throughput": 1400.0, "settings": "default"}},
+             "timeline": timeline}
+    rec = records.build(model="mlp", preset="tiny", device="cpu", pipeline=["cse", "test_report_fuse", "test_report_noop"],
+                        baseline=result.baseline, steps=result.steps, measured=measured, extra=extra)
+    return Run(rec, result, sample, result.gm)
+
+
+@pytest.fixture(scope="module")
+def written(run_with_fusion, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    path = report.write(run_with_fusion.record, run_with_fusion, str(out))
+    return path, open(path, encoding="utf-8").read()
+
+
+def top_level_svgs(text: str) -> list[str]:
+    return re.findall(r'<svg[^>]*\bid="([^"]+)"', text)
+
+
+@needs_dot
+def test_report_has_every_part(written, run_with_fusion):
+    path, text = written
+    assert path.endswith("index.html") and os.path.exists(os.path.join(os.path.dirname(path), "run.json"))
+    ids = top_level_svgs(text)
+    for chart in ("waterfall", "shapley", "ablation", "peers", "roofline", "timeline"):
+        assert chart in ids, chart
+    assert "interaction" in text and ">1.250×<" in text    # the fused step's bar is labelled with its speedup
+    # before/after drawings of the two passes that changed the graph, the captured one, nothing for the no-op
+    changed = [s["changed"] for s in run_with_fusion.record["steps"]]
+    assert changed == [False, True, False]
+    assert {"g0", "g2b", "g2a"} <= set(ids) and not {"g1b", "g3b"} & set(ids)
+    assert "The pass left the graph as it was." in text
+    assert "digraph" not in text                               # DOT is rendered, not pasted
+    assert "⚡ k_addmm_gelu" in text                           # the fused group's cluster label in the SVG
+    assert 'id="kernel-k_addmm_gelu"' in text and "// k_addmm_gelu: addmm, gelu" in text   # kernel source
+    assert "rank 0" in text and "rank 1" in text
+
+
+def test_report_is_self_contained(written):
+    _, text = written
+    assert not re.search(r'<(script|img|link|iframe)[^>]+(src|href)=', text), "no external resources"
+    assert not re.search(r'url\((?!#)', text)
+    assert "http://" not in re.sub(r'xmlns(:\w+)?="http://[^"]+"', "", text).replace("http://www.w3.org", "")
+
+
+@needs_dot
+def test_report_without_run_or_measurement(run_with_fusion, tmp_path):
+    rec = dict(run_with_fusion.record)
+    rec["baseline"] = dict(rec["baseline"], throughput=None)
+    rec["steps"] = [dict(s, throughput=None, speedup_vs_prev=None) for s in rec["steps"]]
+    rec.update(shapley=None, interaction=None, ablation=None, peers=None, timeline=None, final_speedup=None)
+    text = open(report.write(rec, None, str(tmp_path))).read()
+    assert "No graph snapshots" in text and "not measured" in text
+    assert "kernel launches (static estimate)" in text, "the waterfall falls back to labelled estimates"
+    assert "--shapley" in text
+
+
+@needs_dot
+def test_large_graphs_collapse_to_the_same_depth(monkeypatch):
+    s = load("transformer", "tiny")
+    before = capture(s.module, s.example_inputs)
+    after = clone(before)
+    monkeypatch.setattr(report, "GRAPH_MAX_NODES", 40)
+    html, note = report.graph_pair(before, after, "x", "before", "after")
+    assert "collapsed to module depth" in note
+    depths = re.findall(r"collapsed to module depth (\d+)", html)
+    assert len(set(depths)) == 1 and len(depths) >= 2
+
+
+def test_cli_report_prints_index_path(tmp_path, capsys):
+    from passlab.tools import cli
+    rc = cli.main(["run", "mlp", "--no-measure", "--pipeline", "dce", "--report", str(tmp_path / "rep")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert f"wrote {tmp_path / 'rep' / 'index.html'}" in err
+
+
+# ---------------------------------------------------------------- headless Chromium
+
+def chromium(*args, tmp) -> subprocess.CompletedProcess:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def page_problems(path: str, tmp) -> tuple[dict, list[str]]:
+    """The <body> attributes the page's self-check set, and console errors."""
+    p = chromium("--dump-dom", "--enable-logging=stderr", "--v=0", "file://" + path, tmp=tmp)
+    body = re.search(r"<body([^>]*)>", p.stdout)
+    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1))) if body else {}
+    console = [line for line in p.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+    return attrs, console
+
+
+def png_size_and_colours(path: str) -> tuple[int, int, int]:
+    """Width, height and the number of distinct byte values in the decoded
+    scanlines: a blank (one-colour) page has a handful whatever the filters."""
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, w, h = 8, b"", 0, 0
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        chunk = data[pos + 8:pos + 8 + n]
+        if kind == b"IHDR":
+            w, h = struct.unpack(">II", chunk[:8])
+        elif kind == b"IDAT":
+            idat += chunk
+        pos += 12 + n
+    return w, h, len(set(zlib.decompress(idat)))
+
+
+@browser
+@needs_dot
+@pytest.mark.skipif(not CHROMIUM, reason="chromium is not installed")
+def test_report_renders_in_chromium(written, tmp_path):
+    path, text = written
+    attrs, console = page_problems(path, tmp_path / "profile")
+    assert attrs.get("data-ok") == "1", attrs.get("data-errors")
+    assert int(attrs["data-drawings"]) >= len(top_level_svgs(text))
+    assert console == []
+    shot = str(tmp_path / "shot.png")
+    chromium(f"--screenshot={shot}", "--window-size=1280,2000", "file://" + path, tmp=tmp_path / "profile")
+    w, h, colours = png_size_and_colours(shot)
+    assert (w, h) == (1280, 2000) and colours > 64
+
+
+@browser
+@pytest.mark.skipif(not CHROMIUM, reason="chromium is not installed")
+def test_browser_check_catches_a_broken_page(tmp_path):
+    js = open(os.path.join(report.ASSETS, "report.js")).read()
+    bad = tmp_path / "bad.html"
+    bad.write_text(f'<html><body><img src="missing.png" alt="gone"><svg width="0" height="0"></svg>'
+                   f'<script>{js}</script><script>throw new Error("boom")</script></body></html>')
+    attrs, console = page_problems(str(bad), tmp_path / "profile")
+    assert attrs.get("data-ok") == "0" and "img gone" in attrs.get("data-errors", "")
+    assert any("boom" in line for line in console)
+    blank = tmp_path / "blank.html"
+    blank.write_text("<html><body style='background:#fff'></body></html>")
+    shot = str(tmp_path / "blank.png")
+    chromium(f"--screenshot={shot}", "--window-size=320,200", "file://" + str(blank), tmp=tmp_path / "profile")
+    assert png_size_and_colours(shot)[2] <= 64
