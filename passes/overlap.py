@@ -160,3 +160,403 @@ def overlap_reorder(gm: torch.fx.GraphModule, ctx, *, link: str = "", device: st
                      "exposed_comm_us_after": round(after.exposed_comm_s * 1e6, 2),
                      "step_us_before": round(before.step_s * 1e6, 2),
                      "step_us_after": round(after.step_s * 1e6, 2)}})
+
+
+# ---------------------------------------------------------------- chunking
+#
+# A chunk layout says how a tensor splits into k independent pieces: each dim
+# is a group of factors (size, is_chunk) whose product is the dim's size, and
+# exactly one factor, somewhere, is the chunk axis. Chunk j of the tensor keeps
+# the indices of the chunk axis in [j*c/k, (j+1)*c/k). A rule per op says
+# whether the op computes chunk j of its output from chunk j of its inputs
+# alone, and with which output layout; rows of a GEMM, elements of a pointwise
+# op, blocks of a collective are such axes, a GEMM's contraction is not.
+
+aten = torch.ops.aten
+c10d = getattr(torch.ops, "_c10d_functional", None)
+
+
+def dims_of(shape, chunk_dim: int, inner: int):
+    """Layout of `shape` with chunk axis the inner `inner` of dim `chunk_dim`."""
+    out = []
+    for d, s in enumerate(shape):
+        if d != chunk_dim:
+            out.append(((int(s), False),))
+        else:
+            outer = int(s) // inner
+            out.append(((outer, False), (inner, True)) if outer > 1 else ((inner, True),))
+    return tuple(out)
+
+
+def flat(layout):
+    return [f for dim in layout for f in dim]
+
+
+def chunk_size(layout) -> int:
+    return next(s for s, ch in flat(layout) if ch)
+
+
+def chunked_shape(layout, c: int) -> list[int]:
+    return [int(torch.Size([c if ch else s for s, ch in dim]).numel()) for dim in layout]
+
+
+def full_shape(layout) -> list[int]:
+    return [int(torch.Size([s for s, _ in dim]).numel()) for dim in layout]
+
+
+def chunk_dim(layout) -> int:
+    return next(d for d, dim in enumerate(layout) if any(ch for _, ch in dim))
+
+
+def regroup(layout, shape):
+    """The layout of a reshape of `layout` to `shape`, or None where the
+    reshape would cut the chunk axis."""
+    fs = [f for f in flat(layout) if f[0] != 1 or f[1]]
+    out, i = [], 0
+    for s in shape:
+        group, need = [], int(s)
+        while need > 1:
+            if i >= len(fs):
+                return None
+            size, ch = fs[i]
+            if need % size == 0:
+                group.append(fs[i])
+                need //= size
+                i += 1
+            elif not ch and size % need == 0:
+                group.append((need, False))
+                fs[i] = (size // need, False)
+                need = 1
+            else:
+                return None
+        out.append(tuple(group))
+    return tuple(out) if i == len(fs) else None
+
+
+def split_leading(layout, w: int):
+    """Dim 0 of `layout` as (the factors of the w per-rank blocks, the factors
+    within a block), or None where the chunk axis would cross blocks."""
+    if w == 1:
+        return (), layout[0]
+    parts = regroup((layout[0],), [w, full_shape((layout[0],))[0] // w])
+    if parts is None or any(ch for _, ch in parts[0]):
+        return None
+    return parts
+
+
+def shape_of(node) -> list[int] | None:
+    v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return list(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+class Chunking:
+    """The region of nodes that can run as k chunks from a seed tensor, with
+    each node's layout; `entries` are outside tensors to slice, with their layout."""
+
+    def __init__(self, graph: torch.fx.Graph, seed: torch.fx.Node, layout):
+        self.seed = seed
+        self.layout = {seed: layout}
+        self.region: list[torch.fx.Node] = []
+        self.entries: dict = {seed: layout}
+        self.pending_entries: dict = {}
+        started = False
+        for n in graph.nodes:
+            if n is seed:
+                started = True
+                continue
+            if not started or n.op != "call_function" or not any(a in self.layout for a in n.all_input_nodes):
+                continue
+            self.pending_entries = {}
+            out = self.rule(n)
+            if out is not None:
+                self.layout[n] = out
+                self.region.append(n)
+                self.entries.update(self.pending_entries)
+        self.prune()
+
+    def prune(self):
+        """A collective's wait must run in the same chunk: drop collectives
+        whose wait stayed outside, and what follows them."""
+        inside = set(self.region)
+        bad = {n for n in self.region if collective_kind(n) not in (None, "wait") and any(u not in inside for u in n.users)}
+        if not bad:
+            return
+        for n in self.region:
+            if any(a in bad for a in n.all_input_nodes):
+                bad.add(n)
+        self.region = [n for n in self.region if n not in bad]
+        for n in bad:
+            del self.layout[n]
+
+    # -- the rules
+
+    def inside(self, a):
+        return isinstance(a, torch.fx.Node) and a in self.layout
+
+    def outside_ok(self, a, layout) -> bool:
+        """An outside tensor next to a chunked one: broadcast along the chunk
+        axis (nothing to slice) or the same shape (sliced like it)."""
+        shape = shape_of(a)
+        if shape is None:
+            return not isinstance(a, torch.fx.Node)
+        full = full_shape(layout)
+        d = chunk_dim(layout) - (len(full) - len(shape))
+        if d < 0 or shape[d] == 1:
+            return True
+        if shape == full:
+            self.pending_entries[a] = layout
+            return True
+        return False
+
+    def rule(self, n):
+        if n.is_impure() and n.target is not aten._assert_tensor_metadata.default and collective_kind(n) is None:
+            return None
+        for key in (n.target, getattr(n.target, "overloadpacket", None)):
+            fn = RULES.get(key)
+            if fn is not None:
+                return fn(self, n)
+        from passlab.runtime.opclass import OpClass, op_class
+        if op_class(n) == OpClass.POINTWISE:
+            return self.pointwise(n)
+        return None
+
+    def pointwise(self, n):
+        ins = [a for a in n.all_input_nodes if a in self.layout]
+        lay = self.layout[ins[0]]
+        if any(self.layout[a] != lay for a in ins) or shape_of(n) != full_shape(lay):
+            return None
+        for a in list(n.args) + list(n.kwargs.values()):
+            if isinstance(a, (list, tuple)) and any(isinstance(x, torch.fx.Node) for x in a):
+                return None
+            if isinstance(a, torch.fx.Node) and a not in self.layout and not self.outside_ok(a, lay):
+                return None
+        return lay
+
+    def view(self, n):
+        if n.args[0] not in self.layout:
+            return None
+        return regroup(self.layout[n.args[0]], shape_of(n))
+
+    def permute(self, n):
+        lay = self.layout.get(n.args[0])
+        rank = len(lay)
+        if n.target == aten.t.default:
+            perm = [1, 0] if rank == 2 else [0]
+        elif n.target == aten.transpose.int:
+            perm = list(range(rank))
+            a, b = n.args[1] % rank, n.args[2] % rank
+            perm[a], perm[b] = perm[b], perm[a]
+        else:
+            perm = [p % rank for p in n.args[1]]
+        return tuple(lay[p] for p in perm)
+
+    def gemm(self, n):
+        """mm/bmm/addmm: chunk axis in the rows of the left operand or the
+        columns of the right one; the other operand whole."""
+        bias, a, b = (n.args[0], n.args[1], n.args[2]) if n.target == aten.addmm.default else (None, *n.args[:2])
+        if self.inside(a) == self.inside(b):
+            return None
+        rank = len(shape_of(n))
+        if self.inside(a):
+            la = self.layout[a]
+            if chunk_dim(la) != rank - 2:
+                return None
+            out = la[:-1] + (((shape_of(b)[-1], False),),)
+        else:
+            lb = self.layout[b]
+            if chunk_dim(lb) != rank - 1:
+                return None
+            out = ((((shape_of(a)[0], False),),) if rank == 2 else None)
+            if out is None:
+                return None
+            out = out + (lb[-1],)
+        if bias is not None and (self.inside(bias) or not self.outside_ok(bias, out)):
+            return None
+        return out
+
+    def same(self, n):
+        return self.layout.get(n.args[0])
+
+    def wait(self, n):
+        return self.layout[n.args[0]] if n.args[0] in self.region else None
+
+    def no_output(self, n):
+        return () if n.args[1] is None and n.args[2] is None else None
+
+    def all_to_all(self, n):
+        sizes = n.args[1]
+        lay = self.layout.get(n.args[0])
+        if lay is None or not isinstance(sizes, (list, tuple)) or len(set(sizes)) > 1 or list(sizes) != list(n.args[2]):
+            return None
+        parts = split_leading(lay, len(sizes))
+        return None if parts is None else (parts[0] + parts[1],) + lay[1:]
+
+    def all_gather(self, n):
+        lay = self.layout.get(n.args[0])
+        return None if lay is None else (((int(n.args[1]), False),) + lay[0],) + lay[1:]
+
+    def reduce_scatter(self, n):
+        lay = self.layout.get(n.args[0])
+        parts = split_leading(lay, int(n.args[2])) if lay is not None else None
+        return None if parts is None else (parts[1],) + lay[1:]
+
+
+RULES = {aten.view.default: Chunking.view, aten._unsafe_view.default: Chunking.view,
+         aten.reshape.default: Chunking.view, aten.unsqueeze.default: Chunking.view,
+         aten.squeeze.dim: Chunking.view, aten.squeeze.dims: Chunking.view,
+         aten.permute.default: Chunking.permute, aten.transpose.int: Chunking.permute,
+         aten.t.default: Chunking.permute,
+         aten.mm.default: Chunking.gemm, aten.bmm.default: Chunking.gemm, aten.addmm.default: Chunking.gemm,
+         aten._assert_tensor_metadata.default: Chunking.no_output}
+if c10d is not None:
+    RULES.update({c10d.wait_tensor.default: Chunking.wait, c10d.all_reduce.default: Chunking.same,
+                  c10d.all_to_all_single.default: Chunking.all_to_all,
+                  c10d.all_gather_into_tensor.default: Chunking.all_gather,
+                  c10d.reduce_scatter_tensor.default: Chunking.reduce_scatter})
+
+
+def rewrite(gm: torch.fx.GraphModule, ch: Chunking, k: int) -> torch.fx.GraphModule:
+    """A new graph in which every region node runs k times, once per chunk;
+    entries are sliced before their first use, region values read outside are
+    concatenated back before theirs."""
+    step = chunk_size(ch.layout[ch.seed]) // k
+    graph = torch.fx.Graph()
+    env: dict = {}
+    copies: dict = {}
+    sliced: dict = {}
+
+    def axis(layout):
+        return next(i for i, (_, c) in enumerate(flat(layout)) if c)
+
+    def full(a):
+        if a not in env:                                   # a region value read outside: concatenate
+            lay = ch.layout[a]
+            sizes, ax = [s for s, _ in flat(lay)], axis(lay)
+            parts = [graph.call_function(aten.view.default, (copies[a][j], sizes[:ax] + [step] + sizes[ax + 1:]))
+                     for j in range(k)]
+            cat = graph.call_function(aten.cat.default, (parts, ax))
+            env[a] = graph.call_function(aten.view.default, (cat, full_shape(lay)))
+        return env[a]
+
+    def piece(a, j):
+        if a in copies:
+            return copies[a][j]
+        if a not in sliced:                                # an entry: slice it once, k pieces
+            lay = ch.entries[a]
+            sizes, ax = [s for s, _ in flat(lay)], axis(lay)
+            v = graph.call_function(aten.view.default, (full(a), sizes))
+            sliced[a] = []
+            for i in range(k):
+                s = graph.call_function(aten.slice.Tensor, (v, ax, i * step, (i + 1) * step))
+                s = graph.call_function(aten.clone.default, (s,), {"memory_format": torch.contiguous_format})
+                sliced[a].append(graph.call_function(aten.view.default, (s, chunked_shape(lay, step))))
+        return sliced[a][j]
+
+    region = set(ch.region)
+    for n in gm.graph.nodes:
+        if n not in region:
+            env[n] = graph.node_copy(n, full)
+            continue
+        copies[n] = []
+        for j in range(k):
+            args = torch.fx.map_arg(n.args, lambda a: piece(a, j) if a in ch.layout or a in ch.entries else full(a))
+            kwargs = torch.fx.map_arg(n.kwargs, lambda a: piece(a, j) if a in ch.layout or a in ch.entries else full(a))
+            if RULES.get(n.target) is Chunking.view:
+                args = (args[0], chunked_shape(ch.layout[n], step)) + tuple(args[2:])
+            elif c10d is not None and n.target == c10d.all_to_all_single.default:
+                w = len(n.args[1])
+                per = chunked_shape(ch.layout[n], step)[0] // w
+                args = (args[0], [per] * w, [per] * w) + tuple(args[3:])
+            new = graph.call_function(n.target, args, kwargs)
+            new.meta.update({key: v for key, v in n.meta.items() if key != "val"})
+            new.meta["overlap_chunk"] = (n.name, j, k)
+            copies[n].append(new)
+    graph._codegen = gm.graph._codegen
+    out = torch.fx.GraphModule(gm, graph)
+    out.meta.update(gm.meta)
+    from .meta import propagate
+    propagate(out)
+    return out
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(2, n + 1) if n % d == 0]
+
+
+def candidates(gm, coll, est, depth: int = 16) -> list[Chunking]:
+    """Chunkings whose region holds `coll`: seeds on the chain of first
+    inputs above it, every dim, every inner factor; ranked by the compute
+    they put in flight beside the transfer."""
+    chain, a = [], coll.args[0]
+    while isinstance(a, torch.fx.Node) and len(chain) < depth:
+        chain.append(a)
+        if a.op != "call_function":
+            break
+        a = next((x for x in a.args if isinstance(x, torch.fx.Node)), None)
+    found, seen = [], set()
+    for seed in chain:
+        shape = shape_of(seed)
+        for d, size in enumerate(shape or []):
+            for inner in reversed(divisors(int(size))):
+                ch = Chunking(gm.graph, seed, dims_of(shape, d, inner))
+                if coll not in ch.layout:
+                    continue
+                key = (frozenset(ch.region), inner)
+                if key in seen:
+                    continue
+                seen.add(key)
+                work = sum(est.compute(n) for n in ch.region)
+                found.append((-work, -sum(1 for n in ch.region if n in set(collectives(ch.region))), -inner,
+                              len(found), ch))
+    return [c[-1] for c in sorted(found, key=lambda c: c[:4])]
+
+
+def scheduled(gm, est):
+    apply_order(gm.graph, schedule(gm.graph, est))
+    gm.graph.lint()
+    gm.recompile()
+    return gm, replay(gm, est)
+
+
+@register_pass("overlap_chunk")
+def overlap_chunk(gm: torch.fx.GraphModule, ctx, *, k: int = 0, link: str = "", device: str = "",
+                  world: int = 0, candidates_per_collective: int = 3) -> PassResult:
+    """Split collectives and the compute that depends on them into k chunks (k=0: chosen by the cost model) so chunk i's compute hides chunk i+1's transfer."""
+    est = estimator(ctx, link, device, world)
+    if not collectives(gm.graph.nodes):
+        return PassResult(gm, False, {"collectives": 0})
+    before = replay(gm, est)
+    gm, current = scheduled(gm, est)
+    split, ks, skipped = 0, {}, {}
+    for name in [c.name for c in collectives(gm.graph.nodes)]:
+        coll = next((n for n in gm.graph.nodes if n.name == name), None)
+        if coll is None or "overlap_chunk" in coll.meta:       # already split with an earlier one
+            continue
+        best = None
+        for ch in candidates(gm, coll, est)[:candidates_per_collective]:
+            size = chunk_size(ch.layout[ch.seed])
+            for kk in ([k] if k else [2, 4, 8]):
+                if size % kk or kk < 2:
+                    continue
+                new, sim = scheduled(rewrite(gm, ch, kk), est)
+                if best is None or sim.step_s < best[1].step_s:
+                    best = (new, sim, kk, ch)
+        if best is None:
+            skipped["no chunkable region" if k == 0 else f"no region divisible by k={k}"] = \
+                skipped.get("no chunkable region", 0) + 1
+            continue
+        if not k and best[1].step_s >= current.step_s * 0.99:
+            skipped["no estimated gain"] = skipped.get("no estimated gain", 0) + 1
+            continue
+        gm, current = best[0], best[1]
+        split += sum(1 for n in best[3].region if collective_kind(n) not in (None, "wait"))
+        ks[coll.name] = best[2]
+    stats = {"collectives": len(collectives(gm.graph.nodes)), "split": split, "k": ks,
+             "estimate": {"world": est.world, "link": est.link.name,
+                          "exposed_comm_us_before": round(before.exposed_comm_s * 1e6, 2),
+                          "exposed_comm_us_after": round(current.exposed_comm_s * 1e6, 2),
+                          "step_us_before": round(before.step_s * 1e6, 2),
+                          "step_us_after": round(current.step_s * 1e6, 2)}}
+    if skipped:
+        stats["skipped"] = skipped
+    return PassResult(gm, None, stats)
