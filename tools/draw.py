@@ -48,8 +48,9 @@ MARKS = {  # how diff marks look: border colour, style, tooltip prefix
     "removed": ("#c0392b", "dashed", "removed by this pass"),
     "fused": ("#d35400", "bold", "made by fusion"),
     "fused_into": ("#d35400", "dashed", "fused by this pass"),
+    "changed": ("#8e44ad", "bold", "module changed by this pass"),
 }
-MARK_WORDS = {"added": "added", "removed": "removed", "fused": "in new kernels", "fused_into": "fused away"}
+MARK_WORDS = {"added": "added", "removed": "removed", "fused": "new fused", "fused_into": "fused away"}
 FUSED_CLUSTER = ("#fffbe6", "#c9a100")
 EXPAND_FUSED_MAX = 48   # a fused group with more inner ops is drawn as one box
 DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
@@ -351,11 +352,13 @@ class Builder:
 
 def build(gm: torch.fx.GraphModule, *, depth: int | None = None, title: str | None = None,
           marks: dict[str, str] | None = None, params: bool = True, expand_fused: bool = True,
-          max_nodes: int | None = 250, ghosts: torch.fx.GraphModule | None = None) -> Drawing:
+          max_nodes: int | None = 250, ghosts: torch.fx.GraphModule | None = None,
+          origin: torch.fx.GraphModule | None = None) -> Drawing:
     """The drawing model of `gm`. depth None: collapse only when more than
     `max_nodes` boxes would be drawn, to the deepest module level that fits."""
     b = Builder(gm, marks or {}, params, expand_fused)
     b.build()
+    place_stackless(b, gm, origin if origin is not None else ghosts)
     if ghosts is not None:
         add_ghosts(b, ghosts, marks or {})
     items, edges = list(b.items.values()), b.edges
@@ -366,6 +369,21 @@ def build(gm: torch.fx.GraphModule, *, depth: int | None = None, title: str | No
     if depth is not None:
         d = collapse(d, depth)
     return d
+
+
+def place_stackless(b: Builder, gm: torch.fx.GraphModule, origin: torch.fx.GraphModule | None) -> None:
+    """Nodes a pass made without `nn_module_stack` go to the module of what
+    they replaced (`fused_from`, looked up in `origin`) or else of their
+    neighbours, so that collapsing keeps them with their module."""
+    old = {n.name: module_stack(n) for n in origin.graph.nodes} if origin is not None else {}
+    for node in gm.graph.nodes:
+        item = b.items.get(node.name)
+        if item is None or item.stack or item.kind in ("placeholder", "output", "param"):
+            continue
+        stacks = [old[o] for o in node.meta.get("fused_from") or [] if old.get(o)]
+        if not stacks:
+            stacks = [module_stack(n) for n in list(node.all_input_nodes) + list(node.users) if module_stack(n)]
+        item.stack = common_prefix(stacks)
 
 
 def add_ghosts(b: Builder, before: torch.fx.GraphModule, marks: dict[str, str]) -> None:
@@ -447,7 +465,7 @@ def collapse(d: Drawing, depth: int) -> Drawing:
             label += "\n" + ", ".join(f"{c} {MARK_WORDS[k]}" for k, c in marks.items())
         tip = f"module {path} ({typ}), collapsed at depth {depth}\n" + \
               ", ".join(f"{o}×{c}" for o, c in ops.most_common()) + (f"\ntop: {top}" if top else "")
-        mark = max(marks, key=marks.get) if marks else None
+        mark = "changed" if marks else None
         items.append(Item(f"module:{path}", label, tip, "module", (), mark=mark,
                           layout=any(m.layout for m in ms), ops=list(ops.elements())))
     seen, edges = {}, []

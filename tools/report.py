@@ -151,7 +151,7 @@ def hbars_svg(rows: list[tuple[str, float, str, str]], fmt_value, center: float 
     lo = min(center, *(v for _, v, _, _ in rows))
     hi = max(center, *(v for _, v, _, _ in rows))
     span = (hi - lo) or 1.0
-    lw, bw, rh = 170, 460, 24
+    lw, bw, rh = 200, 460, 24
     width, height = lw + bw + 110, len(rows) * rh + 28
     x = lambda v: lw + bw * (v - lo) / span
     out = [f'<svg class="chart" id="{svg_id}" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
@@ -159,7 +159,7 @@ def hbars_svg(rows: list[tuple[str, float, str, str]], fmt_value, center: float 
     for i, (label, v, color, tip) in enumerate(rows):
         yy = 8 + i * rh
         x0, x1 = sorted((x(center), x(v)))
-        out.append(svg_text(lw - 8, yy + 15, short(label, 26), "end"))
+        out.append(svg_text(lw - 8, yy + 15, short(label, 30), "end"))
         out.append(f'<rect x="{x0:.1f}" y="{yy + 3}" width="{max(x1 - x0, 1):.1f}" height="{rh - 8}" fill="{color}" rx="2">'
                    f'<title>{esc(tip)}</title></rect>')
         out.append(svg_text(max(x1, x(center)) + 6, yy + 15, fmt_value(v)))
@@ -252,7 +252,8 @@ def graph_pair(before, after, key: str, label_before: str, label_after: str) -> 
     """Side-by-side drawings with the diff marked; both at the same module depth."""
     d = draw.diff(before, after)
     b = draw.build(before, marks=d.marks_before(), max_nodes=GRAPH_MAX_NODES, params=False)
-    a = draw.build(after, marks=d.marks_after(), depth=b.depth, max_nodes=GRAPH_MAX_NODES, params=False)
+    a = draw.build(after, marks=d.marks_after(), depth=b.depth, max_nodes=GRAPH_MAX_NODES, params=False,
+                   origin=before)
     if b.depth is None and a.depth is not None:
         b = draw.build(before, marks=d.marks_before(), depth=a.depth, params=False)
     try:

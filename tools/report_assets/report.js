@@ -12,10 +12,10 @@
     var vb = svg.viewBox.baseVal, home = [vb.x, vb.y, vb.width, vb.height];
     function set(x, y, w, h) { svg.setAttribute("viewBox", [x, y, w, h].join(" ")); }
     function reset() {
-      // the whole graph when it fits; a tall one starts at its top, width fitted (at most 1.5x)
+      // the whole graph when it fits; a tall one starts at its top, width fitted (at most 1:1)
       var r = box.getBoundingClientRect(), x = home[0], y = home[1], w = home[2], h = home[3];
       if (r.width <= 0 || r.height <= 0) { set(x, y, w, h); return; }
-      var vw = Math.max(w, r.width / 1.5), vh = vw * r.height / r.width;
+      var vw = Math.max(w, r.width), vh = vw * r.height / r.width;
       if (vh >= h) { set(x, y, w, h); return; }
       set(x + (w - vw) / 2, y, vw, vh);
     }
