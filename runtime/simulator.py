@@ -27,6 +27,7 @@ import torch.fx
 
 from . import costmodel
 from .opclass import OpClass, op_class
+from .overlap_metrics import overlap_metrics
 
 
 # ---------------------------------------------------------------- links
@@ -222,7 +223,7 @@ class Simulation:
     step_s: float
     compute_s: float               # busy time of the compute stream
     comm_s: float                  # busy time of the comm stream
-    exposed_comm_s: float          # compute stream blocked on waits (plus trailing comm)
+    exposed_comm_s: float          # comm time with no compute beside it (overlap_metrics)
     events: list[Event] = field(default_factory=list, repr=False)
 
     @property
@@ -257,15 +258,12 @@ def replay(nodes, est: Estimator) -> Simulation:
     t = comm_free = 0.0
     done: dict[torch.fx.Node, float] = {}
     events: list[Event] = []
-    busy = blocked = 0.0
     for n in nodes:
         kind = collective_kind(n)
         if kind == "wait":
             coll = n.args[0]
             end = done.get(coll, t)
-            if end > t:
-                blocked += end - t
-                t = end
+            t = max(t, end)
             continue
         if kind is not None:
             start = max(t, comm_free)
@@ -278,11 +276,10 @@ def replay(nodes, est: Estimator) -> Simulation:
         dur = est.compute(n)
         if dur > 0:
             events.append(Event(n.name, "compute", t, t + dur))
-            busy += dur
         t += dur
-    tail = max(0.0, comm_free - t)
-    comm = sum(e.end_s - e.start_s for e in events if e.stream == "comm")
-    return Simulation(est.world, t + tail, busy, comm, blocked + tail, events)
+    m = overlap_metrics(events)
+    end = max(t, comm_free)
+    return Simulation(est.world, end, m["compute_s"] or 0.0, m["comm_s"] or 0.0, m["exposed_comm_s"] or 0.0, events)
 
 
 def simulate(gm: torch.fx.GraphModule, *, world: int, link="ib-400g", device: "str | dict" = "cpu") -> Simulation:

@@ -1,0 +1,120 @@
+"""`passlab simulate MODEL --world-size W --link L --device D`: predicted step
+time and exposed communication of a distributed sample, before and after each
+pass of a pipeline (default: the overlap passes).
+
+The graph is captured in this process under torch's fake process group, so W
+can be any size; where the sample's shapes cannot be split W ways (4 experts
+over 256 ranks), it is captured at the largest world that divides them and its
+per-rank shapes are kept (weak scaling), while collectives are costed at W.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_PIPELINE = "overlap_reorder,overlap_chunk"
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("simulate", help="predict the step time of a distributed graph at W ranks")
+    p.add_argument("model")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "bench"])
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--world-size", type=int, default=8)
+    p.add_argument("--link", default="ib-400g", help="link preset or rate=..,latency=..")
+    p.add_argument("--device", default="h100", help="cpu (this machine, measured) or h100, h200, a100 (datasheet)")
+    p.add_argument("--pipeline", default=DEFAULT_PIPELINE)
+    p.add_argument("--json", default=None, help="write the predictions here")
+
+
+def fake_world(world: int) -> None:
+    """A fake process group of `world` ranks in this process (collectives are
+    traced, never run)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+
+
+def capture_at(model: str, preset: str, world: int, dtype=None):
+    """(graph, sample, capture world): the largest power-of-two world <= `world`
+    whose shard shapes the sample accepts."""
+    from passlab.graphs import capture, load
+    w, last = world, None
+    while w >= 1:
+        fake_world(w)
+        try:
+            sample = load(model, preset, dtype=dtype)
+            return capture(sample.module, sample.example_inputs), sample, w
+        except ValueError as e:
+            last = e
+            w = w // 2 if w & (w - 1) == 0 else 1 << (w.bit_length() - 1)
+    raise last
+
+
+def predict(model: str, *, preset: str = "tiny", world: int = 8, link: str = "ib-400g", device: str = "h100",
+            pipeline: str = DEFAULT_PIPELINE, dtype=None) -> dict:
+    """Predictions for the captured graph and after each pass of `pipeline`."""
+    from passlab.passes import PassContext, PassManager
+    from passlab.passes.manager import Snapshot, VerifyGraph
+    from passlab.runtime import simulator
+    gm, sample, cap = capture_at(model, preset, world, dtype)
+    est = simulator.Estimator(simulator.device_profile(device), simulator.get_link(link), world)
+    options = {"link": link, "device": device, "world": world}
+    from passlab.passes import parse
+    steps = parse(pipeline)
+    for s in steps:
+        s.options = {**{k: v for k, v in options.items() if k in s.pass_.options}, **s.options}
+    ctx = PassContext(device="cpu", dtype=sample.dtype, example_inputs=sample.example_inputs, sample=sample,
+                      world_size=world)
+    result = PassManager(steps, instruments=[VerifyGraph(), Snapshot()]).run(gm, ctx)
+    graphs = [("captured", result.baseline.snapshot, None)] + [
+        (st.name, rec.snapshot, rec) for st, rec in zip(steps, result.steps)]
+    rows = []
+    for name, g, rec in graphs:
+        sim = simulator.replay(list(g.graph.nodes), est) if g is not None else None
+        row = {"step": name, **(sim.as_dict() if sim else {})}
+        if rec is not None:
+            row.update(status=rec.status, error=rec.error, stats=rec.stats)
+        rows.append(row)
+    return {"model": model, "preset": preset, "world": world, "capture_world": cap, "link": str(est.link),
+            "link_source": est.link.source, "device": device, "device_source": est.profile.get("source"),
+            "pipeline": pipeline, "steps": rows}
+
+
+def table(pred: dict) -> str:
+    from .table import render
+    us = lambda v: "-" if v is None else f"{v * 1e6:,.1f}"
+    rows = []
+    for r in pred["steps"]:
+        eff = r.get("overlap_efficiency")
+        rows.append([r["step"], us(r.get("step_s")), us(r.get("compute_s")), us(r.get("comm_s")),
+                     us(r.get("exposed_comm_s")), "-" if eff is None else f"{eff:.2f}",
+                     r.get("status", "")])
+    head = (f"{pred['model']} ({pred['preset']}) at W={pred['world']} on {pred['device']} "
+            f"[{pred['device_source']}], link {pred['link']}; estimates")
+    if pred["capture_world"] != pred["world"]:
+        head += f"\n(per-rank shapes captured at W={pred['capture_world']}, collectives costed at W={pred['world']})"
+    return head + "\n" + render(["after", "step us", "compute us", "comm us", "exposed us", "overlap eff.",
+                                 "status"], rows)
+
+
+def command(args) -> int:
+    from .cli import BadArguments, bad_args_errors
+    try:
+        pred = predict(args.model, preset=args.preset, world=args.world_size, link=args.link, device=args.device,
+                       pipeline=args.pipeline, dtype=args.dtype)
+    except bad_args_errors() as e:
+        raise BadArguments(e) from e
+    except ValueError as e:
+        raise BadArguments(e) from e
+    print(table(pred))
+    if args.json:
+        from .record import write_json
+        write_json(pred, args.json)
+        print(f"passlab: wrote {os.path.abspath(args.json)}", file=sys.stderr)
+    return 0
