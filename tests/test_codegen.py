@@ -1,0 +1,216 @@
+"""Kernel-level tests: lowering, the C++ and Triton printers, the build cache.
+
+Each case captures a small function, lowers the whole graph into one kernel
+and checks the generated C++ (and Triton, in interpreter mode) against eager
+on fresh random inputs: strided and broadcast inputs, fp32/bf16/fp16,
+reductions along every dim.
+"""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from passlab.graphs import capture
+from passlab.runtime import codegen
+from passlab.runtime.kernel import FusedKernel, LoweringError
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+class Fn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *a):
+        return self.fn(*a)
+
+
+def kernel_of(fn, *inputs) -> FusedKernel:
+    gm = capture(Fn(fn), inputs)
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and "assert" in str(n.target):
+            gm.graph.erase_node(n)
+    gm.recompile()
+    return FusedKernel("test", gm)
+
+
+def rel_err(out, ref) -> float:
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    assert len(outs) == len(refs)
+    worst = 0.0
+    for o, r in zip(outs, refs):
+        assert o.shape == r.shape and o.dtype == r.dtype
+        o, r = o.double(), r.double()
+        worst = max(worst, float((o - r).abs().max()) / max(float(r.abs().max()), 1e-6))
+    return worst
+
+
+def rnd(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+CASES = {
+    "gelu_add": lambda x: F.gelu(x) + x,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu_mul": lambda x: F.silu(x) * torch.sigmoid(x),
+    "tanh_exp_log": lambda x: torch.tanh(x) + torch.exp(-x.abs()) + torch.log(x.abs() + 1),
+    "softmax_last": lambda x: torch.softmax(x, -1),
+    "log_softmax": lambda x: torch.log_softmax(x, -1),
+    "layer_norm": lambda x: F.layer_norm(x, x.shape[-1:]),
+    "rms_norm": lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6),
+    "masked_scale_softmax": lambda x: torch.softmax((x * 0.3).masked_fill(x > 1.0, float("-inf")), -1),
+    "var_mean": lambda x: (x.var(-1, keepdim=True), x.mean(-1)),
+}
+DIM_OPS = {"sum": lambda d: lambda x: x.sum(d), "amax": lambda d: lambda x: x.amax(d, keepdim=True),
+           "softmax": lambda d: lambda x: torch.softmax(x, d), "mean": lambda d: lambda x: (x * 2).mean(d) + 1}
+_w, _b, _rm, _rv = rnd(3), rnd(3, seed=1), rnd(3, seed=2), torch.rand(3, generator=torch.Generator().manual_seed(3)) + 0.5
+SPECS = {  # name -> (fn, inputs); every C++ kernel here is built in ONE compiler call (the `built` fixture)
+    **{f"{c}-{str(dt)[6:]}": (CASES[c], (rnd(3, 5, 37, dtype=dt),))
+       for c in CASES for dt in (torch.float32, torch.bfloat16)},
+    **{f"{c}-float16": (CASES[c], (rnd(3, 5, 37, dtype=torch.float16),))
+       for c in ("softmax_last", "layer_norm", "gelu_add")},
+    **{f"{op}-dim{d}": (DIM_OPS[op](d), (rnd(4, 6, 9),)) for op in DIM_OPS for d in (0, 1, 2)},
+    **{f"softmax-dim{d}-bf16": (DIM_OPS["softmax"](d), (rnd(4, 6, 9, dtype=torch.bfloat16),)) for d in (0, 1, 2)},
+    "mean-hw": (lambda x: F.relu(x).mean((2, 3), keepdim=True), (rnd(2, 3, 5, 7),)),
+    "sum-dims02": (lambda x: x.sum((0, 2)), (rnd(4, 3, 5),)),
+    "gelu-strided": (lambda a: F.gelu(a) + 1, (rnd(12, 8).t(),)),
+    "softmax-copy-in": (lambda a: torch.softmax(a, -1) * 2, (rnd(8, 12),)),
+    "broadcast": (lambda a, b, c, s: (a + b) * c - s,
+                  (rnd(4, 6, 10), rnd(10, seed=1), rnd(6, 1, seed=2), torch.tensor(0.5))),
+    "layer_norm-weight": (lambda a, w: F.layer_norm(a, (10,), w, None), (rnd(4, 6, 10), rnd(10, seed=3))),
+    "batch_norm": (lambda x, w, b, rm, rv: F.relu(F.batch_norm(x, rm, rv, w, b, False)),
+                   (rnd(2, 3, 4, 5), _w, _b, _rm, _rv)),
+    "any": (lambda x: (x > 0).any(), (rnd(5, 7),)),
+    "int-sum": (lambda i: (i * 3 + 1).sum(-1), (torch.randint(0, 9, (4, 6), generator=torch.Generator().manual_seed(0)),)),
+    "where-bool": (lambda x, m: torch.where(~m, x, 0.0) * 2, (rnd(4, 6), rnd(4, 6, seed=5) > 0)),
+    "to-bf16": (lambda a: (a * 3.0).to(torch.bfloat16), (rnd(64, 33),)),
+}
+
+
+@pytest.fixture(scope="module")
+def built():
+    ks = {name: kernel_of(fn, *inputs) for name, (fn, inputs) in SPECS.items()}
+    codegen.build(list(ks.values()), "cpu")
+    return ks
+
+
+def run_spec(built, name, device="cpu", call_inputs=None, tol=None):
+    fn, inputs = SPECS[name]
+    fk = built[name] if device == "cpu" else kernel_of(fn, *inputs)
+    args = call_inputs or inputs
+    out = codegen.runner(fk, device)(*args)
+    ref = fn(*args)
+    dt = (ref[0] if isinstance(ref, tuple) else ref).dtype
+    tol = tol if tol is not None else TOL.get(dt, 0)
+    assert rel_err(out, ref) <= tol, fk.source("cuda" if device == "triton" else "cpu")
+    return fk
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_cpp_kernel(built, name):
+    run_spec(built, name)
+
+
+def test_strided_inputs_read_in_place_or_copied(built):
+    assert built["gelu-strided"].kernel.inputs[0].strides == (1, 8)
+    x = rnd(8, 12)
+    run_spec(built, "softmax-copy-in", call_inputs=(x.t().contiguous().t(),))   # copied to the baked strides
+    run_spec(built, "gelu-strided", call_inputs=(rnd(8, 12),))                  # contiguous where strided was baked
+
+
+def test_every_dim_and_dtype_is_covered():
+    assert {f"{op}-dim{d}" for op in DIM_OPS for d in range(3)} <= set(SPECS)
+    assert {n.rsplit("-", 1)[1] for n in SPECS if n.endswith(("float32", "bfloat16", "float16"))} == \
+        {"float32", "bfloat16", "float16"}
+
+
+def test_bf16_storage_rounds_to_nearest_even(built):
+    x = SPECS["to-bf16"][1][0]
+    assert torch.equal(codegen.runner(built["to-bf16"], "cpu")(x), (x * 3.0).to(torch.bfloat16))
+
+
+def test_unsupported_ops_raise_lowering_error():
+    with pytest.raises(LoweringError):
+        kernel_of(lambda x: torch.cumsum(x, 0) + 1, rnd(4, 5))
+    with pytest.raises(LoweringError):  # reductions over different dims in one kernel
+        kernel_of(lambda x: x.sum(0, keepdim=True) + x.sum(1, keepdim=True), rnd(4, 5))
+
+
+def test_fake_tensor_call_runs_the_subgraph():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    fk = kernel_of(lambda x: torch.softmax(x, -1), rnd(3, 4))
+    with FakeTensorMode() as mode:
+        out = fk(mode.from_tensor(rnd(3, 4)))
+    assert out.shape == (3, 4)
+
+
+TRITON_SPECS = ["gelu_add-float32", "softmax_last-float32", "layer_norm-float32", "rms_norm-float32",
+                "masked_scale_softmax-float32", "var_mean-float32", "tanh_exp_log-float32", "silu_mul-float32",
+                "gelu_add-bfloat16", "softmax-dim0", "sum-dims02", "gelu-strided", "where-bool", "broadcast",
+                "batch_norm", "any", "int-sum"]
+
+
+@pytest.mark.parametrize("name", TRITON_SPECS)
+def test_triton_interpreter(name):
+    run_spec(None, name, device="triton", tol=None if "bfloat16" in name else 1e-5)
+
+
+def test_triton_interpreter_several_blocks():
+    fk = kernel_of(lambda x: torch.softmax(x, -1), rnd(3, 2500))
+    x = rnd(3, 2500, seed=9)
+    assert rel_err(codegen.runner(fk, "triton")(x), torch.softmax(x, -1)) <= 1e-5
+
+
+def test_one_compiler_call_per_graph(tmp_path, monkeypatch):
+    monkeypatch.setenv("PASSLAB_CACHE", str(tmp_path))
+    ks = [kernel_of(f, rnd(4, 9 + i)) for i, f in enumerate([CASES["gelu_add"], CASES["softmax_last"],
+                                                             CASES["layer_norm"]])]
+    before = codegen.STATS["compiles"]
+    codegen.build(ks, "cpu")
+    assert codegen.STATS["compiles"] == before + 1
+    assert len(glob.glob(str(tmp_path / "*.so"))) == 1
+    again = [kernel_of(f, rnd(4, 9 + i)) for i, f in enumerate([CASES["gelu_add"], CASES["softmax_last"],
+                                                                CASES["layer_norm"]])]
+    hits = codegen.STATS["cache_hits"]
+    codegen.build(again, "cpu")   # same sources: served from the cache
+    assert codegen.STATS["cache_hits"] == hits + 1 and codegen.STATS["compiles"] == before + 1
+
+
+FIRST_BUILD = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_codegen import kernel_of, rnd
+from passlab.runtime import codegen
+codegen.build([kernel_of(lambda a: torch.softmax(a * 1.5, -1), rnd(5, 11))], "cpu")
+"""
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing_signature"])
+def test_corrupt_cache_entry_is_rebuilt(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("PASSLAB_CACHE", str(tmp_path))
+    # the first build runs in another process: damaging a library this process has mapped would crash it
+    env = dict(os.environ, PASSLAB_CACHE=str(tmp_path))
+    subprocess.run([sys.executable, "-c", FIRST_BUILD.format(tests=os.path.dirname(__file__))], env=env,
+                   check=True)
+    x = rnd(5, 11)
+    fn = lambda a: torch.softmax(a * 1.5, -1)  # noqa: E731
+    so = glob.glob(str(tmp_path / "*.so"))[0]
+    if damage == "truncate":
+        data = open(so, "rb").read()
+        open(so, "wb").write(data[: len(data) // 3])
+    elif damage == "garbage":
+        open(so, "wb").write(os.urandom(4096))
+    else:
+        os.unlink(so[:-3] + ".sha256")
+    before = codegen.STATS["compiles"]
+    fk = kernel_of(fn, x)
+    out = codegen.runner(fk, "cpu")(x)
+    assert codegen.STATS["compiles"] == before + 1
+    assert rel_err(out, fn(x)) <= 1e-5
