@@ -165,6 +165,7 @@ class Settle(FakeTensorProp):
         super().__init__(gm, fake_mode_of(gm))
         self.original, self.repair, self.contiguous_outputs = original, repair, contiguous_outputs
         self.inserted: list[torch.fx.Node] = []
+        self.relowered = 0
 
     def run_node(self, n):
         if n.op == "call_function":
@@ -172,7 +173,11 @@ class Settle(FakeTensorProp):
                 v = self.env[n.args[0]]
                 if not viewable(v, n.args[1]):
                     self.restore(n, n.args[0], torch.contiguous_format, "view_needs_copy")
-            elif n.target in STORAGE_READERS or getattr(n.target, "is_fused_kernel", False):
+            elif getattr(n.target, "is_fused_kernel", False):
+                if not (self.repair and self.relower(n)):
+                    for a in n.all_input_nodes:
+                        self.keep_original(n, a)
+            elif n.target in STORAGE_READERS:
                 for a in n.all_input_nodes:
                     self.keep_original(n, a)
         elif n.op == "output" and self.contiguous_outputs:
@@ -180,10 +185,30 @@ class Settle(FakeTensorProp):
                 self.keep_original(n, a)
         return super().run_node(n)
 
+    def relower(self, n) -> bool:
+        """A fused kernel bakes its buffers' strides in: lower it again for the
+        strides its inputs have now, so that it reads and writes the new layout
+        instead of forcing a conversion back. False if it cannot be lowered."""
+        vals = [self.env[a] for a in n.args]
+        if not all(isinstance(v, torch.Tensor) for v in vals):
+            return False
+        if all(self.original.get(a) is None or same_layout_as(v, self.original[a]) for a, v in zip(n.args, vals)):
+            return True
+        k = n.target
+        sub = clone(k.subgraph)
+        for ph, v in zip([p for p in sub.graph.nodes if p.op == "placeholder"], vals):
+            ph.meta["val"] = v
+        try:
+            propagate(sub)
+            n.target = type(k)(k.name, sub)
+        except Exception:  # LoweringError or a shape the printer refuses: keep the old layout instead
+            return False
+        self.relowered += 1
+        return True
+
     def keep_original(self, user, arg):
         v, was = self.env.get(arg), self.original.get(arg)
-        if not isinstance(v, torch.Tensor) or was is None or v.shape != was[0] or \
-                all(x == y for x, y, s in zip(v.stride(), was[1], v.shape) if s > 1):
+        if not isinstance(v, torch.Tensor) or was is None or same_layout_as(v, was):
             return
         probe = torch.empty_strided(was[0], was[1], device="meta")
         why = "output_layout" if user.op == "output" else "consumer_needs_strides"
@@ -216,6 +241,11 @@ class Settle(FakeTensorProp):
         return self.inserted
 
 
+def same_layout_as(v: torch.Tensor, was: tuple) -> bool:
+    """`v` has the (shape, strides) recorded in `was`, up to size-1 dims."""
+    return tuple(v.shape) == tuple(was[0]) and all(x == y for x, y, s in zip(v.stride(), was[1], v.shape) if s > 1)
+
+
 def viewable(t: torch.Tensor, size) -> bool:
     try:
         torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta").view(size)
@@ -228,10 +258,12 @@ def layouts(gm) -> dict:
     return {n: (v.shape, v.stride()) for n in gm.graph.nodes if (v := tensor_val(n)) is not None}
 
 
-def settle(gm, original, *, repair=True, contiguous_outputs=True) -> list:
-    inserted = Settle(gm, original, repair=repair, contiguous_outputs=contiguous_outputs).settle()
+def settle(gm, original, *, repair=True, contiguous_outputs=True) -> tuple[list, int]:
+    """Propagate layouts; returns the conversions it inserted and the kernels it lowered again."""
+    s = Settle(gm, original, repair=repair, contiguous_outputs=contiguous_outputs)
+    inserted = s.settle()
     gm.graph.lint()
-    return inserted
+    return inserted, s.relowered
 
 
 # ---------------------------------------------------------------- rewrites
@@ -337,7 +369,7 @@ def to_channels_last(gm, original, contiguous_outputs) -> dict:
         if w.op == "get_attr" and not w.users and w.target in weights:
             gm.graph.erase_node(w)
     gm.recompile()
-    back = settle(gm, original, contiguous_outputs=contiguous_outputs)
+    back, relowered = settle(gm, original, contiguous_outputs=contiguous_outputs)
     redundant = 0
     for c in entering:
         if same_layout(tensor_val(c.args[0]), tensor_val(c)):
@@ -346,7 +378,8 @@ def to_channels_last(gm, original, contiguous_outputs) -> dict:
             redundant += 1
     propagate(gm)
     return {"convs_nhwc": len(convs), "weights_nhwc": len(weights),
-            "conversions_in": len(entering) - redundant, "conversions_back": len(back)}
+            "conversions_in": len(entering) - redundant, "conversions_back": len(back),
+            "kernels_relowered": relowered}
 
 
 def getattr_path(gm, target: str):

@@ -241,3 +241,18 @@ def test_pipeline_keeps_layout_and_reports():
 def test_registered_with_options():
     p = get_pass("layout")
     assert {"channels_last", "transposes", "copies", "pretranspose", "contiguous_outputs"} <= set(p.options)
+
+
+def test_after_fuse_kernels_follow_the_layout():
+    """Fused kernels bake strides in; after `fuse` the pass lowers them again for NHWC
+    instead of converting back at every kernel."""
+    sample = load("convnet", "tiny")
+    gm = capture(sample.module, sample.example_inputs)
+    fused = get_pass("fuse").run(clone(gm), PassContext(sample=sample)).gm
+    res = run_layout(fused)
+    s = res.stats
+    assert s["kernels_relowered"] >= 1
+    assert s["conversions_before"] == 12 and s["conversions_after"] == 1
+    kernels = [n for n in res.gm.graph.nodes if getattr(n.target, "is_fused_kernel", False)]
+    assert kernels and all(channels_last(n.meta["val"]) for n in kernels if n.meta["val"].dim() == 4)
+    check_numerics(res.gm, sample.module, sample.make_inputs(4))
