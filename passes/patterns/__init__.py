@@ -43,7 +43,7 @@ def erase_dead(graph: torch.fx.Graph, nodes) -> int:
 
     Only the nodes a rewrite replaced are touched, so a pattern pass never
     removes dead code it did not create (that is `dce`'s job)."""
-    erased, pending = 0, [n for n in nodes if n.graph is graph]
+    erased, pending = 0, [n for n in dict.fromkeys(nodes) if n.graph is graph and not getattr(n, "_erased", False)]
     changed = True
     while changed:
         changed = False

@@ -209,6 +209,8 @@ def match(gm, sm: torch.fx.Node) -> Match:
         if c == 0:
             raise Skip("scale_zero")
         m.scale = SCALES[node.target](float(c))
+    if mask is not None:
+        prove_mask(gm, m, mask, kind, fill, shape(s4))
     if shape(s4) != (B, H, L, S):
         raise Skip("scores_shape")
     if any(len(users(n)) != 1 for n in chain):
@@ -234,9 +236,6 @@ def match(gm, sm: torch.fx.Node) -> Match:
     if upcast is not None and not any(is_cast(n) and n.kwargs.get("dtype") == dt for n in post):
         raise Skip("softmax_cast_not_undone")
     m.q, m.k, m.v = q, k, v
-    # mask
-    if mask is not None:
-        prove_mask(gm, m, mask, kind, fill, (B, H, L, S))
     # grouped-query heads
     kk, vv = unrepeat(k, (B, H, S, E)), unrepeat(v, (B, H, S, Ev))
     if kk is not None and vv is not None and shape(kk)[1] == shape(vv)[1]:

@@ -1,0 +1,323 @@
+"""Pattern passes: each fires where its pattern is, keeps numerics, and leaves
+graphs it cannot prove equivalent alone (counted as skipped[reason])."""
+import importlib.util
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from passlab.graphs import capture, clone
+from passlab.passes import PassContext, PassManager, CheckNumerics, TOLERANCE, relative_error
+from passlab.passes.contract import captured
+from passlab.passes.registry import get_pass
+
+aten = torch.ops.aten
+needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
+
+
+def run(name, gm, **options):
+    res = get_pass(name).run(gm, PassContext(options=options))
+    res.gm.graph.lint()
+    return res
+
+
+def targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def check_sample(pass_name, model):
+    sample, original = captured(model)
+    res = run(pass_name, clone(original))
+    for seed in (11, 12):
+        x = sample.make_inputs(seed)
+        with torch.no_grad():
+            assert relative_error(res.gm(*x), sample.module(*x)) < 1e-4
+    return res
+
+
+# --------------------------------------------------------------------- fires on the samples
+
+FIRES = [  # pass, model, rewrites, extra stats
+    ("fold_batchnorm", "convnet", 6, {}),
+    ("fuse_attention", "transformer", 2, {"causal": 2, "gqa": 0}),
+    ("fuse_attention", "llama", 2, {"causal": 2, "gqa": 2}),
+    ("merge_projections", "transformer", 2, {"gemms_merged": 6}),
+    ("merge_projections", "llama", 4, {"gemms_merged": 10}),
+    ("merge_projections", "moe", 2, {"gemms_merged": 4}),
+    ("fuse_epilogue", "transformer", 4, {"residual_folded": 4}),
+    ("fuse_epilogue", "llama", 4, {"residual_folded": 4}),
+]
+HF_FIRES = [
+    ("fuse_attention", "hf:gpt2", 2, {"causal": 2}),
+    ("fuse_attention", "hf:llama", 2, {"causal": 2, "gqa": 2}),
+    ("fuse_attention", "hf:mixtral", 2, {"causal": 2, "gqa": 2}),
+    ("merge_projections", "hf:llama", 4, {"gemms_merged": 10}),
+    ("merge_projections", "hf:mixtral", 2, {"gemms_merged": 6}),
+    ("fuse_epilogue", "hf:gpt2", 4, {"residual_folded": 4}),
+]
+
+
+def expect_fired(res, rewrites, extra):
+    assert res.changed and res.stats["rewritten"] == rewrites, res.stats
+    assert res.stats["matched"] >= rewrites
+    for k, v in extra.items():
+        assert res.stats[k] == v, (k, res.stats)
+
+
+@pytest.mark.parametrize("pass_name,model,rewrites,extra", FIRES, ids=[f"{p}-{m}" for p, m, *_ in FIRES])
+def test_pass_fires_on_sample(pass_name, model, rewrites, extra):
+    res = check_sample(pass_name, model)
+    expect_fired(res, rewrites, extra)
+    t = targets(res.gm)
+    if pass_name == "fuse_attention":
+        assert t.count(aten.scaled_dot_product_attention.default) == rewrites
+        assert aten._softmax.default not in t and aten.bmm.default not in t
+    if pass_name == "fold_batchnorm":
+        assert aten._native_batch_norm_legit_no_training.default not in t
+
+
+@pytest.mark.slow
+@needs_hf
+@pytest.mark.parametrize("pass_name,model,rewrites,extra", HF_FIRES, ids=[f"{p}-{m}" for p, m, *_ in HF_FIRES])
+def test_pass_fires_on_hf(pass_name, model, rewrites, extra):
+    expect_fired(check_sample(pass_name, model), rewrites, extra)
+
+
+@pytest.mark.slow
+@needs_hf
+def test_mixtral_experts_are_plain_aten():
+    _, gm = captured("hf:mixtral")
+    assert not [n for n in gm.graph.nodes if "grouped_mm" in str(n.target)]
+
+
+@pytest.mark.parametrize("pass_name", ["fold_batchnorm", "fuse_attention", "merge_projections", "fuse_epilogue"])
+def test_pass_leaves_unrelated_model_alone(pass_name):
+    model = {"fold_batchnorm": "transformer", "fuse_epilogue": "convnet"}.get(pass_name, "mlp")
+    _, original = captured(model)
+    res = run(pass_name, clone(original))
+    assert res.stats["rewritten"] == 0 and not res.changed
+    assert str(res.gm.graph) == str(original.graph)
+
+
+def test_patterns_compose_in_pipeline():
+    sample, gm = captured("llama")
+    pipeline = "cleanup,fold_batchnorm,fuse_attention,merge_projections,fuse_epilogue"
+    pm = PassManager(pipeline, instruments=[CheckNumerics(sample.module, sample.make_inputs, "cpu",
+                                                           TOLERANCE[torch.float32])])
+    res = pm.run(clone(gm), PassContext(sample=sample))
+    steps = {r.name: r for r in res.steps}
+    assert all(r.status == "ok" for r in res.steps), [(r.name, r.error) for r in res.steps]
+    assert steps["fuse_attention"].stats["rewritten"] == 2
+    assert steps["merge_projections"].stats["rewritten"] == 4
+
+
+def test_weights_are_never_mutated():
+    sample, original = captured("convnet")
+    gm = clone(original)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    run("fold_batchnorm", gm)
+    for k, v in before.items():
+        assert torch.equal(original.state_dict()[k], v)
+
+
+# --------------------------------------------------------------------- attention: what it must not rewrite
+
+class Attn(nn.Module):
+    """Attention written out, with knobs to break one SDPA assumption at a time."""
+
+    def __init__(self, heads=2, kv_heads=None, softmax_dim=-1, mask="causal", fill=float("-inf"),
+                 tensor_scale=False, return_probs=False, seq=8, dim=16):
+        super().__init__()
+        self.h, self.kvh, self.hd = heads, kv_heads or heads, dim // heads
+        self.qkv = nn.Linear(dim, dim + 2 * self.kvh * self.hd)
+        self.softmax_dim, self.mask, self.fill, self.return_probs = softmax_dim, mask, fill, return_probs
+        self.register_buffer("causal", torch.tril(torch.ones(seq, seq, dtype=torch.bool)))
+        self.register_buffer("wide", torch.zeros(1, 4, seq, seq))
+        self.register_buffer("scale_t", torch.tensor(1.0 / math.sqrt(self.hd)))
+        self.tensor_scale = tensor_scale
+
+    def forward(self, x, extra=None):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split([D, self.kvh * self.hd, self.kvh * self.hd], -1)
+        q = q.view(B, T, self.h, self.hd).transpose(1, 2)
+        k = k.view(B, T, self.kvh, self.hd).transpose(1, 2).repeat_interleave(self.h // self.kvh, 1)
+        v = v.view(B, T, self.kvh, self.hd).transpose(1, 2).repeat_interleave(self.h // self.kvh, 1)
+        s = q @ k.transpose(-2, -1)
+        s = s * self.scale_t if self.tensor_scale else s / math.sqrt(self.hd)
+        if self.mask == "causal":
+            s = s.masked_fill(~self.causal[:T, :T], self.fill)
+        elif self.mask == "wide":               # broadcasts the scores to more heads
+            s = s + self.wide
+        elif self.mask == "input_bool":         # a padding mask given at run time: True = attend
+            s = s.masked_fill(~extra, float("-inf"))
+        elif self.mask == "input_additive":
+            s = s + extra
+        p = torch.softmax(s, dim=self.softmax_dim)
+        out = p @ v
+        return (out, p) if self.return_probs else out
+
+
+def attention_result(module, *inputs):
+    gm = capture(module.eval(), inputs)
+    res = run("fuse_attention", gm)
+    with torch.no_grad():
+        assert relative_error(res.gm(*inputs), module(*inputs)) < 1e-4
+    return res
+
+
+@pytest.mark.parametrize("knobs,reason", [
+    (dict(softmax_dim=-2), "softmax_dim"),
+    (dict(tensor_scale=True), "scale_not_constant"),
+    (dict(fill=-1e4), "mask_fill_not_neg_inf"),
+    (dict(heads=1, kv_heads=1, mask="wide"), "mask_shape"),
+    (dict(return_probs=True), "probs_used_elsewhere"),
+])
+def test_attention_skips_what_it_cannot_prove(knobs, reason):
+    torch.manual_seed(0)
+    res = attention_result(Attn(**knobs), torch.randn(2, 8, 16))
+    assert res.stats["rewritten"] == 0 and res.stats["skipped"] == {reason: 1}, res.stats
+    assert aten.scaled_dot_product_attention.default not in targets(res.gm)
+
+
+def test_attention_keeps_runtime_masks():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16)
+    keep = torch.rand(2, 1, 8, 8) > 0.3
+    keep[..., 0] = True                          # no fully masked rows
+    res = attention_result(Attn(mask="input_bool"), x, keep)
+    assert res.stats["rewritten"] == 1 and res.stats["causal"] == 0
+    sdpa = [n for n in res.gm.graph.nodes if n.target == aten.scaled_dot_product_attention.default][0]
+    assert sdpa.args[3] is not None and sdpa.args[5] is False
+    res = attention_result(Attn(mask="input_additive"), x, torch.randn(2, 2, 8, 8))
+    assert res.stats["rewritten"] == 1 and res.stats["causal"] == 0
+
+
+def test_attention_gqa_and_no_mask():
+    torch.manual_seed(0)
+    res = attention_result(Attn(heads=4, kv_heads=2, mask=None), torch.randn(2, 8, 16))
+    assert res.stats["rewritten"] == 1 and res.stats["gqa"] == 1 and res.stats["causal"] == 0
+
+
+# --------------------------------------------------------------------- merge_projections
+
+class Siblings(nn.Module):
+    def __init__(self, flatten=False, weight_input=False):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 6), nn.Linear(8, 10, bias=False), nn.Linear(8, 6)
+        self.flatten, self.weight_input = flatten, weight_input
+
+    def forward(self, x, w=None):
+        a, b, c = self.a(x), self.b(x), self.c(x)
+        if self.weight_input:
+            return a + c, x @ w
+        if self.flatten:                        # a view a column slice cannot satisfy
+            return a.reshape(-1).sum() + b.reshape(-1)[:4] + c.reshape(-1)[:4]
+        return torch.relu(a) * c, b
+
+
+def test_merge_projections_mixed_bias_numerics():
+    torch.manual_seed(0)
+    m, x = Siblings().eval(), torch.randn(5, 8)
+    gm = capture(m, (x,))
+    res = run("merge_projections", gm)
+    assert res.stats["rewritten"] == 1 and res.stats["gemms_merged"] == 3
+    assert sum(t in (aten.mm.default, aten.addmm.default) for t in targets(res.gm)) == 1
+    with torch.no_grad():
+        assert relative_error(res.gm(x), m(x)) < 1e-5
+
+
+def test_merge_projections_skips_views_needing_contiguous():
+    torch.manual_seed(0)
+    m, x = Siblings(flatten=True).eval(), torch.randn(5, 8)
+    res = run("merge_projections", capture(m, (x,)))
+    assert res.stats["rewritten"] == 0 and res.stats["skipped"] == {"view_needs_contiguous_output": 1}
+
+
+def test_merge_projections_skips_runtime_weights():
+    torch.manual_seed(0)
+    m, x, w = Siblings(weight_input=True).eval(), torch.randn(5, 8), torch.randn(8, 3)
+    res = run("merge_projections", capture(m, (x, w)))
+    assert res.stats["skipped"] == {"weight_not_constant": 1}
+    assert res.stats["gemms_merged"] == 2      # a and c still merge
+    with torch.no_grad():
+        assert relative_error(res.gm(x, w), m(x, w)) < 1e-5
+
+
+# --------------------------------------------------------------------- fold_batchnorm
+
+class LinearBN(nn.Module):
+    def __init__(self, bias=True, double_use=False):
+        super().__init__()
+        self.fc, self.bn, self.double_use = nn.Linear(6, 4, bias=bias), nn.BatchNorm1d(4), double_use
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+            self.bn.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return (self.bn(y), y) if self.double_use else self.bn(y)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fold_batchnorm_into_linear(bias):
+    torch.manual_seed(0)
+    m, x = LinearBN(bias).eval(), torch.randn(3, 6)
+    res = run("fold_batchnorm", capture(m, (x,)))
+    assert res.stats["rewritten"] == 1
+    assert aten._native_batch_norm_legit_no_training.default not in targets(res.gm)
+    with torch.no_grad():
+        assert relative_error(res.gm(x), m(x)) < 1e-5
+
+
+def test_fold_batchnorm_skips():
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    res = run("fold_batchnorm", capture(LinearBN(double_use=True).eval(), (x,)))
+    assert res.stats == {"matched": 1, "rewritten": 0, "skipped": {"producer_has_other_users": 1}}
+    bn_after_relu = nn.Sequential(nn.ReLU(), nn.BatchNorm1d(6)).eval()
+    res = run("fold_batchnorm", capture(bn_after_relu, (x,)))
+    assert res.stats["skipped"] == {"no_conv_or_linear_before": 1} and not res.changed
+
+
+# --------------------------------------------------------------------- fuse_epilogue
+
+class GemmAdds(nn.Module):
+    def __init__(self, case):
+        super().__init__()
+        self.w, self.b, self.case = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.randn(6)), case
+
+    def forward(self, x, r):
+        y = x @ self.w
+        if self.case == "bias":
+            return y + self.b
+        if self.case == "bias_residual":
+            return (y + self.b) + r
+        if self.case == "broadcast":            # the add makes the GEMM output bigger
+            return y + r
+        return y.double() + r.double()
+
+
+@pytest.mark.parametrize("case,r_shape,stats", [
+    ("bias", (5, 6), {"rewritten": 1, "bias_folded": 1, "residual_folded": 0}),
+    ("bias_residual", (5, 6), {"rewritten": 2, "bias_folded": 1, "residual_folded": 1}),
+    ("broadcast", (3, 5, 6), {"rewritten": 0, "skipped": {"add_broadcasts_gemm_output": 1}}),
+    ("dtype", (5, 6), {"rewritten": 0, "matched": 0}),
+])
+def test_fuse_epilogue_cases(case, r_shape, stats):
+    torch.manual_seed(0)
+    m, x, r = GemmAdds(case).eval(), torch.randn(5, 8), torch.randn(*r_shape)
+    res = run("fuse_epilogue", capture(m, (x, r)))
+    for k, v in stats.items():
+        assert res.stats[k] == v, res.stats
+    if stats["rewritten"]:
+        assert aten.mm.default not in targets(res.gm) and aten.addmm.default in targets(res.gm)
+    with torch.no_grad():
+        assert relative_error(res.gm(x, r), m(x, r)) < 1e-5
+
+
+def test_fuse_epilogue_residual_option():
+    sample, gm = captured("llama")
+    res = run("fuse_epilogue", clone(gm), residual=False)
+    assert res.stats["rewritten"] == 0 and res.stats["skipped"] == {"residual_disabled": 4}
