@@ -172,6 +172,23 @@ def test_fused_group_is_a_cluster_with_its_ops(fused_mlp):
     assert "cluster_" not in flat and "k_addmm_gelu" in flat
 
 
+def test_real_fusion_engine_groups_are_clusters(graphs):
+    from passlab.passes import PassManager, parse
+    from passlab.tools.runner import context
+    s, gm = graphs["transformer"]
+    result = PassManager(parse("fuse")).run(gm, context(s, "cpu"))
+    fused = [n for n in result.gm.graph.nodes if getattr(n.target, "is_fused_kernel", False)]
+    assert fused, "the fusion engine fuses the tiny transformer's layer norms and softmaxes"
+    dot = draw.to_dot(result.gm, max_nodes=None)
+    for n in fused:
+        assert f'subgraph "cluster_{n.name}"' in dot and n.target.name in dot
+    d = draw.diff(gm, result.gm)
+    assert set(d.fused) == {n.name for n in fused}
+    before = draw.to_dot(gm, marks=d.marks_before(), max_nodes=None)
+    for old in n.meta["fused_from"]:
+        assert re.search(rf'"{old}" \[.*fused by this pass', before)
+
+
 def test_diff_marks_removed_added_fused(fused_mlp):
     _, before, after = fused_mlp
     d = draw.diff(before, after)

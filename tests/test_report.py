@@ -1,6 +1,7 @@
 """The HTML report: built from a real pipeline run (with a fused kernel), self-
 contained, and checked in headless Chromium (no console errors, every drawing
 rendered, a non-blank screenshot)."""
+import html
 import os
 import re
 import shutil
@@ -10,11 +11,10 @@ import zlib
 
 import pytest
 
-from passlab.graphs import capture, clone, load
-from passlab.passes import PassManager, parse, register_pass, unregister_pass
+from passlab.passes import register_pass, unregister_pass
 from passlab.tools import draw, record as records, report
-from passlab.tools.runner import Run, context
-from test_draw import fake_fuse
+from passlab.runtime.executor import fused_kernels
+from passlab.tools.runner import Run, run
 
 CHROMIUM = shutil.which("chromium") or (os.path.exists("/usr/bin/chromium") and "/usr/bin/chromium")
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` is not installed")
@@ -23,24 +23,18 @@ browser = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def run_with_fusion():
-    """mlp through cleanup and a fusion step (the fusion engine's interface),
-    with the measured numbers a measured run would add."""
-    @register_pass("test_report_fuse")
-    def fuse_two(gm, ctx):
-        fake_fuse(gm, ["addmm", "gelu"], "k_addmm_gelu")
-        return gm
-
+    """The tiny transformer through cse, the fusion engine and a no-op, with the
+    measured numbers a measured run would add (the report draws them; their
+    values are made up here and asserted only as drawn)."""
     @register_pass("test_report_noop")
     def noop(gm, ctx):
         return gm
 
     try:
-        sample = load("mlp", "tiny")
-        gm = capture(sample.module, sample.example_inputs)
-        result = PassManager(parse("cse,test_report_fuse,test_report_noop")).run(gm, context(sample, "cpu"))
+        r = run("transformer", pipeline="cse,fuse,test_report_noop", measure=False)
     finally:
-        unregister_pass("test_report_fuse")
         unregister_pass("test_report_noop")
+    result, sample = r.result, r.sample
     assert [s.status for s in result.steps] == ["ok", "ok", "ok"]
     tp = [1000.0, 1000.0, 1250.0, 1240.0]
     measured = {"baseline": {"throughput": tp[0], "ci_low": 980.0, "ci_high": 1020.0, "unit": "samples/s",
@@ -49,16 +43,16 @@ def run_with_fusion():
         measured[i] = {"throughput": tp[i + 1], "ci_low": tp[i + 1] * 0.97, "ci_high": tp[i + 1] * 1.03,
                        "unit": "samples/s", "median_s": 8e-3 / (tp[i + 1] / 1000), "bound_s": 1.8e-3,
                        "percent_of_bound": 1.8e-3 / (8e-3 / (tp[i + 1] / 1000)) * 100}
-    timeline = [{"name": "forward", "ph": "X", "ts": 0, "dur": 800, "pid": r, "tid": 0, "cat": "compute"}
-                for r in range(2)] + \
-               [{"name": "all_reduce", "ph": "X", "ts": 800 + 50 * r, "dur": 300, "pid": r, "tid": 1, "cat": "comm"}
-                for r in range(2)]
-    extra = {"shapley": {"cse": 0.0, "test_report_fuse": 0.25, "test_report_noop": -0.01}, "interaction": -0.02,
-             "ablation": {"cse": 1.0, "test_report_fuse": 1.22, "test_report_noop": 0.99},
+    timeline = [{"name": "forward", "ph": "X", "ts": 0, "dur": 800, "pid": rank, "tid": 0, "cat": "compute"}
+                for rank in range(2)] + \
+               [{"name": "all_reduce", "ph": "X", "ts": 800 + 50 * rank, "dur": 300, "pid": rank, "tid": 1,
+                 "cat": "comm"} for rank in range(2)]
+    extra = {"shapley": {"cse": 0.0, "fuse": 0.25, "test_report_noop": -0.01}, "interaction": -0.02,
+             "ablation": {"cse": 1.0, "fuse": 1.22, "test_report_noop": 0.99},
              "peers": {"eager": {"throughput": 1100.0, "settings": "torch.no_grad()"},
                        "torch.compile": {"throughput": 1400.0, "settings": "default"}},
              "timeline": timeline}
-    rec = records.build(model="mlp", preset="tiny", device="cpu", pipeline=["cse", "test_report_fuse", "test_report_noop"],
+    rec = records.build(model="transformer", preset="tiny", device="cpu", pipeline=["cse", "fuse", "test_report_noop"],
                         baseline=result.baseline, steps=result.steps, measured=measured, extra=extra)
     return Run(rec, result, sample, result.gm)
 
@@ -84,12 +78,15 @@ def test_report_has_every_part(written, run_with_fusion):
     assert "interaction" in text and ">1.250×<" in text    # the fused step's bar is labelled with its speedup
     # before/after drawings of the two passes that changed the graph, the captured one, nothing for the no-op
     changed = [s["changed"] for s in run_with_fusion.record["steps"]]
-    assert changed == [False, True, False]
-    assert {"g0", "g2b", "g2a"} <= set(ids) and not {"g1b", "g3b"} & set(ids)
+    assert changed == [True, True, False]
+    assert {"g0", "g1b", "g1a", "g2b", "g2a"} <= set(ids) and "g3b" not in ids
     assert "The pass left the graph as it was." in text
     assert "digraph" not in text                               # DOT is rendered, not pasted
-    assert "⚡ k_addmm_gelu" in text                           # the fused group's cluster label in the SVG
-    assert 'id="kernel-k_addmm_gelu"' in text and "// k_addmm_gelu: addmm, gelu" in text   # kernel source
+    kernels = fused_kernels(run_with_fusion.gm)
+    assert kernels
+    for k in kernels:
+        assert f"⚡ {k.name}" in text                          # the fused group's cluster in the after drawing
+        assert f'id="kernel-{k.name}"' in text and html.escape(k.source("cpu")) in text   # its C++ source
     assert "rank 0" in text and "rank 1" in text
 
 
@@ -113,10 +110,9 @@ def test_report_without_run_or_measurement(run_with_fusion, tmp_path):
 
 
 @needs_dot
-def test_large_graphs_collapse_to_the_same_depth(monkeypatch):
-    s = load("transformer", "tiny")
-    before = capture(s.module, s.example_inputs)
-    after = clone(before)
+def test_large_graphs_collapse_to_the_same_depth(run_with_fusion, monkeypatch):
+    before = run_with_fusion.result.baseline.snapshot
+    after = run_with_fusion.gm
     monkeypatch.setattr(report, "GRAPH_MAX_NODES", 40)
     html, note = report.graph_pair(before, after, "x", "before", "after")
     assert "collapsed to module depth" in note
