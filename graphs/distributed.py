@@ -97,6 +97,7 @@ def build_tp_mlp(preset, dtype, device):
     torch.manual_seed(0)
     full = MLP(p["dim"], p["hidden"], p["layers"]).eval().to(device, dtype)
     m = TPMLP(full, rank, size, p["chunks"]).eval().to(device, dtype)
+    m.input_is_replicated = True      # every rank holds the same rows: throughput counts them once
     shape = (p["batch"], p["dim"])
     make = lambda seed: (randn(shape, seed, dtype, device),)   # replicated: same input on every rank
     return Sample("tp_mlp", m, make(0), unit="rows", units_per_forward=p["batch"], dtype=dtype,

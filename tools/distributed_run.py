@@ -1,0 +1,351 @@
+"""`passlab run MODEL --world-size W [--link L] [--timeline FILE] [--timeout S]`.
+
+The parent process checks the arguments, derives the emulated link from this
+machine's compute rate, and launches W ranks (`runtime.distributed.spawn`; or,
+under torchrun, this process *is* a rank). Every rank loads its shard of the
+sample, captures it, runs the pipeline under the pass manager's instruments
+(`rank_main`), times each distinct graph with the same fixed number of
+repetitions on every rank (collectives must match), and traces the baseline
+and final graphs. Rank 0 gathers everything into one run record: per-pass
+rows as in a single-process run, per-rank step times, the link, and the
+Chrome-trace timeline.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+import torch
+
+TARGET = "passlab.tools.distributed_run:rank_main"
+REPS = {"tiny": (2, 10), "bench": (1, 5)}          # (warm-up, timed repetitions)
+TRACE_ITERS = 2
+
+
+# ---------------------------------------------------------------- inside a rank
+
+def rank_main(p: dict) -> dict:
+    import torch.distributed as dist
+    from passlab.graphs import capture, load
+    from passlab.passes import PipelineFailed, parse
+    from passlab.runtime.distributed import stage
+
+    from . import record as records
+    from .runner import context, make_manager
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = p["device"]
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    say = (lambda msg: print(f"passlab: {msg}", file=sys.stderr, flush=True)) if rank == 0 else (lambda m: None)
+    stage("loading the model")
+    sample = load(p["model"], p["preset"], dtype=p["dtype"], device=device)
+    say(f"capturing {sample.name} ({sample.preset}, {str(sample.dtype).replace('torch.', '')}, {device}) "
+        f"on {world} ranks")
+    stage("capturing")
+    gm = capture(sample.module, sample.example_inputs)
+    steps = parse(p["pipeline"])
+    names = [str(s) for s in steps]
+    manager = make_manager(steps, sample, device, strict=p["strict"], tolerance=p["tolerance"],
+                           progress=lambda i, n, name: (stage(f"pass {name}"), say(f"[{i}/{n}] {name}")))
+    ctx = context(sample, device)
+    ctx.world_size, ctx.rank = world, rank
+    out = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "threads": torch.get_num_threads(),
+           "device": device, "units_per_forward": sample.units_per_forward, "unit": sample.unit,
+           "replicated_input": bool(getattr(sample.module, "input_is_replicated", False)),
+           "dtype": str(sample.dtype).replace("torch.", ""), "description": sample.description}
+    try:
+        result = manager.run(gm, ctx)
+    except PipelineFailed as e:
+        baseline, recs = e.records
+        out["failed"] = str(e)
+        out["record"] = records.build(model=sample.name, preset=sample.preset, device=p["device"],
+                                      pipeline=names, baseline=baseline, steps=recs)
+        return out
+    graphs = distinct_graphs(result, device)
+    warmup, reps = p["reps"]
+    inputs = sample.make_inputs(7)
+    out["timings"] = {}
+    for key, g in graphs.items():
+        stage(f"timing {key}")
+        say(f"timing {label(key, result)} ({warmup} warm-up + {reps} runs on every rank)")
+        out["timings"][key] = time_graph(g, inputs, device, warmup, reps)
+    stage("tracing")
+    out.update(trace(result.baseline.snapshot, result.gm, inputs, rank))
+    out["reference_error"] = reference_error(sample, result.gm)
+    out["statuses"] = [s.status for s in result.steps]
+    if rank == 0:
+        out["record"] = records.build(model=sample.name, preset=sample.preset, device=p["device"],
+                                      pipeline=names, baseline=result.baseline, steps=result.steps)
+        out["step_keys"] = step_keys(result)
+    stage("finished")
+    return out
+
+
+def distinct_graphs(result, device: str) -> dict:
+    """'baseline' and the index of every step whose graph differs from the one before."""
+    from passlab.runtime.executor import compile_graph
+    graphs = {"baseline": result.baseline.snapshot}
+    for i, s in enumerate(result.steps):
+        if s.status == "ok" and s.changed and s.snapshot is not None:
+            graphs[i] = s.snapshot
+    for g in graphs.values():
+        compile_graph(g, device)
+    return graphs
+
+
+def step_keys(result) -> list:
+    """For each step, the key of the graph it ran: its own if it changed, else the last one."""
+    keys, last = [], "baseline"
+    for i, s in enumerate(result.steps):
+        if s.status == "ok" and s.changed and s.snapshot is not None:
+            last = i
+        keys.append(last)
+    return keys
+
+
+def label(key, result) -> str:
+    return "baseline" if key == "baseline" else f"after {result.steps[key].name}"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_graph(gm, inputs, device: str, warmup: int, reps: int) -> dict:
+    """Median and 95% CI of one forward on this rank, after a barrier; the same
+    count of runs on every rank, since every run is collective."""
+    import torch.distributed as dist
+    from passlab.runtime.timing import median_ci
+    with torch.no_grad():
+        for _ in range(warmup):
+            gm(*inputs)
+        sync(device)
+        dist.barrier()
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            gm(*inputs)
+            sync(device)
+            samples.append(time.perf_counter() - t0)
+    med, lo, hi = median_ci(samples)
+    return {"median_s": med, "ci_low_s": lo, "ci_high_s": hi, "n": reps}
+
+
+def trace(baseline, final, inputs, rank: int) -> dict:
+    """Traced runs of the baseline and final graphs; clock origin at a common barrier."""
+    import torch.distributed as dist
+    from passlab.runtime.distributed import Timeline, traced
+    from passlab.runtime.overlap_metrics import overlap_metrics
+    tl = Timeline(rank)
+    dist.barrier()
+    origin = time.perf_counter_ns()
+    metrics = {}
+    for name, g in (("baseline", baseline), ("final", final)):
+        dist.barrier()
+        first = len(tl.events)
+        for it in range(TRACE_ITERS):
+            traced(g, inputs, tl, f"{name} #{it + 1}")
+        last = [e for e in tl.events[first:] if e["start_ns"] >= step_start(tl.events[first:], TRACE_ITERS)]
+        chrome = [{"ph": "X", "cat": e["cat"], "pid": rank, "ts": e["start_ns"] / 1e3,
+                   "dur": (e["end_ns"] - e["start_ns"]) / 1e3} for e in last]
+        metrics[name] = overlap_metrics(chrome)["ranks"].get(rank, {})
+    return {"events": tl.events, "origin_ns": origin, "overlap": metrics}
+
+
+def step_start(events, k: int) -> int:
+    """Start of the k-th (last) traced iteration among `events`."""
+    steps = sorted(e["start_ns"] for e in events if e["cat"] == "step")
+    return steps[k - 1] if len(steps) >= k else 0
+
+
+def reference_error(sample, gm) -> float | None:
+    """The final graph against the single-process, unsharded reference."""
+    ref = getattr(sample.module, "reference", None)
+    if ref is None:
+        return None
+    from passlab.passes import relative_error
+    x = sample.make_inputs(11)
+    with torch.no_grad():
+        return relative_error(gm(*x), ref(*x))
+
+
+# ---------------------------------------------------------------- rank 0: one record
+
+def assemble(results: list[dict], launched_info: dict, p: dict) -> dict:
+    r0 = results[0]
+    rec = r0["record"]
+    world = len(results)
+    rec.update(world_size=world, launcher=launched_info["launcher"], backend=launched_info["backend"],
+               link=launched_info["link"], dtype=r0["dtype"], description=r0["description"])
+    if any("failed" in r for r in results):
+        rec["ranks"] = [{"rank": r["rank"], "failed": r.get("failed")} for r in results]
+        return rec
+    units = r0["units_per_forward"] * (1 if r0["replicated_input"] else world)
+    unit = r0["unit"]
+
+    def measured(key):
+        per = [r["timings"][key] for r in results]
+        slow = max(per, key=lambda t: t["median_s"])
+        return {"throughput": units / slow["median_s"], "ci_low": units / slow["ci_high_s"],
+                "ci_high": units / slow["ci_low_s"], "unit": unit, "median_s": slow["median_s"], "n": slow["n"]}
+
+    base = measured("baseline")
+    rec["baseline"].update({k: base[k] for k in ("throughput", "ci_low", "ci_high", "unit", "median_s", "n")})
+    rec["baseline"]["overlap_efficiency"] = mean_overlap(results, "baseline")
+    prev = base["throughput"]
+    keys = r0["step_keys"]
+    for i, (s, key) in enumerate(zip(rec["steps"], keys)):
+        m = measured(key)
+        s.update(throughput=m["throughput"], ci_low=m["ci_low"], ci_high=m["ci_high"], unit=unit,
+                 median_s=m["median_s"], n=m["n"], speedup_vs_prev=m["throughput"] / prev,
+                 cumulative_speedup=m["throughput"] / base["throughput"])
+        if i == len(keys) - 1:
+            s["overlap_efficiency"] = mean_overlap(results, "final")
+        prev = m["throughput"]
+    if rec["steps"]:
+        rec["final_speedup"] = rec["steps"][-1]["cumulative_speedup"]
+    final_key = keys[-1] if keys else "baseline"
+    rec["ranks"] = [{
+        "rank": r["rank"], "host": r["host"], "device": r["device"], "threads": r["threads"],
+        "step_s": {"baseline": r["timings"]["baseline"]["median_s"], "final": r["timings"][final_key]["median_s"]},
+        "traced": {k: {m: v.get(m) for m in ("step_s", "compute_s", "comm_s", "exposed_comm_s",
+                                              "hidden_comm_s", "overlap_efficiency")}
+                   for k, v in r["overlap"].items()},
+        "reference_error": r["reference_error"], "statuses": r["statuses"]} for r in results]
+    from passlab.runtime.distributed import chrome_trace
+    rec["timeline"] = chrome_trace({r["rank"]: r["events"] for r in results},
+                                   origin_ns={r["rank"]: r["origin_ns"] for r in results},
+                                   metadata={"model": rec["model"], "world_size": world, "link": rec["link"]})
+    return rec
+
+
+def mean_overlap(results, which) -> float | None:
+    effs = [r["overlap"][which].get("overlap_efficiency") for r in results if r["overlap"].get(which)]
+    effs = [e for e in effs if e is not None]
+    return sum(effs) / len(effs) if effs else None
+
+
+# ---------------------------------------------------------------- the command
+
+def payload_of(args) -> dict:
+    from passlab.passes.pipeline import available_default
+    return {"model": args.model, "preset": args.preset, "dtype": args.dtype, "device": args.device,
+            "pipeline": args.pipeline if args.pipeline is not None else available_default(),
+            "strict": args.strict, "tolerance": args.tolerance, "reps": REPS[args.preset]}
+
+
+def check_args(args, p: dict) -> None:
+    """Bad model, pipeline or link names are exit 2, before any rank starts."""
+    from passlab.graphs import catalog, load
+    from passlab.passes import parse
+    from passlab.runtime.distributed import link
+    from .cli import BadArguments, bad_args_errors
+    try:
+        parse(p["pipeline"])
+        name = args.model
+        known = {**catalog.SAMPLES, **catalog.DISTRIBUTED}
+        if name not in known and not name.startswith("hf:") and ":" not in name:
+            load(name, args.preset)                       # raises UnknownModelError with a suggestion
+        if args.link:
+            link.resolve(args.link, 1.0)
+    except bad_args_errors() as e:
+        raise BadArguments(e) from e
+    except ValueError as e:
+        raise BadArguments(e) from e
+
+
+def link_config(args, dtype: str, threads: int):
+    from passlab.graphs.sample import preset_dtype
+    from passlab.runtime.distributed import link
+    if not args.link:
+        return None
+    if args.link in link.PRESETS:
+        dt = preset_dtype(args.preset, args.device, dtype)
+        return link.resolve(args.link, link.host_flops(dt, threads))
+    return link.resolve(args.link)
+
+
+def main(args) -> int:
+    from passlab.runtime.distributed import DistributedRunFailed, default_backend, run_here, spawn
+    from .cli import FAILED, write_outputs
+    say = lambda msg: print(f"passlab: {msg}", file=sys.stderr, flush=True)
+    p = payload_of(args)
+    check_args(args, p)
+    backend = default_backend(args.device)
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "PASSLAB_DIST_DIR" not in os.environ
+    try:
+        if torchrun:
+            if args.link:
+                say("--link is ignored under torchrun: the ranks use the real network")
+            t0 = time.monotonic()
+            results = run_here(TARGET, p, timeout=args.timeout, backend=backend)
+            if results is None:
+                return 0
+            info = {"launcher": "torchrun", "backend": backend, "seconds": time.monotonic() - t0,
+                    "link": {"emulated": False, "reason": "launched by torchrun: the real network"}}
+        else:
+            threads = max(1, (os.cpu_count() or 1) // args.world_size)
+            cfg = link_config(args, args.dtype, threads)
+            say(f"launching {args.world_size} ranks ({backend}, {threads} thread(s) each)"
+                + (f", link {cfg.name}: {cfg.rate_bytes_per_s / 1e6:.3g} MB/s per rank, "
+                   f"{cfg.latency_s * 1e6:.3g} us" if cfg else ", plain loopback"))
+            launched = spawn(TARGET, p, args.world_size, timeout=args.timeout, link=cfg, backend=backend,
+                             threads=threads, echo=lambda line: print(f"[rank 0] {line}", file=sys.stderr,
+                                                                      flush=True))
+            results = launched.results
+            info = {"launcher": "spawn", "backend": backend, "seconds": launched.seconds, "link": launched.link}
+            if not launched.link.get("emulated"):
+                say(f"link NOT emulated: {launched.link.get('reason')}")
+    except DistributedRunFailed as e:
+        print(f"passlab: error: {e}", file=sys.stderr)
+        if args.json:
+            from . import record as records
+            records.write_json({"schema": 1, "model": args.model, "preset": args.preset, "status": "failed",
+                                "error": str(e), "world_size": args.world_size, "link": e.link,
+                                "failures": [vars(f) for f in e.failures]}, args.json)
+        return FAILED
+    rec = assemble(results, info, p)
+    print(summary(rec))
+    write_outputs(args, rec, None)
+    if args.timeline and rec.get("timeline"):
+        from passlab.runtime.distributed import write_chrome_trace
+        write_chrome_trace(args.timeline, rec["timeline"])
+        say(f"wrote {os.path.abspath(args.timeline)} (open in https://ui.perfetto.dev)")
+    failed = [r for r in rec.get("ranks", []) if r.get("failed")]
+    if failed:
+        print(f"passlab: error: {failed[0]['failed']} (--strict)", file=sys.stderr)
+        return FAILED
+    return 0
+
+
+def summary(rec: dict) -> str:
+    from .table import pass_table, render
+    lines = [pass_table(rec), ""]
+    link = rec.get("link", {})
+    if link.get("emulated"):
+        lines.append(f"link {link['name']}: {link['rate_bytes_per_s'] / 1e6:.3g} MB/s per rank "
+                     f"(tc {link['qdisc']} in netns {link['namespace']}); latency "
+                     + (f"{link['latency_s'] * 1e6:.3g} us" if link.get("latency_emulated")
+                        else f"not emulated ({link.get('latency_reason', 'zero')})"))
+    else:
+        lines.append(f"link: plain loopback, not emulated ({link.get('reason')})")
+    rows = []
+    for r in rec.get("ranks", []):
+        if r.get("failed"):
+            rows.append([str(r["rank"]), "failed", "-", "-", "-", "-", "-", "-"])
+            continue
+        t = r["traced"].get("final", {})
+        ms = lambda v: "-" if v is None else f"{v * 1e3:.2f}"
+        eff = t.get("overlap_efficiency")
+        rows.append([str(r["rank"]), ms(r["step_s"]["baseline"]), ms(r["step_s"]["final"]), ms(t.get("compute_s")),
+                     ms(t.get("comm_s")), ms(t.get("exposed_comm_s")), "-" if eff is None else f"{eff:.2f}",
+                     "-" if r["reference_error"] is None else f"{r['reference_error']:.1e}"])
+    if rows:
+        lines.append(render(["rank", "step ms base", "step ms final", "compute ms", "comm ms", "exposed ms",
+                             "overlap", "vs reference"], rows))
+        lines.append("(step: median of timed runs; compute/comm/exposed: last traced run of the final graph)")
+    return "\n".join(lines)
