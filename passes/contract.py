@@ -13,7 +13,7 @@ new pass's own test (see `passlab new-pass`) calls it too.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,6 +21,7 @@ from passlab.graphs import capture, check_metadata, clone, load
 
 from .api import Pass, PassContext, PassResult, as_result
 from .manager import TOLERANCE, CheckNumerics
+from .pipeline import parse
 from .registry import get_pass
 
 
@@ -43,19 +44,35 @@ def captured(model: str, preset: str = "tiny"):
     return sample, capture(sample.module, sample.example_inputs)
 
 
-def check(pass_: str | Pass, model: str, *, options: dict | None = None, seed: int = 1234,
-          tolerance: float | None = None, device: str = "cpu") -> ContractReport:
+@functools.lru_cache(maxsize=16)
+def prepared(model: str, after: str, device: str = "cpu"):
+    """(Sample, GraphModule) of a model after the pipeline `after` (unchecked), cached."""
+    sample, gm = captured(model)
+    gm = clone(gm)
+    ctx = PassContext(device=device, dtype=sample.dtype, example_inputs=sample.example_inputs, sample=sample)
+    with torch.no_grad():
+        for step in parse(after):
+            gm = as_result(step.pass_.run(gm, replace(ctx, options=dict(step.options))), gm).gm
+            gm.recompile()
+    return sample, gm
+
+
+def check(pass_: str | Pass, model: str, *, options: dict | None = None, after: str | None = None,
+          seed: int = 1234, tolerance: float | None = None, device: str = "cpu") -> ContractReport:
     """Run one pass on a captured tiny model and check every clause of the contract.
 
-    Raises ContractViolation naming the clause broken; returns the report otherwise.
+    `after` is a pipeline run first (unchecked), to test the pass on the graphs
+    it meets in practice, e.g. after="cleanup". Raises ContractViolation naming
+    the clause broken; returns the report otherwise.
     """
     p = get_pass(pass_) if isinstance(pass_, str) else pass_
-    sample, original = captured(model)
-    gm = clone(original)
-    weights = {k: v.detach().clone() for k, v in list(gm.named_parameters()) + list(gm.named_buffers())}
+    sample, gm = prepared(model, after or "", device)
+    gm = clone(gm)
     ctx = PassContext(device=device, dtype=sample.dtype, example_inputs=sample.example_inputs,
-                      options=dict(options or {}), sample=sample)
-    where = f"pass {p.name!r} on {model}"
+                      sample=sample)
+    weights = {k: (v, v.detach().clone()) for k, v in list(gm.named_parameters()) + list(gm.named_buffers())}
+    ctx = replace(ctx, options=dict(options or {}))
+    where = f"pass {p.name!r} on {model}" + (f" after {after}" if after else "")
     with torch.no_grad():
         try:
             res = as_result(p.run(gm, ctx), gm)
@@ -73,10 +90,10 @@ def check(pass_: str | Pass, model: str, *, options: dict | None = None, seed: i
     if missing:
         raise ContractViolation(f"{where} left nodes without meta['val']: {', '.join(missing[:5])} "
                                 "(call passlab.passes.meta.propagate(gm) after rewriting)")
-    current = dict(list(original.named_parameters()) + list(original.named_buffers()))
-    for k, before in weights.items():
-        if not torch.equal(current[k], before):
+    for k, (now, before) in weights.items():
+        if not torch.equal(now, before):
             captured.cache_clear()     # the cached model is spoiled for the checks after this one
+            prepared.cache_clear()
             raise ContractViolation(f"{where} changed weight {k!r} in place; register a new attribute instead")
     tol = tolerance if tolerance is not None else TOLERANCE.get(sample.dtype, 1e-4)
     numerics = CheckNumerics(sample.module, sample.make_inputs, device, tol, seed=seed)

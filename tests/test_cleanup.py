@@ -5,6 +5,7 @@ import torch
 from passlab.graphs import capture, check_metadata, clone
 from passlab.passes import PassContext, get_pass, relative_error
 from passlab.passes.api import as_result
+from passlab.passes.contract import captured
 from passlab.passes.meta import propagate
 
 aten = torch.ops.aten
@@ -83,9 +84,8 @@ def test_dce_on_clean_graph_changes_nothing(messy):
     assert not res.changed and res.stats["removed"] == 0
 
 
-def test_cse_merges_duplicates_but_not_random_ops(tiny_samples):
-    s = tiny_samples["transformer"]
-    gm = capture(s.module, s.example_inputs)
+def test_cse_merges_duplicates_but_not_random_ops():
+    s, gm = captured("transformer")
     res = run("cse", gm)
     assert res.changed and res.stats["merged"] >= 3     # q, k, v read the same layer-norm view
     inputs = s.make_inputs(3)
@@ -132,9 +132,8 @@ def test_fold_constants_caps_memory_and_keeps_weights(messy):
         assert torch.equal(v, weights[k]), f"fold_constants changed weight {k} in place"
 
 
-def test_fold_constants_folds_weight_transposes_as_views(tiny_samples):
-    s = tiny_samples["mlp"]
-    gm = capture(s.module, s.example_inputs)
+def test_fold_constants_folds_weight_transposes_as_views():
+    s, gm = captured("mlp")
     res = run("fold_constants", gm)
     assert res.stats["constants"] == 4 and res.stats["bytes_new"] == 0
     assert aten.permute.default not in targets(res.gm)
@@ -142,11 +141,10 @@ def test_fold_constants_folds_weight_transposes_as_views(tiny_samples):
     assert relative_error(res.gm(*inputs), s.module(*inputs)) == 0.0
 
 
-def test_cleanup_alias_on_transformer(tiny_samples):
+def test_cleanup_alias_on_transformer():
     from passlab.passes import PassManager
     from passlab.passes.manager import CheckNumerics, Statistics, VerifyGraph
-    s = tiny_samples["transformer"]
-    gm = capture(s.module, s.example_inputs)
+    s, gm = captured("transformer")
     pm = PassManager("cleanup", instruments=[VerifyGraph(), CheckNumerics(s.module, s.make_inputs, "cpu", 1e-5),
                                              Statistics()])
     r = pm.run(gm, PassContext(sample=s))

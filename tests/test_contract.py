@@ -27,6 +27,13 @@ def test_pass_contract(pass_name, model):
     assert report.max_error >= 0.0
 
 
+@pytest.mark.parametrize("model", ["transformer", "convnet"])
+@pytest.mark.parametrize("pass_name", PASSES)
+def test_pass_contract_after_cleanup(pass_name, model):
+    """Passes meet cleaned-up graphs in practice: folded weights, merged views."""
+    check(pass_name, model, after="cleanup")
+
+
 def test_every_builtin_pass_is_covered():
     assert {"dce", "cse", "remove_noops", "fold_constants"} <= set(PASSES)
 

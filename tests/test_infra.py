@@ -13,9 +13,9 @@ import tomllib
 import pytest
 import torch
 
-from passlab.graphs import capture
 from passlab.passes import (PassContext, PassManager, PassResult, PipelineError, PipelineFailed,
                             UnknownPassError, get_pass, parse, register_pass, unregister_pass)
+from passlab.passes.contract import captured
 from passlab.passes.manager import CheckNumerics, Statistics, VerifyGraph
 from passlab.tools import cli, scaffold
 
@@ -127,9 +127,8 @@ def broken_passes():
 
 
 @pytest.fixture(scope="module")
-def mlp(tiny_samples):
-    s = tiny_samples["mlp"]
-    return s, capture(s.module, s.example_inputs)
+def mlp():
+    return captured("mlp")
 
 
 def manager(sample, pipeline, strict=False):
@@ -212,15 +211,32 @@ def plugin_site(tmp_path_factory):
     return site
 
 
-def passlab(site, *args):
+def passlab(site, *args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
     exe = os.path.join(os.path.dirname(sys.executable), "passlab")
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "passlab.tools.cli"]
-    return subprocess.run(cmd + list(args), env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(cmd + list(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_installed_plugin_passes_are_listed(plugin_site):
-    r = passlab(plugin_site, "list", "passes")
+@pytest.fixture(scope="module")
+def plugin_runs(plugin_site, tmp_path_factory):
+    """`passlab list passes`, and a run with the wrong plugin pass with and
+    without --strict, as a user would type them; run side by side to save time."""
+    out = tmp_path_factory.mktemp("runs")
+    run = ["run", "mlp", "--pipeline", "cleanup,bad_pass,recompose_silu", "--no-measure"]
+    procs = {"list": passlab(plugin_site, "list", "passes"),
+             False: passlab(plugin_site, *run, "--json", str(out / "lenient.json")),
+             True: passlab(plugin_site, *run, "--json", str(out / "strict.json"), "--strict")}
+    results = {}
+    for key, p in procs.items():
+        stdout, stderr = p.communicate(timeout=300)
+        results[key] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    results["json"] = {False: out / "lenient.json", True: out / "strict.json"}
+    return results
+
+
+def test_installed_plugin_passes_are_listed(plugin_runs):
+    r = plugin_runs["list"]
     assert r.returncode == 0, r.stderr
     assert "recompose_silu" in r.stdout and "bad_pass" in r.stdout and "dce" in r.stdout
     assert "cheaper_gelu" not in r.stdout        # a Pass keeps its own name, whatever the entry point says
@@ -228,13 +244,11 @@ def test_installed_plugin_passes_are_listed(plugin_site):
 
 
 @pytest.mark.parametrize("strict", [False, True])
-def test_wrong_plugin_pass_is_rolled_back_and_strict_stops(plugin_site, tmp_path, strict):
-    out = tmp_path / "run.json"
-    args = ["run", "mlp", "--pipeline", "cleanup,bad_pass,recompose_silu", "--no-measure", "--json", str(out)]
-    r = passlab(plugin_site, *args, *(["--strict"] if strict else []))
+def test_wrong_plugin_pass_is_rolled_back_and_strict_stops(plugin_runs, strict):
+    r = plugin_runs[strict]
     assert r.returncode == (1 if strict else 0), r.stderr
     assert "bad_pass: PassRejected: numerics changed: relative error" in r.stdout
-    rec = json.loads(out.read_text())
+    rec = json.loads(plugin_runs["json"][strict].read_text())
     steps = {s["pass"]: s for s in rec["steps"]}
     assert [s["pass"] for s in rec["steps"][:4]] == ["dce", "cse", "remove_noops", "fold_constants"]
     assert all(s["status"] == "ok" for s in rec["steps"][:4])
