@@ -104,7 +104,7 @@ def test_report_without_run_or_measurement(run_with_fusion, tmp_path):
     rec["steps"] = [dict(s, throughput=None, speedup_vs_prev=None) for s in rec["steps"]]
     rec.update(shapley=None, interaction=None, ablation=None, peers=None, timeline=None, final_speedup=None)
     text = open(report.write(rec, None, str(tmp_path))).read()
-    assert "No graph snapshots" in text and "not measured" in text
+    assert "No graph snapshots" in text and "passlab show transformer --after" in text and "not measured" in text
     assert "kernel launches (static estimate)" in text, "the waterfall falls back to labelled estimates"
     assert "--shapley" in text
 

@@ -193,12 +193,28 @@ def timeline_events(tl) -> list[dict]:
 COMM = re.compile(r"all_reduce|all_gather|reduce_scatter|all_to_all|broadcast|send|recv|wait|comm|nccl|gloo", re.I)
 
 
+CATEGORY_COLOURS = {"compute": "#4a90c2", "comm": "#8e5ea2", "wait": "#e67e22", "step": "#b8c0cc"}
+MAX_EVENTS = 4000
+
+
+def lane_names(tl) -> dict:
+    events = tl.get("traceEvents", []) if isinstance(tl, dict) else list(tl or [])
+    return {(str(e.get("pid", 0)), str(e.get("tid", 0))): (e.get("args") or {}).get("name")
+            for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+
+
 def timeline_svg(tl) -> str:
-    """One lane per rank (and per thread/stream within it): compute blue,
-    communication purple, times in ms from the first event."""
-    events = timeline_events(tl)
+    """One lane per rank and stream: compute blue, communication purple,
+    waiting on communication orange; times in ms from the first event."""
+    events = sorted(timeline_events(tl), key=lambda e: e["ts"])
     if not events:
         return '<p class="note">the timeline holds no complete events</p>'
+    note = ""
+    if len(events) > MAX_EVENTS:
+        note = (f'<p class="note">{len(events)} events: drawing the first {MAX_EVENTS} '
+                f'(the full trace is in the run record; open it in Perfetto).</p>')
+        events = events[:MAX_EVENTS]
+    names = lane_names(tl)
     t0 = min(e["ts"] for e in events)
     t1 = max(e["ts"] + e["dur"] for e in events)
     lanes = sorted({(str(e.get("pid", 0)), str(e.get("tid", 0))) for e in events},
@@ -214,18 +230,20 @@ def timeline_svg(tl) -> str:
         out.append(svg_text(xx, height - 8, f"{t:g} ms", "middle"))
     for i, (pid, tid) in enumerate(lanes):
         yy = 6 + i * lh
-        out.append(svg_text(lw - 8, yy + 16, f"rank {pid}" + (f" · {tid}" if tid not in ("0", "None") else ""), "end"))
+        lane = names.get((pid, tid)) or (tid if tid not in ("0", "None") else "")
+        out.append(svg_text(lw - 8, yy + 16, f"rank {pid}" + (f" · {lane}" if lane else ""), "end"))
         out.append(f'<rect x="{lw}" y="{yy}" width="{width - lw - 10}" height="{lh - 4}" fill="#f7f8fa"/>')
         for e in events:
             if (str(e.get("pid", 0)), str(e.get("tid", 0))) != (pid, tid):
                 continue
-            comm = bool(COMM.search(f"{e.get('cat', '')} {e.get('name', '')}"))
+            colour = CATEGORY_COLOURS.get(e.get("cat")) or \
+                (CATEGORY_COLOURS["comm"] if COMM.search(str(e.get("name", ""))) else CATEGORY_COLOURS["compute"])
             x0, x1 = sx(e["ts"]), sx(e["ts"] + e["dur"])
             tip = f"{e.get('name')} ({e.get('cat', '')}): {e['dur'] / 1e3:.3g} ms at {(e['ts'] - t0) / 1e3:.3g} ms"
             out.append(f'<rect x="{x0:.2f}" y="{yy + 2}" width="{max(x1 - x0, 0.8):.2f}" height="{lh - 8}" '
-                       f'fill="{"#8e5ea2" if comm else "#4a90c2"}" opacity="0.85"><title>{esc(tip)}</title></rect>')
+                       f'fill="{colour}" opacity="0.85"><title>{esc(tip)}</title></rect>')
     out.append("</svg>")
-    return "".join(out)
+    return note + "".join(out)
 
 
 # ---------------------------------------------------------------- graphs
@@ -467,8 +485,10 @@ def graphs(rec: dict, run) -> tuple[str, list]:
     steps = rec.get("steps") or []
     result = getattr(run, "result", None)
     if result is None or getattr(result, "baseline", None) is None or result.baseline.snapshot is None:
-        return ('<section id="graphs"><h2>Graphs</h2><p class="note">No graph snapshots: the run stopped before '
-                'its passes ran (see the table above).</p></section>', [])
+        return ('<section id="graphs"><h2>Graphs</h2><p class="note">No graph snapshots reached the report: a '
+                'distributed run keeps its graphs on the ranks, and a run that failed early has none (see the table '
+                f'above). <code>passlab show {esc(str(rec.get("model", "MODEL")))} --after PASSES --format svg</code> '
+                'draws any step.</p></section>', [])
     device = rec.get("device") or "cpu"
     out = ['<section id="graphs"><h2>What each pass changed</h2><div class="legend">' + draw.legend_html()
            + '</div><p class="note">Left: the graph before the pass, with what it removes or fuses marked; '
@@ -520,7 +540,8 @@ def timeline(rec: dict) -> str:
     if not tl:
         return ""
     return ('<section id="timeline"><h2>Timeline</h2><p class="note">One lane per rank (and stream); '
-            'blue: compute, purple: communication. Hover for names and durations.</p>'
+            'blue: compute, purple: communication, orange: compute waiting on communication, grey: '
+            'whole steps. Hover for names and durations.</p>'
             f'{timeline_svg(tl)}</section>')
 
 
