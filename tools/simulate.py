@@ -62,7 +62,11 @@ def predict(model: str, *, preset: str = "tiny", world: int = 8, link: str = "ib
     from passlab.passes import PassContext, PassManager
     from passlab.passes.manager import Snapshot, VerifyGraph
     from passlab.runtime import simulator
-    gm, sample, cap = capture_at(model, preset, world, dtype)
+    try:
+        gm, sample, cap = capture_at(model, preset, world, dtype)
+    finally:                      # leave no fake world behind for later loads in this process
+        if dist.is_initialized():
+            dist.destroy_process_group()
     est = simulator.Estimator(simulator.device_profile(device), simulator.get_link(link), world)
     options = {"link": link, "device": device, "world": world}
     from passlab.passes import parse

@@ -1,0 +1,112 @@
+"""Simulator: collective formulas on hand-computed cases, the two-stream replay,
+overlap metrics, and the `passlab simulate` command."""
+import pytest
+import torch
+import torch.fx
+
+from passlab.runtime import simulator
+from passlab.runtime.overlap_metrics import overlap_metrics
+from passlab.runtime.simulator import Event, Link, collective_time
+
+LINK = Link("test", 1e9, 1e-5)
+
+
+def test_collective_formulas_by_hand():
+    mb = 1_000_000
+    assert collective_time("all_reduce", mb, 4, LINK) == pytest.approx(2 * 3 / 4 * 1e-3 + 6 * 1e-5)
+    assert collective_time("all_gather", mb, 8, LINK) == pytest.approx(7 / 8 * 1e-3 + 7 * 1e-5)
+    assert collective_time("reduce_scatter", mb, 8, LINK) == pytest.approx(7 / 8 * 1e-3 + 7 * 1e-5)
+    assert collective_time("all_to_all", mb, 1024, LINK) == pytest.approx(1023 / 1024 * 1e-3 + 1023 * 1e-5)
+    assert collective_time("broadcast", mb, 16, LINK) == pytest.approx(1e-3 + 4 * 1e-5)
+    assert collective_time("all_reduce", mb, 1, LINK) == 0.0
+    assert collective_time("all_reduce", mb, 2, LINK, overhead_s=1e-4) == pytest.approx(1e-3 + 2e-5 + 1e-4)
+    with pytest.raises(ValueError):
+        collective_time("gossip", mb, 4, LINK)
+
+
+def test_links_and_devices():
+    l = simulator.get_link("rate=10gbit,latency=50us")
+    assert l.bytes_per_s == pytest.approx(1.25e9) and l.latency_s == pytest.approx(5e-5)
+    assert simulator.get_link("ib-400g").bytes_per_s == pytest.approx(50e9)
+    with pytest.raises(ValueError):
+        simulator.get_link("carrier-pigeon")
+    with pytest.raises(ValueError):
+        simulator.get_link("latency=5us")
+    h100 = simulator.device_profile("h100")
+    assert "datasheet" in h100["source"] and h100["matmul_flops_per_s"]["bfloat16"] == 989e12
+    with pytest.raises(ValueError):
+        simulator.device_profile("tpu9")
+
+
+class Fixed(simulator.Estimator):
+    """Every compute node 1 s, every collective 2 s, no issue cost."""
+
+    def __init__(self):
+        super().__init__({"op_overhead_s": 0.0}, LINK, 2)
+
+    def compute(self, node):
+        return 1.0 if node.op == "call_function" else 0.0
+
+    def comm(self, node):
+        return 2.0
+
+
+def hand_graph(early: bool) -> torch.fx.Graph:
+    c10d, aten = torch.ops._c10d_functional, torch.ops.aten
+    g = torch.fx.Graph()
+    x, y = g.placeholder("x"), g.placeholder("y")
+    a = g.call_function(aten.mm.default, (x, x))
+    if early:
+        c = g.call_function(c10d.all_reduce.default, (a, "sum", "0"))
+        b = g.call_function(aten.mm.default, (y, y))
+    else:
+        b = g.call_function(aten.mm.default, (y, y))
+        c = g.call_function(c10d.all_reduce.default, (a, "sum", "0"))
+    w = g.call_function(c10d.wait_tensor.default, (c,))
+    g.output(g.call_function(aten.add.Tensor, (w, b)))
+    return g
+
+
+def test_two_stream_replay_by_hand():
+    # mm 0-1 | all_reduce 1-3 beside mm 1-2 | wait until 3 | add 3-4
+    sim = simulator.replay(list(hand_graph(early=True).nodes), Fixed())
+    assert sim.step_s == pytest.approx(4.0)
+    assert sim.compute_s == pytest.approx(3.0) and sim.comm_s == pytest.approx(2.0)
+    assert sim.exposed_comm_s == pytest.approx(1.0)
+    assert sim.overlap_efficiency == pytest.approx(0.5)
+    # issued after the independent mm: nothing hides it
+    late = simulator.replay(list(hand_graph(early=False).nodes), Fixed())
+    assert late.step_s == pytest.approx(5.0) and late.exposed_comm_s == pytest.approx(2.0)
+    assert late.overlap_efficiency == pytest.approx(0.0)
+
+
+def test_overlap_metrics_by_hand():
+    ev = [Event("a", "compute", 0, 4), Event("b", "comm", 3, 6), Event("c", "compute", 5, 7)]
+    m = overlap_metrics(ev)
+    assert m["comm_s"] == pytest.approx(3) and m["compute_s"] == pytest.approx(6)
+    assert m["exposed_comm_s"] == pytest.approx(1) and m["overlap_efficiency"] == pytest.approx(2 / 3)
+    assert m["step_s"] == pytest.approx(7)
+    chrome = [{"ph": "X", "cat": "compute", "ts": 0, "dur": 10, "pid": 0},
+              {"ph": "X", "cat": "comm", "ts": 5, "dur": 10, "pid": 0},
+              {"ph": "X", "cat": "comm", "ts": 0, "dur": 10, "pid": 1},
+              {"ph": "M", "name": "process_name", "pid": 0}]
+    m = overlap_metrics(chrome)
+    assert m["ranks"][0]["exposed_comm_s"] == pytest.approx(5e-6)
+    assert m["ranks"][1]["overlap_efficiency"] is None
+    assert overlap_metrics([])["overlap_efficiency"] is None
+
+
+def test_simulate_command(capsys):
+    from passlab.tools.cli import main
+    assert main(["simulate", "ep_moe", "--world-size", "64", "--link", "ib-400g", "--device", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "overlap_reorder" in out and "collectives costed at W=64" in out
+    assert main(["simulate", "ep_moe", "--world-size", "4", "--link", "nope"]) == 2
+
+
+def test_predict_scales_with_world():
+    from passlab.tools.simulate import predict
+    small = predict("tp_mlp", world=2, link="eth-10g", device="h100", pipeline="overlap_reorder")
+    big = predict("tp_mlp", world=32, link="eth-10g", device="h100", pipeline="overlap_reorder")
+    assert big["steps"][0]["comm_s"] > small["steps"][0]["comm_s"] > 0
+    assert big["steps"][1]["exposed_comm_s"] <= big["steps"][0]["exposed_comm_s"]
