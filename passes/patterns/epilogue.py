@@ -50,7 +50,7 @@ def gemm_behind(t):
     return t, between
 
 
-def fold_add(g, add: torch.fx.Node, c: Counters, allow_residual: bool = True) -> str | None:
+def fold_add(g, add: torch.fx.Node, c: Counters, allow: set) -> str | None:
     """Rewrite one `add(gemm..., y)`; returns the kind folded, or None (reason counted)."""
     if add.kwargs.get("alpha", 1) != 1 or not all(isinstance(a, torch.fx.Node) for a in add.args):
         return None
@@ -82,10 +82,10 @@ def fold_add(g, add: torch.fx.Node, c: Counters, allow_residual: bool = True) ->
     else:
         (x, w), b = gemm.args, None
     with g.inserting_before(add):
-        if is_bias and b is None and (y_val.dim() == 1 or not is_residual):
+        if is_bias and b is None and (y_val.dim() == 1 or not is_residual) and "bias" in allow:
             cin = y if y_val.dim() == 1 else g.call_function(aten.reshape.default, (y, [M]))
             kind = "bias"
-        elif is_residual and not allow_residual:
+        elif is_residual and "residual" not in allow:
             c.skip("residual_disabled")
             return None
         elif is_residual:
@@ -105,18 +105,102 @@ def fold_add(g, add: torch.fx.Node, c: Counters, allow_residual: bool = True) ->
     return kind
 
 
+def act_of(n) -> str | None:
+    if n.target == aten.gelu.default:
+        return "gelu_tanh" if n.kwargs.get("approximate", "none") == "tanh" else "gelu"
+    return ACTIVATIONS.get(n.target)
+
+
+def decomposed_silu(t):
+    """`t * sigmoid(t)` (SiLU after core-aten decomposition): (sigmoid, mul) or None."""
+    us = users(t)
+    if len(us) != 2:
+        return None
+    sig = next((u for u in us if u.target == aten.sigmoid.default and u.args[0] is t), None)
+    mul = next((u for u in us if u.target == aten.mul.Tensor and sig is not None and set(u.args) == {t, sig}), None)
+    return (sig, mul) if sig is not None and mul is not None and users(sig) == [mul] else None
+
+
+def sole_user_through_views(n, passed: list):
+    """Follow single-user views/clones from `n`; returns the first other op (or None)."""
+    while True:
+        us = users(n)
+        if len(us) != 1:
+            return None
+        u = us[0]
+        if u.target in PASS_THROUGH and u.args[0] is n:
+            passed.append(u)
+            n = u
+            continue
+        return u
+
+
+def template_for(g, gemm: torch.fx.Node, c: Counters) -> bool:
+    """CUDA: GEMM [-> activation] [-> + residual] as one Triton GEMM-template node."""
+    passed, act, res, last = [], "none", None, gemm
+    if gemm.target == aten.addmm.default:
+        b, x, w = gemm.args
+        if gemm.kwargs or b.meta["val"].dim() != 1:
+            return False
+    else:
+        (x, w), b = gemm.args, None
+    nxt = sole_user_through_views(gemm, passed)
+    t = passed[-1] if passed else gemm
+    silu = decomposed_silu(t)
+    if silu is not None:
+        act, last = "silu", silu[1]
+        passed.extend(silu)
+        nxt = sole_user_through_views(last, passed)
+    elif nxt is not None and act_of(nxt) and nxt.args[0] is t:
+        act, last = act_of(nxt), nxt
+        passed.append(nxt)
+        nxt = sole_user_through_views(nxt, passed)
+    if nxt is not None and nxt.target == aten.add.Tensor and not nxt.kwargs:
+        t = passed[-1] if passed else gemm
+        y = nxt.args[1] if nxt.args[0] is t else nxt.args[0]
+        if isinstance(y, torch.fx.Node) and y is not t and shape(y) == shape(nxt) == shape(t) \
+                and y.meta["val"].dtype == gemm.meta["val"].dtype:
+            res, last = y, nxt
+    if act == "none" and res is None:
+        return False
+    c.matched += 1
+    from passlab.runtime.codegen.triton_gemm import GemmEpilogue
+    N, M = gemm.meta["val"].shape
+    with g.inserting_before(last):
+        r2 = g.call_function(aten.reshape.default, (res, [N, M])) if res is not None else None
+        node = g.call_function(GemmEpilogue(act, b is not None, res is not None), (x, w, b, r2))
+        node.meta["fused_from"] = [n.name for n in [gemm] + passed + ([last] if res is not None else [])]
+        out = g.call_function(aten.view.default, (node, list(shape(last)))) if shape(last) != (N, M) else node
+    node.meta["val"], out.meta["val"] = gemm.meta["val"], last.meta["val"]
+    last.replace_all_uses_with(out)
+    erase_dead(g, [last] + passed[::-1] + [gemm])
+    return True
+
+
 @register_pass("fuse_epilogue")
 def fuse_epilogue(gm: torch.fx.GraphModule, ctx, *, residual: bool = True) -> PassResult:
     """Fold bias and residual adds after a GEMM into addmm (CUDA: Triton GEMM + epilogue)."""
     c, g = Counters(), gm.graph
     folded = {"bias": 0, "residual": 0}
-    for add in [n for n in g.nodes if n.op == "call_function" and n.target == aten.add.Tensor]:
-        if getattr(add, "_erased", False):
-            continue
-        kind = fold_add(g, add, c, residual)
-        if kind:
-            folded[kind] += 1
-            c.rewritten += 1
+
+    def fold_adds(counters, allow):
+        for add in [n for n in g.nodes if n.op == "call_function" and n.target == aten.add.Tensor]:
+            if not getattr(add, "_erased", False):
+                kind = fold_add(g, add, counters, allow)
+                if kind:
+                    folded[kind] += 1
+                    c.rewritten += 1
+
+    bias_only = Counters()               # first pass: mm + b -> addmm, so templates see the bias
+    fold_adds(bias_only, {"bias"})
+    c.matched += bias_only.rewritten
+    templates = 0
+    if str(ctx.device).startswith("cuda"):
+        for gemm in [n for n in g.nodes if n.op == "call_function" and n.target in GEMMS]:
+            if template_for(g, gemm, c):
+                templates += 1
+                c.rewritten += 1
+    fold_adds(c, {"bias", "residual"} if residual else {"bias"})
     activations = sum(1 for n in g.nodes if n.op == "call_function" and n.target in ACTIVATIONS
                       and gemm_behind(n.args[0])[0] is not None)
     if c.rewritten:
@@ -125,4 +209,4 @@ def fuse_epilogue(gm: torch.fx.GraphModule, ctx, *, residual: bool = True) -> Pa
         propagate(gm)
     return PassResult(gm, changed=c.rewritten > 0,
                       stats=c.as_dict(bias_folded=folded["bias"], residual_folded=folded["residual"],
-                                      activations_after_gemm=activations))
+                                      gemm_templates=templates, activations_after_gemm=activations))
