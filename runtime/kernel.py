@@ -284,6 +284,8 @@ DECOMP = {
     aten.native_layer_norm.default: lambda b, n, x, s, w, bias, eps: _layer_norm(b, x, s, w, bias, eps),
     aten._native_batch_norm_legit_no_training.default:
         lambda b, n, x, w, bias, rm, rv, mom, eps: _batch_norm_inference(b, x, w, bias, rm, rv, mom, eps),
+    aten.native_batch_norm.default: lambda b, n, x, w, bias, rm, rv, training, mom, eps:
+        _batch_norm_inference(b, x, w, bias, rm, rv, mom, eps) if not training else _no(n),
     aten.sum.dim_IntList: lambda b, n, x, dims=None, keepdim=False, **k: b.reduce("sum", x, _dims(x, dims), keepdim),
     aten.sum.default: lambda b, n, x, **k: b.reduce("sum", x, _dims(x, None), False),
     aten.mean.dim: lambda b, n, x, dims=None, keepdim=False, **k: _mean(b, b.cast(x, "f"), dims, keepdim),
@@ -299,6 +301,10 @@ DECOMP = {
         _var(b, b.cast(x, "f"), dims, 1 if correction is None else correction, keepdim),
     operator.getitem: lambda b, n, x, i: _getitem(x, i),
 }
+
+
+def _no(node):
+    raise LoweringError(f"{node.target} with these arguments has no kernel lowering")
 
 
 def _clamp(b, x, lo, hi):
