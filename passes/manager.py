@@ -197,7 +197,7 @@ class PassManager:
             rec.pass_seconds = rec.pass_seconds or time.perf_counter() - t0
             rec.status, rec.changed = "rolled_back", False
             rec.error = f"{type(e).__name__}: {e}"
-            rec.stats = {"traceback": traceback.format_exc(limit=6)}
+            rec.stats = {**rec.stats, "traceback": traceback.format_exc(limit=6)}   # keep what the pass counted
             fill_stats(rec, gm)
             rec.max_error, rec.numerics_ok, rec.snapshot = prev.max_error, prev.numerics_ok, prev.snapshot
             return gm, rec

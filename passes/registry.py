@@ -17,6 +17,7 @@ from .api import FunctionPass, Pass
 _PASSES: dict[str, Pass] = {}
 ALIASES: dict[str, list[str]] = {"cleanup": ["dce", "cse", "remove_noops", "fold_constants"]}
 _loaded = False
+LOAD_ERRORS: dict[str, str] = {}   # module or "plugin NAME" -> why it did not load
 
 
 class UnknownPassError(ValueError):
@@ -60,13 +61,20 @@ def load_builtin_and_plugins() -> None:
         return
     _loaded = True
     import passlab.passes as pkg
-    for info in pkgutil.walk_packages(pkg.__path__, prefix="passlab.passes."):
-        importlib.import_module(info.name)
+    failed = lambda name: LOAD_ERRORS.setdefault(name, "import failed")
+    for info in pkgutil.walk_packages(pkg.__path__, prefix="passlab.passes.", onerror=failed):
+        try:
+            importlib.import_module(info.name)
+        except Exception as e:  # one broken pass module must not take the others down; tests check LOAD_ERRORS
+            LOAD_ERRORS[info.name] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"passlab pass module {info.name} failed to import: {type(e).__name__}: {e}",
+                          stacklevel=2)
     for ep in importlib.metadata.entry_points(group="passlab.passes"):
         try:
             obj = ep.load()
         except Exception as e:  # a broken plugin must not break passlab
-            warnings.warn(f"passlab plugin {ep.name!r} ({ep.value}) failed to load: {e}")
+            LOAD_ERRORS[f"plugin {ep.name}"] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"passlab plugin {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
             continue
         if not (isinstance(obj, Pass) and obj.name in _PASSES and _PASSES[obj.name] is obj):
             already = any(getattr(p, "fn", None) is obj or p is obj or type(p) is obj for p in _PASSES.values())

@@ -35,7 +35,10 @@ def test_pass_contract_after_cleanup(pass_name, model):
 
 
 def test_every_builtin_pass_is_covered():
+    from passlab.passes.registry import LOAD_ERRORS
     assert {"dce", "cse", "remove_noops", "fold_constants"} <= set(PASSES)
+    assert {k: v for k, v in LOAD_ERRORS.items() if k.startswith("passlab.passes")} == {}, \
+        "a pass module failed to import, so its passes are neither registered nor tested"
 
 
 @pytest.fixture

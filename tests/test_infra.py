@@ -145,6 +145,8 @@ def test_broken_passes_are_rolled_back_with_the_reason(mlp, broken_passes):
         assert rec.status == "rolled_back" and not rec.changed, name
         assert REASONS[name] in rec.error, (name, rec.error)
     assert by_name["t_changes_numerics"].max_error == res.steps[0].max_error == 0.0   # the rolled-back graph's
+    assert by_name["t_drops_meta"].stats["rewritten"] == 1          # what the pass counted is kept
+    assert "Traceback" in by_name["t_raises"].stats["traceback"]
     ok = [r for r in res.steps if not r.name.startswith("t_")]
     assert all(r.status == "ok" for r in ok)
     assert res.steps[-1].name == "fold_constants" and res.steps[-1].changed        # the pipeline went on
