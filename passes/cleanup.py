@@ -150,12 +150,14 @@ def remove_noops(gm: torch.fx.GraphModule, ctx) -> PassResult:
         src = noop_source(node)
         if src is None:
             continue
-        if node in outputs and src.op in ("placeholder", "get_attr"):
-            skipped["output would alias an input or a weight"] += 1
+        if node in outputs and (src.op in ("placeholder", "get_attr") or src in outputs):
+            skipped["output would alias an input, a weight or another output"] += 1
             continue
         if any(getattr(getattr(u.target, "_schema", None), "is_mutable", False) for u in node.users):
             skipped["a user mutates it"] += 1
             continue
+        if node in outputs:
+            outputs.add(src)
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         removed[op_name(node)] += 1

@@ -33,6 +33,12 @@ class ReturnsCopy(torch.nn.Module):
         return x.clone()
 
 
+class ReturnsTwice(torch.nn.Module):
+    def forward(self, x):
+        y = x * 2
+        return y, y.clone(), (y + 1).view(y.shape)
+
+
 @pytest.fixture(scope="module")
 def messy():
     m = Messy().eval()
@@ -112,7 +118,20 @@ def test_remove_noops_never_returns_an_input_itself():
     gm = capture(ReturnsCopy(), (torch.randn(3),))
     res = run("remove_noops", gm)
     assert not res.changed and targets(res.gm) == [aten.clone.default]
-    assert res.stats["skipped"] == {"output would alias an input or a weight": 1}
+    assert res.stats["skipped"] == {"output would alias an input, a weight or another output": 1}
+    two = run("remove_noops", capture(ReturnsTwice(), (torch.randn(3),)))
+    assert two.stats["removed_by_op"] == {"view": 1} and targets(two.gm).count(aten.clone.default) == 1
+    y, y2, z = two.gm(torch.ones(3))
+    assert y is not y2 and torch.equal(y, y2) and torch.equal(z, torch.full((3,), 3.0))
+
+
+@pytest.mark.parametrize("model", ["transformer", "llama", "moe", "convnet"])
+def test_cleanup_is_idempotent(model):
+    from passlab.passes.contract import prepared
+    _, gm = prepared(model, "cleanup")
+    for name in ("dce", "cse", "remove_noops", "fold_constants"):
+        res = run(name, gm)
+        assert not res.changed, (name, res.stats)
 
 
 def test_fold_constants_caps_memory_and_keeps_weights(messy):
