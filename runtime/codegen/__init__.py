@@ -225,13 +225,15 @@ def make_runner(fk, fn, device: str, keepalive):
         def launch(ins, res):
             fn[grid](*ins, *res, RBLOCK=rblock)
 
+    home = torch.device("cuda" if device == "cuda" else "cpu")
+
     def run(*inputs):
         ins = list(inputs)
         for i in range(n_in):
             t = ins[i]
             if t.stride() != expect[i]:
                 ins[i] = empty(t.shape, expect[i], dtype=t.dtype, device=t.device).copy_(t)
-        dev = ins[0].device if ins else torch.device(device)
+        dev = ins[0].device if ins else home
         res = [empty(s, st, dtype=dt, device=dev) for s, st, dt in outs]
         launch(ins, res)
         return tuple(res) if multi else res[0]
