@@ -151,6 +151,21 @@ def test_layout_copies_highlighted(graphs):
     assert not re.search(rf'"{plain[0].name}" \[[^\]]*color="{draw.LAYOUT_COLOR}"', dot)
 
 
+def test_collectives_highlighted():
+    c10d = torch.ops._c10d_functional
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    ar = g.call_function(c10d.all_reduce.default, (x, "sum", "0"))
+    w = g.call_function(c10d.wait_tensor.default, (ar,))
+    g.output(w)
+    for n in (x, ar, w):
+        n.meta["val"] = torch.empty(4, 8)
+    dot = draw.to_dot(torch.fx.GraphModule(torch.nn.Module(), g))
+    for n in (ar, w):
+        assert re.search(rf'"{n.name}" \[.*shape="hexagon".*penwidth="3"', dot)
+    assert f'"x" -> "{ar.name}" [label="4×8 f32"' in dot
+
+
 def test_fused_group_is_a_cluster_with_its_ops(fused_mlp):
     _, _, after = fused_mlp
     dot = draw.to_dot(after)
