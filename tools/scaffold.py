@@ -169,6 +169,9 @@ def new_pass(name: str, root_dir: str | None = None, *, plugin: bool = False) ->
                 TEST_TEMPLATE.format(name=name, import_line=f"\nimport passlab_{name}  # noqa: F401  registers it"),
         }
     else:
+        if not root_dir and not os.path.exists(os.path.join(root, "pyproject.toml")):
+            raise ValueError("passlab is installed from a wheel, not a checkout: give --dir CHECKOUT, "
+                             "or scaffold a plugin package with --plugin")
         if not os.path.isdir(os.path.join(root, "passes")):
             raise ValueError(f"{root} is not a passlab checkout (no passes/ folder); give --dir, "
                              "or scaffold a plugin package with --plugin")
