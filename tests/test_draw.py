@@ -250,6 +250,15 @@ def test_collapsed_fused_graph_renders(fused_mlp, tmp_path):
     assert svg.startswith("<svg") and "blocks.0" in svg and "k_add_addmm" in svg
 
 
+@needs_dot
+def test_show_command_draws(tmp_path, capsys):
+    from passlab.tools import cli
+    for fmt in ("dot", "svg"):
+        out = tmp_path / f"mlp.{fmt}"
+        assert cli.main(["show", "mlp", "--after", "cse", "--format", fmt, "-o", str(out)]) == 0
+        assert open(out).read().lstrip().startswith("digraph" if fmt == "dot" else "<?xml")
+
+
 def test_missing_graphviz_is_a_clear_error(monkeypatch, graphs):
     monkeypatch.setattr(draw.shutil, "which", lambda name: None)
     with pytest.raises(draw.GraphvizMissing, match="apt-get install graphviz"):

@@ -109,6 +109,13 @@ def test_report_without_run_or_measurement(run_with_fusion, tmp_path):
     assert "--shapley" in text
 
 
+def test_report_without_graphviz_keeps_the_dot_text(run_with_fusion, tmp_path, monkeypatch):
+    monkeypatch.setattr(draw.shutil, "which", lambda name: None)
+    text = open(report.write(run_with_fusion.record, run_with_fusion, str(tmp_path))).read()
+    assert "Graphviz" in text and "apt-get install graphviz" in text
+    assert "digraph passlab" in text and "waterfall" in text
+
+
 @needs_dot
 def test_large_graphs_collapse_to_the_same_depth(run_with_fusion, monkeypatch):
     before = run_with_fusion.result.baseline.snapshot

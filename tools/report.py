@@ -276,7 +276,7 @@ def graph_pair(before, after, key: str, label_before: str, label_after: str) -> 
         b = draw.build(before, marks=d.marks_before(), depth=a.depth, params=False)
     try:
         left, right = inline_svg(b.dot(), f"g{key}b"), inline_svg(a.dot(), f"g{key}a")
-    except draw.GraphvizMissing as e:
+    except RuntimeError as e:   # no Graphviz, or it failed: the DOT text still tells the story
         left = f'<p class="note">{esc(str(e))}</p><pre>{esc(b.dot())}</pre>'
         right = f'<pre>{esc(a.dot())}</pre>'
     note = d.summary() + (f"; drawings collapsed to module depth {b.depth}" if b.depth is not None else "")
@@ -287,7 +287,7 @@ def single_graph(gm, key: str, label: str) -> str:
     d = draw.build(gm, max_nodes=GRAPH_MAX_NODES, params=False)
     try:
         body = inline_svg(d.dot(), f"g{key}")
-    except draw.GraphvizMissing as e:
+    except RuntimeError as e:
         body = f'<p class="note">{esc(str(e))}</p><pre>{esc(d.dot())}</pre>'
     return f'<div class="pair" style="grid-template-columns:1fr">{pane(label, body)}</div>'
 
