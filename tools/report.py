@@ -280,7 +280,8 @@ def graph_pair(before, after, key: str, label_before: str, label_after: str) -> 
         left = f'<p class="note">{esc(str(e))}</p><pre>{esc(b.dot())}</pre>'
         right = f'<pre>{esc(a.dot())}</pre>'
     note = d.summary() + (f"; drawings collapsed to module depth {b.depth}" if b.depth is not None else "")
-    return (f'<div class="pair">{pane(label_before, left)}{pane(label_after, right)}</div>', note)
+    return (f'<div><label class="muted"><input type="checkbox" class="link" checked> zoom and pan both sides together'
+            f'</label><div class="pair">{pane(label_before, left)}{pane(label_after, right)}</div></div>', note)
 
 
 def single_graph(gm, key: str, label: str) -> str:
@@ -497,6 +498,7 @@ def graphs(rec: dict, run) -> tuple[str, list]:
     base = result.baseline.snapshot
     out.append(f'<h3 id="pass-0">Captured graph</h3>{single_graph(base, "0", "baseline (captured, core aten)")}')
     prev = base
+    shapley = rec.get("shapley") or {}
     recs = list(getattr(result, "steps", []) or [])
     for i, s in enumerate(steps, start=1):
         r = recs[i - 1] if i - 1 < len(recs) else None
@@ -506,6 +508,8 @@ def graphs(rec: dict, run) -> tuple[str, list]:
                 f'<span class="badge {esc(str(status))}">{esc(str(status))}</span>'
                 f'<span class="badge {"same" if not s.get("changed") else ""}">{"changed" if s.get("changed") else "no change"}</span>'
                 + (f'<span class="badge">{speed(sp)} vs previous</span>' if sp else "")
+                + (f'<span class="badge">Shapley {pct_gain(shapley[s["pass"]])}</span>'
+                   if s["pass"] in shapley else "")
                 + f'<span class="muted">{esc(stats_text(s.get("stats")))}</span></div>')
         out.append(head)
         snap = getattr(r, "snapshot", None) if r is not None else None

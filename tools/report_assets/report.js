@@ -10,14 +10,21 @@
     var svg = box.querySelector("svg");
     if (!svg) return;
     var vb = svg.viewBox.baseVal, home = [vb.x, vb.y, vb.width, vb.height];
-    function set(x, y, w, h) { svg.setAttribute("viewBox", [x, y, w, h].join(" ")); }
+    var pair = box.closest(".pair"), link = pair && pair.parentNode.querySelector("input.link");
+    function set(x, y, w, h, quiet) {
+      svg.setAttribute("viewBox", [x, y, w, h].join(" "));
+      if (quiet || !link || !link.checked) return;
+      pair.querySelectorAll(".zoom").forEach(function (other) {   // the same view on the other side
+        if (other !== box && other.panzoom) other.panzoom.set(x, y, w, h, true);
+      });
+    }
     function reset() {
       // the whole graph when it fits; a tall one starts at its top, width fitted (at most 1:1)
       var r = box.getBoundingClientRect(), x = home[0], y = home[1], w = home[2], h = home[3];
-      if (r.width <= 0 || r.height <= 0) { set(x, y, w, h); return; }
+      if (r.width <= 0 || r.height <= 0) { set(x, y, w, h, true); return; }
       var vw = Math.max(w, r.width), vh = vw * r.height / r.width;
-      if (vh >= h) { set(x, y, w, h); return; }
-      set(x + (w - vw) / 2, y, vw, vh);
+      if (vh >= h) { set(x, y, w, h, true); return; }
+      set(x + (w - vw) / 2, y, vw, vh, true);
     }
     function zoom(f, cx, cy) {
       var r = box.getBoundingClientRect();
@@ -41,7 +48,8 @@
       set(drag.vx - (e.clientX - drag.x) * s, drag.vy - (e.clientY - drag.y) * s, vb.width, vb.height);
     });
     window.addEventListener("mouseup", function () { drag = null; box.classList.remove("dragging"); });
-    box.addEventListener("dblclick", reset);
+    box.addEventListener("dblclick", function () { reset(); });
+    box.panzoom = { set: set };
     var pane = box.parentNode;
     pane.querySelectorAll("button[data-zoom]").forEach(function (b) {
       b.addEventListener("click", function () {
