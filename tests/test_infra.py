@@ -275,6 +275,7 @@ def checkout(tmp_path):
     ("FusePass", "lower_snake_case"), ("fuse-pass", "lower_snake_case"), ("2fast", "lower_snake_case"),
     ("class", "lower_snake_case"), ("", "lower_snake_case"),
     ("dce", "already exists"), ("cleanup", "already exists"),
+    ("parse", "would shadow passlab.passes.parse"), ("patterns", "would shadow"),
 ])
 def test_scaffold_refuses_bad_names(checkout, name, why):
     with pytest.raises(ValueError, match=why):

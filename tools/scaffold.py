@@ -175,6 +175,9 @@ def new_pass(name: str, root_dir: str | None = None, *, plugin: bool = False) ->
         if not os.path.isdir(os.path.join(root, "passes")):
             raise ValueError(f"{root} is not a passlab checkout (no passes/ folder); give --dir, "
                              "or scaffold a plugin package with --plugin")
+        import passlab.passes
+        if hasattr(passlab.passes, name) or os.path.isdir(os.path.join(root, "passes", name)):
+            raise ValueError(f"passes/{name}.py would shadow passlab.passes.{name}; choose another name")
         test_rel = os.path.join("tests", f"test_pass_{name}.py")
         files = {
             os.path.join(root, "passes", f"{name}.py"): PASS_TEMPLATE.format(name=name, test_path=test_rel),
