@@ -127,6 +127,21 @@ def test_large_graphs_collapse_to_the_same_depth(run_with_fusion, monkeypatch):
     assert len(set(depths)) == 1 and len(depths) >= 2
 
 
+@needs_dot
+def test_rolled_back_pass_is_reported(tmp_path):
+    @register_pass("test_report_broken")
+    def broken(gm, ctx):
+        raise ValueError("this pass is broken on purpose")
+
+    try:
+        r = run("mlp", pipeline="test_report_broken,dce", measure=False)
+    finally:
+        unregister_pass("test_report_broken")
+    text = open(report.write(r.record, r, str(tmp_path))).read()
+    assert "rolled back: ValueError: this pass is broken on purpose" in text
+    assert "<summary>traceback</summary>" in text and 'class="rolled_back"' in text
+
+
 def test_cli_report_prints_index_path(tmp_path, capsys):
     from passlab.tools import cli
     rc = cli.main(["run", "mlp", "--no-measure", "--pipeline", "dce", "--report", str(tmp_path / "rep")])

@@ -175,7 +175,8 @@ def diff(before: torch.fx.GraphModule, after: torch.fx.GraphModule) -> GraphDiff
         if name in old and signature_of(old[name]) == signature_of(n):
             d.kept.append(name)
         elif n.meta.get("fused_from") or getattr(n.target, "is_fused_kernel", False):
-            d.fused[name] = [o for o in n.meta.get("fused_from") or fused_from_subgraph(n) if o in old]
+            olds = list(dict.fromkeys(list(n.meta.get("fused_from") or []) + fused_from_subgraph(n)))
+            d.fused[name] = [o for o in olds if o in old and o not in new]
         elif not (n.target is operator.getitem and n.args[0].name in d.fused):
             d.added.append(name)
     into = {o for olds in d.fused.values() for o in olds}
