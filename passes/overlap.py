@@ -31,11 +31,19 @@ from .registry import register_pass
 
 
 def estimator(ctx, link: str, device: str, world: int) -> Estimator:
-    """World, link and device from the options, else the run's context."""
+    """World, link and device from the options, else the run's context. In a
+    launched run every rank takes rank 0's device profile: ranks that chose
+    different schedules from their own measurements would deadlock."""
+    import torch.distributed as dist
     w = world or max(ctx.world_size, 2)
     link = link or ctx.options.get("link") or "loopback"
     dev = device or ("cpu" if ctx.device.startswith("cpu") else ctx.device)
-    return Estimator(simulator.device_profile(dev), simulator.get_link(link), w)
+    profile = simulator.device_profile(dev)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [profile]
+        dist.broadcast_object_list(box, src=0)
+        profile = box[0]
+    return Estimator(profile, simulator.get_link(link), w)
 
 
 # ---------------------------------------------------------------- list scheduling

@@ -128,13 +128,39 @@ CPU_OP_OVERHEAD_S = 3e-6
 CPU_COLLECTIVE_OVERHEAD_S = 60e-6
 
 
-def device_profile(name: str = "cpu") -> dict:
-    """'cpu' (this machine, measured and cached) or a named datasheet device."""
+NOMINAL_CPU = {"device": "cpu", "copy_bytes_per_s": 10e9, "matmul_flops_per_s": {"float32": 50e9},
+               "source": "nominal CPU (no measured profile cached on this machine)"}
+
+
+def cached_cpu_profile() -> dict | None:
+    """A profile already measured on this machine (any thread count), without measuring."""
+    import glob
+    import json
+    import os
+    from .profiles import cache_dir, machine_key
+    exact = os.path.join(cache_dir(), f"profile-{machine_key('cpu')}.json")
+    for path in [exact] + sorted(glob.glob(os.path.join(cache_dir(), "profile-*.json")), key=os.path.getmtime)[::-1]:
+        try:
+            with open(path) as f:
+                prof = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if prof.get("device") == "cpu" and prof.get("copy_bytes_per_s") and prof.get("matmul_flops_per_s"):
+            return prof
+    return None
+
+
+def device_profile(name: str = "cpu", measure: bool = False) -> dict:
+    """'cpu' (this machine: its cached measured profile; measured now only if
+    `measure`, else a nominal one) or a named datasheet device."""
     if name in DEVICES:
         return dict(DEVICES[name])
     if name.startswith("cpu") or name.startswith("cuda"):
-        from .profiles import get_profile
-        prof = dict(get_profile(name))
+        prof = cached_cpu_profile() if name.startswith("cpu") else None
+        if prof is None and (measure or name.startswith("cuda")):
+            from .profiles import get_profile
+            prof = get_profile(name)
+        prof = dict(prof or NOMINAL_CPU)
         prof.setdefault("source", f"measured on this machine ({prof.get('measured_at', '?')})")
         prof.setdefault("op_overhead_s", CPU_OP_OVERHEAD_S if name.startswith("cpu") else 5e-6)
         prof.setdefault("collective_overhead_s", CPU_COLLECTIVE_OVERHEAD_S if name.startswith("cpu") else 10e-6)

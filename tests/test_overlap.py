@@ -120,39 +120,43 @@ def free_port():
         return s.getsockname()[1]
 
 
-def two_rank_worker(rank, world, port, model, queue):
+def two_rank_worker(rank, world, port, models, queue):
+    import faulthandler, sys
+    faulthandler.dump_traceback_later(100, exit=True, file=sys.stderr)
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        s = load(model, "tiny")
-        gm = capture(s.module, s.example_inputs)
-        ctx = PassContext(world_size=world, rank=rank)
-        gm = overlap.overlap_reorder(gm, ctx, link="eth-10g").gm
-        gm = overlap.overlap_chunk(gm, ctx, link="eth-10g", k=2).gm
-        x = s.make_inputs(5)
-        with torch.no_grad():
-            got, ref = gm(*x), s.module.reference(*x)
-        queue.put((rank, float((got - ref).abs().max()), float(ref.abs().max())))
+        for model in models:
+            s = load(model, "tiny")
+            gm = capture(s.module, s.example_inputs)
+            ctx = PassContext(world_size=world, rank=rank)
+            gm = overlap.overlap_reorder(gm, ctx, link="eth-10g").gm
+            gm = overlap.overlap_chunk(gm, ctx, link="eth-10g", k=2).gm
+            x = s.make_inputs(5)
+            with torch.no_grad():
+                got, ref = gm(*x), s.module.reference(*x)
+            queue.put((model, rank, float((got - ref).abs().max()), float(ref.abs().max())))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("model", ["ep_moe", "tp_mlp"])
-def test_two_ranks_match_reference(model):
+def test_two_ranks_match_reference():
+    models = ["ep_moe", "tp_mlp"]
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=two_rank_worker, args=(r, 2, port, model, queue)) for r in range(2)]
+    procs = [ctx.Process(target=two_rank_worker, args=(r, 2, port, models, queue)) for r in range(2)]
     for p in procs:
         p.start()
     try:
-        results = sorted(queue.get(timeout=120) for _ in range(2))
+        results = sorted(queue.get(timeout=120) for _ in range(2 * len(models)))
     finally:
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-    for rank, err, scale in results:
-        assert err <= 1e-4 * max(scale, 1.0), (rank, err)
+    assert len(results) == 2 * len(models)
+    for model, rank, err, scale in results:
+        assert err <= 1e-4 * max(scale, 1.0), (model, rank, err)

@@ -67,7 +67,7 @@ def predict(model: str, *, preset: str = "tiny", world: int = 8, link: str = "ib
     finally:                      # leave no fake world behind for later loads in this process
         if dist.is_initialized():
             dist.destroy_process_group()
-    est = simulator.Estimator(simulator.device_profile(device), simulator.get_link(link), world)
+    est = simulator.Estimator(simulator.device_profile(device, measure=True), simulator.get_link(link), world)
     options = {"link": link, "device": device, "world": world}
     from passlab.passes import parse
     steps = parse(pipeline)
