@@ -52,7 +52,11 @@ def main(args) -> int:
                 print(f"passlab: pass {s.name} rolled back: {s.error}", file=sys.stderr)
     if args.format != "text":
         from . import draw
-        path = draw.write(gm, args.output or f"{sample.name}.{args.format}", fmt=args.format, depth=args.depth)
+        try:
+            path = draw.write(gm, args.output or f"{sample.name}.{args.format}", fmt=args.format, depth=args.depth)
+        except RuntimeError as e:  # Graphviz missing or failing
+            print(f"passlab: error: {e}", file=sys.stderr)
+            return 1
         print(f"passlab: wrote {path}", file=sys.stderr)
         return 0
     text = summary(sample, gm)
