@@ -45,8 +45,8 @@ FIRES = [  # pass, model, rewrites, extra stats
     ("merge_projections", "transformer", 2, {"gemms_merged": 6}),
     ("merge_projections", "llama", 4, {"gemms_merged": 10}),
     ("merge_projections", "moe", 2, {"gemms_merged": 4}),
-    ("fuse_epilogue", "transformer", 4, {"residual_folded": 4}),
-    ("fuse_epilogue", "llama", 4, {"residual_folded": 4}),
+    ("fuse_epilogue", "transformer", 6, {"residual_folded": 4, "epilogue_kernels": 2}),
+    ("fuse_epilogue", "llama", 6, {"residual_folded": 4, "epilogue_kernels": 2}),
 ]
 HF_FIRES = [
     ("fuse_attention", "hf:gpt2", 2, {"causal": 2}),
@@ -319,8 +319,20 @@ def test_fuse_epilogue_cases(case, r_shape, stats):
 
 def test_fuse_epilogue_residual_option():
     sample, gm = captured("llama")
-    res = run("fuse_epilogue", clone(gm), residual=False)
+    res = run("fuse_epilogue", clone(gm), residual=False, kernels=False)
     assert res.stats["rewritten"] == 0 and res.stats["skipped"] == {"residual_disabled": 4}
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU(), nn.ReLU()])
+def test_cpu_epilogue_kernel(act):
+    torch.manual_seed(0)
+    m, x = FFN(act).eval(), torch.randn(2, 5, 16)
+    res = run("fuse_epilogue", capture(m, (x,)))
+    assert res.stats["epilogue_kernels"] == 1 and res.stats["residual_folded"] == 1, res.stats
+    kernels = [n for n in res.gm.graph.nodes if getattr(n.target, "is_fused_kernel", False)]
+    assert len(kernels) == 1 and kernels[0].args[0].target in (aten.view.default, aten.addmm.default)
+    with torch.no_grad():
+        assert relative_error(res.gm(x), m(x)) < 1e-5
 
 
 # --------------------------------------------------------------------- fuse_epilogue on CUDA: Triton GEMM template

@@ -177,8 +177,45 @@ def template_for(g, gemm: torch.fx.Node, c: Counters) -> bool:
     return True
 
 
+def cpu_epilogues(gm: torch.fx.GraphModule, c: Counters):
+    """CPU: the activation after each GEMM (plus an add that reads it) as one generated
+    pointwise kernel, so the pair is GEMM call + one FusedKernel. Legality and the
+    kernel itself come from the fusion engine (`passes/fuse.py`, `runtime/kernel.py`)."""
+    from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
+
+    from passlab.passes.fuse import Grouper, to_kernels
+
+    groups, grouper = [], Grouper(gm, 64)
+    for gemm in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in GEMMS]:
+        passed = []
+        nxt = sole_user_through_views(gemm, passed)
+        t = passed[-1] if passed else gemm
+        silu = decomposed_silu(t)
+        if silu is not None:
+            nodes = list(silu)
+        elif nxt is not None and act_of(nxt) and nxt.args[0] is t:
+            nodes = [nxt]
+        else:
+            continue
+        after = users(nodes[-1])
+        if len(after) == 1 and after[0].target in (aten.add.Tensor, aten.mul.Tensor):
+            nodes.append(after[0])
+        c.matched += 1
+        if not grouper.legal(nodes):
+            c.skip("epilogue_not_one_kernel")
+            continue
+        groups.append(nodes)
+    if not groups:
+        return gm, 0
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    names = [[n.name for n in sorted(g, key=order.get)] for g in groups]
+    gm = fuse_by_partitions(gm, [dict.fromkeys(sorted(g, key=order.get)) for g in groups], prefix="fused_")
+    to_kernels(gm, names)
+    return gm, len(groups)
+
+
 @register_pass("fuse_epilogue")
-def fuse_epilogue(gm: torch.fx.GraphModule, ctx, *, residual: bool = True) -> PassResult:
+def fuse_epilogue(gm: torch.fx.GraphModule, ctx, *, residual: bool = True, kernels: bool = True) -> PassResult:
     """Fold bias and residual adds after a GEMM into addmm (CUDA: Triton GEMM + epilogue)."""
     c, g = Counters(), gm.graph
     folded = {"bias": 0, "residual": 0}
@@ -201,6 +238,14 @@ def fuse_epilogue(gm: torch.fx.GraphModule, ctx, *, residual: bool = True) -> Pa
                 templates += 1
                 c.rewritten += 1
     fold_adds(c, {"bias", "residual"} if residual else {"bias"})
+    epilogues = 0
+    if kernels and not str(ctx.device).startswith("cuda"):
+        g.lint()
+        gm.recompile()
+        propagate(gm)
+        gm, epilogues = cpu_epilogues(gm, c)
+        g = gm.graph
+        c.rewritten += epilogues
     activations = sum(1 for n in g.nodes if n.op == "call_function" and n.target in ACTIVATIONS
                       and gemm_behind(n.args[0])[0] is not None)
     if c.rewritten:
@@ -209,4 +254,5 @@ def fuse_epilogue(gm: torch.fx.GraphModule, ctx, *, residual: bool = True) -> Pa
         propagate(gm)
     return PassResult(gm, changed=c.rewritten > 0,
                       stats=c.as_dict(bias_folded=folded["bias"], residual_folded=folded["residual"],
-                                      gemm_templates=templates, activations_after_gemm=activations))
+                                      gemm_templates=templates, epilogue_kernels=epilogues,
+                                      activations_after_gemm=activations))
