@@ -236,6 +236,9 @@ def flat_nodes(args) -> list:
 
 
 class Builder:
+    """Walks the graph once: one item per node (a fused node becomes a cluster
+    of its subgraph's ops), one edge per tensor read."""
+
     def __init__(self, gm: torch.fx.GraphModule, marks: dict[str, str], params: bool, expand_fused: bool):
         self.gm, self.marks, self.params, self.expand_fused = gm, marks, params, expand_fused
         self.items: dict[str, Item] = {}
@@ -261,7 +264,7 @@ class Builder:
             return None
         return self.source.get((node.name, None))
 
-    def connect(self, inputs, dst: str, vals=None) -> None:
+    def connect(self, inputs, dst: str) -> None:
         for a in inputs:
             if isinstance(a, torch.fx.Node):
                 s = self.src(a)
