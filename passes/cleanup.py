@@ -215,10 +215,14 @@ def fold_constants(gm: torch.fx.GraphModule, ctx, *, max_growth: float = 1.0) ->
     values: dict[torch.fx.Node, object] = {}       # node -> real value, for constant nodes
     leaves: dict[torch.fx.Node, frozenset] = {}    # constant node -> the weights it is computed from
     skipped = Counter()
+    mutated = {n.target for n in graph.nodes if n.op == "get_attr"
+               and any(getattr(getattr(u.target, "_schema", None), "is_mutable", False) for u in n.users)}
     for node in graph.nodes:
         if node.op == "get_attr":
             v = fetch_attr(gm, node.target)
-            if isinstance(v, torch.Tensor):
+            if node.target in mutated:
+                skipped["weight mutated in the graph"] += 1
+            elif isinstance(v, torch.Tensor):
                 values[node], leaves[node] = v, frozenset([node.target])
             continue
         if node.op != "call_function":

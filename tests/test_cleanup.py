@@ -151,6 +151,18 @@ def test_fold_constants_caps_memory_and_keeps_weights(messy):
         assert torch.equal(v, weights[k]), f"fold_constants changed weight {k} in place"
 
 
+def test_fold_constants_leaves_mutated_weights_alone(messy):
+    m, gm = messy
+    gm = clone(gm)
+    w = next(n for n in gm.graph.nodes if n.op == "get_attr")
+    with gm.graph.inserting_after(w):
+        bump = gm.graph.call_function(aten.add_.Tensor, (w, 0.0))
+    bump.meta["val"] = w.meta["val"]
+    res = run("fold_constants", gm, max_growth=2.0)
+    assert res.stats["skipped"]["weight mutated in the graph"] == 1
+    assert not res.changed and aten._to_copy.default in targets(res.gm)
+
+
 def test_fold_constants_folds_weight_transposes_as_views():
     s, gm = captured("mlp")
     res = run("fold_constants", gm)
