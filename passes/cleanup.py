@@ -72,6 +72,8 @@ def cse_banned(gm: torch.fx.GraphModule) -> set:
 @register_pass("cse")
 def cse(gm: torch.fx.GraphModule, ctx) -> PassResult:
     """Common-subexpression elimination: one node per (op, inputs, arguments)."""
+    if any(getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in gm.graph.nodes):
+        return PassResult(gm, False, {"merged": 0, "skipped": {"graph mutates tensors in place": 1}})
     n_before = call_count(gm)
     try:
         res = CSEPass(banned_ops=cse_banned(gm))(gm)

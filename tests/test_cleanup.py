@@ -161,6 +161,7 @@ def test_fold_constants_leaves_mutated_weights_alone(messy):
     res = run("fold_constants", gm, max_growth=2.0)
     assert res.stats["skipped"]["weight mutated in the graph"] == 1
     assert not res.changed and aten._to_copy.default in targets(res.gm)
+    assert run("cse", gm).stats == {"merged": 0, "skipped": {"graph mutates tensors in place": 1}}
 
 
 def test_fold_constants_folds_weight_transposes_as_views():
