@@ -489,5 +489,5 @@ def layout(gm: torch.fx.GraphModule, ctx, *, channels_last: bool = True, transpo
     after = count_conversions(gm, device)
     stats.update({"conversions_after": after.total, "conversion_bytes_after": after.bytes,
                   "explicit_after": after.explicit, "implicit_after": after.implicit,
-                  "conversion_sites": after.sites})
+                  "conversion_sites": after.sites[:16]})
     return PassResult(gm, stats=stats)
