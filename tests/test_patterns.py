@@ -55,6 +55,7 @@ HF_FIRES = [
     ("merge_projections", "hf:llama", 4, {"gemms_merged": 10}),
     ("merge_projections", "hf:mixtral", 2, {"gemms_merged": 6}),
     ("fuse_epilogue", "hf:gpt2", 4, {"residual_folded": 4}),
+    ("fuse_epilogue", "hf:llama", 6, {"residual_folded": 4, "epilogue_kernels": 2}),
 ]
 
 
