@@ -114,6 +114,34 @@ def test_remove_noops(messy):
     assert close_to(m, res.gm) == 0.0
 
 
+def test_remove_noops_casts_permutes_slices_that_change_nothing():
+    s, gm = captured("mlp")
+    gm = clone(gm)
+    add = next(n for n in gm.graph.nodes if n.target is aten.add.Tensor)
+    chain = [(aten._to_copy.default, (), {"dtype": torch.float32}), (aten.permute.default, ([0, 1],), {}),
+             (aten.slice.Tensor, (0, 0, 2 ** 63 - 1), {}), (aten.alias.default, (), {}),
+             (aten.mul.Tensor, (1,), {}), (aten.div.Tensor, (1.0,), {}), (aten.sub.Tensor, (0,), {})]
+    keep = [(aten._to_copy.default, (), {"dtype": torch.float64}),
+            (aten._to_copy.default, (), {"dtype": torch.float32}),
+            (aten.permute.default, ([1, 0],), {}), (aten.slice.Tensor, (1, 0, 4), {})]
+    last = add
+    for target, args, kwargs in chain + keep:
+        with gm.graph.inserting_after(last):
+            last = gm.graph.call_function(target, (last, *args), kwargs)
+    with gm.graph.inserting_after(last):
+        back = gm.graph.call_function(aten.sum.default, (last,))
+    out = gm.graph.output_node()
+    out.args = ((out.args[0], back),)
+    propagate(gm)
+    gm.recompile()
+    res = run("remove_noops", gm)
+    assert res.stats["removed_by_op"] == {"_to_copy": 1, "permute": 1, "slice": 1, "alias": 1, "mul": 1,
+                                          "div": 1, "sub": 1}
+    assert targets(res.gm).count(aten._to_copy.default) == 2
+    inputs = s.make_inputs(2)
+    torch.testing.assert_close(res.gm(*inputs), gm(*inputs), rtol=0, atol=0)
+
+
 def test_remove_noops_never_returns_an_input_itself():
     gm = capture(ReturnsCopy(), (torch.randn(3),))
     res = run("remove_noops", gm)
