@@ -151,6 +151,13 @@ def test_layout_copies_highlighted(graphs):
     assert not re.search(rf'"{plain[0].name}" \[[^\]]*color="{draw.LAYOUT_COLOR}"', dot)
 
 
+def test_channels_last_edges_are_tagged():
+    x = torch.empty(2, 8, 4, 4).to(memory_format=torch.channels_last)
+    assert draw.value_text(x) == "2×8×4×4 f32 NHWC"
+    assert draw.value_text(torch.empty(2, 8, 4, 4)) == "2×8×4×4 f32"
+    assert "channels_last" in draw.value_tooltip(x) and "1.0 KiB" in draw.value_tooltip(x)
+
+
 def test_collectives_highlighted():
     c10d = torch.ops._c10d_functional
     g = torch.fx.Graph()

@@ -68,8 +68,17 @@ def value_text(val) -> str:
     if not ts:
         return ""
     parts = ["×".join(str(d) for d in t.shape) + " " + DTYPES.get(t.dtype, str(t.dtype).replace("torch.", ""))
-             if t.dim() else "scalar " + DTYPES.get(t.dtype, str(t.dtype)) for t in ts]
+             + layout_tag(t) if t.dim() else "scalar " + DTYPES.get(t.dtype, str(t.dtype)) for t in ts]
     return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + ")"
+
+
+def layout_tag(t) -> str:
+    """' NHWC' for channels-last activations: the layout pass's work shows on the edges."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return " NHWC"
+    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return " NDHWC"
+    return ""
 
 
 def value_tooltip(val) -> str:
