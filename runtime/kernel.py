@@ -395,14 +395,15 @@ class Kernel:
                 stack.extend(a for a in v.args if isinstance(a, int) and not isinstance(a, bool))
         return need
 
-    def elem_closure(self, roots):
-        """Elem-level values a loop body must compute for `roots`, in order."""
+    def elem_closure(self, roots, stop=frozenset()):
+        """Elem-level values a loop body must compute for `roots`, in order
+        (values in `stop` are already at hand: kept by an earlier loop)."""
         vals = {v.id: v for v in self.values}
         seen, stack = set(), list(roots)
         while stack:
             i = stack.pop()
             v = vals[i]
-            if i in seen or not v.elem:
+            if i in seen or not v.elem or i in stop:
                 continue
             seen.add(i)
             if v.op not in ("load", "const", "iota") and v.op not in REDUCE_INIT:

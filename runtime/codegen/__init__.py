@@ -240,3 +240,6 @@ def make_runner(fk, fn, device: str, keepalive):
 
     run.keepalive = keepalive
     return run
+
+
+from . import cpp, triton  # noqa: E402  (the printers read EXPR/CAST above)

@@ -19,6 +19,9 @@ from . import CAST, EXPR
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
          "-std=c++17", "-w"]
 PARALLEL_MIN_WORK = 1 << 15
+SCRATCH_MAX = 1 << 13
+SCRATCH_T = {"f": "float", "i": "int64_t", "b": "float"}
+LEAF = ("load", "const", "iota")
 STORAGE = {torch.float32: "float", torch.bfloat16: "uint16_t", torch.float16: "_Float16", torch.bool: "bool",
            torch.int64: "int64_t", torch.int32: "int32_t", torch.int16: "int16_t", torch.int8: "int8_t",
            torch.uint8: "uint8_t"}
@@ -108,8 +111,20 @@ def render(fk) -> str:
     return body(fk, symbol(fk))
 
 
-def load_expr(k, v, inner_idx: bool) -> str:
+def byte_loads(k, need) -> set:
+    """Elem-level loads of 1-byte data (masks) in a loop that also touches wider data:
+    gcc does not vectorize such mixed loops, so each row is first widened into a
+    float scratch array by a loop of its own."""
+    loads = [v for v in k.values if v.id in need and v.op == "load" and v.elem]
+    small = {v.id for v in loads if k.inputs[v.args[0]].dtype.itemsize == 1}
+    wide = any(k.inputs[v.args[0]].dtype.itemsize > 1 for v in loads)
+    return small if small and wide and k.r_size <= SCRATCH_MAX else set()
+
+
+def load_expr(k, v, inner_idx: bool, scratch=frozenset()) -> str:
     buf, astr = k.inputs[v.args[0]], v.args[1]
+    if v.id in scratch:
+        return CAST[v.type][0].format(f"sb{v.id}[r]")
     off = f"o{v.id}"
     if inner_idx:
         terms = [f"i{d} * {astr[d]}" for d in k.inner if astr[d]]
@@ -120,11 +135,11 @@ def load_expr(k, v, inner_idx: bool) -> str:
     return CAST[v.type][0].format(raw)
 
 
-def expr(k, v, vals) -> str:
+def expr(k, v, vals, scratch=frozenset()) -> str:
     if v.op == "const":
         return const(v.args[0], v.type)
     if v.op == "load":
-        return load_expr(k, v, v.elem)
+        return load_expr(k, v, v.elem, scratch)
     if v.op == "iota":
         d, start, step = v.args
         return CAST[v.type][0].format(f"{start} + {step} * i{d}")
@@ -183,45 +198,70 @@ def body(fk, name: str) -> str:
         return [f"const int64_t i{d} = (r / {div}) % {size};" for d, div, size in k.index_terms(k.inner)]
 
     row_values(0)
-    for ph in phases:
-        reds = [v for v in k.values if v.id in need and v.phase == ph and v.op in ("sum", "max", "min")]
-        clauses = []
-        for v in reds:
+    scratch = byte_loads(k, need)
+    for vid in sorted(scratch):
+        v = vals[vid]
+        body_.append(f"float sb{vid}[{R}];")
+        body_ += ["#pragma omp simd", f"for (int64_t r = 0; r < {R}; ++r) {{"] + ["  " + s for s in inner_index()]
+        body_ += [f"  sb{vid}[r] = (float){load_expr(k, v, True)};", "}"]
+    elem_stores = [(j, vid) for j, vid in k.stores if any(k.outputs[j].astrides[d] for d in k.inner)]
+    row_stores = [(j, vid) for j, vid in k.stores if (j, vid) not in elem_stores]
+    loops = [[v for v in k.values if v.id in need and v.phase == ph and v.op in ("sum", "max", "min")]
+             for ph in phases]
+    roots = [[r.args[0] for r in reds] for reds in loops] + ([[vid for _, vid in elem_stores]] if elem_stores else [])
+    kept: set = set()   # elem values an earlier loop left in a per-row scratch array
+    if not loops:
+        row_values(10 ** 9)
+    for li, loop_roots in enumerate(roots):
+        reds = loops[li] if li < len(loops) else []
+        closure = k.elem_closure(loop_roots, stop=kept)
+        mine = {v.id for v in closure}
+        later = set()
+        if R <= SCRATCH_MAX:
+            for nxt in roots[li + 1:]:
+                for w in k.elem_closure(nxt, stop=kept | mine):
+                    later |= {a for a in w.args if isinstance(a, int) and a in mine and w.op not in LEAF}
+                later |= {r for r in nxt if r in mine}
+        later -= {vid for vid in later if vals[vid].op in ("const",)}
+        for vid in sorted(later):
+            body_.append(f"{SCRATCH_T[vals[vid].type]} sv{vid}[{R}];")
+        for reds_v in reds:
+            v = reds_v
             acc_t = "int" if v.type == "b" else CTYPE[vals[v.args[0]].type if v.type != "f" else "f"]
             init = {"sum": "0", "max": "-INFINITY" if acc_t == "float" else "INT64_MIN",
                     "min": "INFINITY" if acc_t == "float" else "INT64_MAX"}[v.op]
             if v.type == "b":
                 init = {"max": "0", "min": "1", "sum": "0"}[v.op]
             body_.append(f"{acc_t} acc{v.id} = {init};")
-            clauses.append(f"reduction({'+' if v.op == 'sum' else v.op}:acc{v.id})")
-        body_.append(f"#pragma omp simd {' '.join(clauses)}")
+        clauses = [f"reduction({'+' if v.op == 'sum' else v.op}:acc{v.id})" for v in reds]
+        body_.append(f"#pragma omp simd {' '.join(clauses)}".rstrip())
         body_.append(f"for (int64_t r = 0; r < {R}; ++r) {{")
         loop = inner_index()
-        for v in k.elem_closure([r.args[0] for r in reds]):
-            loop.append(f"const {CTYPE[v.type]} v{v.id} = {expr(k, v, vals)};")
+        used = {a for w in closure if w.op not in LEAF for a in w.args} | set(loop_roots)
+        for vid in sorted(kept & used):
+            loop.append(f"const {CTYPE[vals[vid].type]} v{vid} = ({CTYPE[vals[vid].type]})sv{vid}[r];")
+        for v in closure:
+            loop.append(f"const {CTYPE[v.type]} v{v.id} = {expr(k, v, vals, scratch)};")
+        for vid in sorted(later):
+            loop.append(f"sv{vid}[r] = ({SCRATCH_T[vals[vid].type]})v{vid};")
         for v in reds:
-            a = f"v{v.args[0]}"
-            loop.append(f"acc{v.id} += {a};" if v.op == "sum" else
-                        f"acc{v.id} = acc{v.id} {'>' if v.op == 'max' else '<'} {a} ? acc{v.id} : {a};")
+            a_ = f"v{v.args[0]}"
+            loop.append(f"acc{v.id} += {a_};" if v.op == "sum" else
+                        f"acc{v.id} = acc{v.id} {'>' if v.op == 'max' else '<'} {a_} ? acc{v.id} : {a_};")
+        if li == len(loops):
+            for j, vid in elem_stores:
+                b = k.outputs[j]
+                off = " + ".join([f"q{j}"] + [f"i{d} * {b.astrides[d]}" for d in k.inner if b.astrides[d]])
+                loop.append(f"out{j}[{off}] = {store(b, vid)};")
         body_ += ["  " + s for s in loop] + ["}"]
+        kept |= later
         for v in reds:
             body_.append(f"const {CTYPE[v.type]} v{v.id} = ({CTYPE[v.type]})acc{v.id};")
             emitted.add(v.id)
-        row_values(ph)
-    row_values(10 ** 9)
-    elem_stores = [(j, vid) for j, vid in k.stores if any(k.outputs[j].astrides[d] for d in k.inner)]
-    row_stores = [(j, vid) for j, vid in k.stores if (j, vid) not in elem_stores]
-    if elem_stores:
-        body_.append("#pragma omp simd")
-        body_.append(f"for (int64_t r = 0; r < {R}; ++r) {{")
-        loop = inner_index()
-        for v in k.elem_closure([vid for _, vid in elem_stores]):
-            loop.append(f"const {CTYPE[v.type]} v{v.id} = {expr(k, v, vals)};")
-        for j, vid in elem_stores:
-            b = k.outputs[j]
-            off = " + ".join([f"q{j}"] + [f"i{d} * {b.astrides[d]}" for d in k.inner if b.astrides[d]])
-            loop.append(f"out{j}[{off}] = {store(b, vid)};")
-        body_ += ["  " + s for s in loop] + ["}"]
+        if li < len(loops):
+            row_values(phases[li])
+        if li == len(loops) - 1:
+            row_values(10 ** 9)
     for j, vid in row_stores:
         body_.append(f"out{j}[q{j}] = {store(k.outputs[j], vid)};")
     lines += ["    " + s for s in body_]
