@@ -292,7 +292,8 @@ def cancel_transposes(gm) -> tuple[int, int]:
         if n.op != "call_function" or n.target not in PERMUTES or (q := permutation(n)) is None:
             continue
         src, between = n.args[0], None
-        if unary_pointwise(src) and len(src.users) == 1 and src.args[0].target in PERMUTES:
+        if unary_pointwise(src) and len(src.users) == 1 and src.args[0].target in PERMUTES and \
+                (inner := tensor_val(src.args[0].args[0])) is not None and inner.is_contiguous():
             src, between = src.args[0], src
         if src.op == "call_function" and src.target in PERMUTES and (p := permutation(src)) is not None:
             q, src = [p[i] for i in q], src.args[0]
@@ -460,16 +461,22 @@ def layout(gm: torch.fx.GraphModule, ctx, *, channels_last: bool = True, transpo
     if transposes:
         stats["transposes_cancelled"], stats["transposes_composed"] = cancel_transposes(gm)
         gm.recompile()
-        propagate(gm)
+        settle(gm, original, contiguous_outputs=contiguous_outputs)
     convs = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is CONV]
     if channels_last and convs:
         dtype = next((v.dtype for n in convs if (v := tensor_val(n)) is not None), torch.float32)
         if prefers_channels_last(device, dtype):
             trial = clone(gm)
             trial_original = layouts(trial)
-            made = to_channels_last(trial, trial_original, contiguous_outputs)
-            now, then = count_conversions(gm, device), count_conversions(trial, device)
-            if (then.total, then.bytes) < (now.total, now.bytes):
+            try:
+                made = to_channels_last(trial, trial_original, contiguous_outputs)
+            except LayoutError:
+                made = None
+            now = count_conversions(gm, device)
+            then = count_conversions(trial, device) if made is not None else now
+            if made is None:
+                stats["skipped"] = {"channels_last_breaks_a_consumer": len(convs)}
+            elif (then.total, then.bytes) < (now.total, now.bytes):
                 gm, original = trial, trial_original
                 stats.update(made)
             else:
