@@ -374,16 +374,18 @@ def producers(n, depth: int = 16) -> list:
 @register_pass("fuse_attention")
 def fuse_attention(gm: torch.fx.GraphModule, ctx) -> PassResult:
     """Rewrite matmul-scale-mask-softmax-matmul into scaled_dot_product_attention."""
-    c, causal_n, gqa_n = Counters(), 0, 0
+    c, causal_n, gqa_n, other = Counters(), 0, 0, 0
     for sm in [n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten._softmax.default]:
         if getattr(sm, "_erased", False):
             continue
         try:
             m = match(gm, sm)
         except Skip as e:
-            if str(e) != "not_attention":
+            if str(e) == "not_attention":   # a softmax elsewhere (MoE router): not a candidate
+                other += 1
+            else:
                 c.matched += 1
-            c.skip(str(e))
+                c.skip(str(e))
             continue
         c.matched += 1
         rewrite(gm, m)
@@ -394,4 +396,4 @@ def fuse_attention(gm: torch.fx.GraphModule, ctx) -> PassResult:
         gm.graph.lint()
         gm.recompile()
         propagate(gm)
-    return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(causal=causal_n, gqa=gqa_n))
+    return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(causal=causal_n, gqa=gqa_n, softmax_not_attention=other))

@@ -99,10 +99,10 @@ def fold_batchnorm(gm: torch.fx.GraphModule, ctx) -> PassResult:
     for bn in [n for n in g.nodes if n.op == "call_function" and n.target == BATCHNORM]:
         src = bn.args[0]
         fold = PRODUCERS.get(getattr(src, "target", None))
+        c.matched += 1
         if fold is None:
             c.skip("no_conv_or_linear_before")
             continue
-        c.matched += 1
         outs = users(bn)
         if any(u.target != operator.getitem or u.args[1] != 0 for u in outs):
             c.skip("statistics_outputs_used")

@@ -80,6 +80,12 @@ def kernel():
     return _KERNEL
 
 
+def template_source() -> str:
+    import inspect
+    k = kernel()
+    return getattr(k, "src", None) or inspect.getsource(k.fn)
+
+
 def fits(cfg, M, N, K) -> bool:
     bm, bn, bk = cfg[:3]
     p2 = lambda x: max(16, 1 << (max(1, x) - 1).bit_length())
@@ -160,6 +166,16 @@ class GemmEpilogue:
         if a.device.type == "cuda" and not isinstance(a, FakeTensor):
             return launch(a, b, bias, residual, self.act)
         return reference(a, b, bias, residual, self.act)
+
+    def source(self, device: str = "cuda") -> str:
+        """The Triton template (every epilogue is a constexpr branch of one kernel)."""
+        return f"# {self.name}: act={self.act} bias={self.has_bias} residual={self.has_residual}\n" + template_source()
+
+    def cost(self, node):
+        from passlab.runtime.costmodel import Cost, nbytes
+        a, b = (x.meta["val"] for x in node.args[:2])
+        moved = nbytes(node.meta.get("val")) + sum(nbytes(x.meta.get("val")) for x in node.all_input_nodes)
+        return Cost(2 * a.shape[0] * a.shape[1] * b.shape[1], moved, 1)
 
     def describe(self) -> str:
         return f"== {self.name}: Triton GEMM template, epilogue {' -> '.join(self.ops[1:]) or 'none'}"
