@@ -128,18 +128,27 @@ def test_large_graphs_collapse_to_the_same_depth(run_with_fusion, monkeypatch):
 
 
 @needs_dot
-def test_rolled_back_pass_is_reported(tmp_path):
+def test_rolled_back_and_strict_failures_are_reported(tmp_path, capsys):
+    from passlab.tools import cli
+
     @register_pass("test_report_broken")
     def broken(gm, ctx):
         raise ValueError("this pass is broken on purpose")
 
     try:
         r = run("mlp", pipeline="test_report_broken,dce", measure=False)
+        text = open(report.write(r.record, r, str(tmp_path / "a"))).read()
+        assert "rolled back: ValueError: this pass is broken on purpose" in text
+        assert "<summary>traceback</summary>" in text and 'class="rolled_back"' in text
+        # --strict stops the run: the report still draws the passes before the failure
+        rc = cli.main(["run", "mlp", "--no-measure", "--strict", "--pipeline", "fold_constants,test_report_broken",
+                       "--report", str(tmp_path / "b")])
     finally:
         unregister_pass("test_report_broken")
-    text = open(report.write(r.record, r, str(tmp_path))).read()
-    assert "rolled back: ValueError: this pass is broken on purpose" in text
-    assert "<summary>traceback</summary>" in text and 'class="rolled_back"' in text
+    assert rc == 1
+    text = open(tmp_path / "b" / "index.html").read()
+    assert 'id="g1a"' in text and 'class="failed"' in text and "this pass is broken on purpose" in text
+    assert "index.html" in capsys.readouterr().err
 
 
 def test_cli_report_prints_index_path(tmp_path, capsys):

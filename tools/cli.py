@@ -131,7 +131,7 @@ def cmd_run(args) -> int:
         raise BadArguments(e) from e
     except RunFailed as e:
         print(pass_table(e.record))
-        write_outputs(args, e.record, None)
+        write_outputs(args, e.record, getattr(e, "run", None))
         print(f"passlab: error: {e} (--strict)", file=sys.stderr)
         return FAILED
     except Exception as e:

@@ -21,9 +21,9 @@ from . import record as records
 
 
 class RunFailed(RuntimeError):
-    def __init__(self, msg, record):
+    def __init__(self, msg, record, run=None):
         super().__init__(msg)
-        self.record = record
+        self.record, self.run = record, run   # run: the snapshots so far, for the report
 
 
 @dataclass
@@ -71,7 +71,8 @@ def run(model: str | Sample, *, preset: str = "tiny", pipeline=None, device: str
         baseline, recs = e.records
         rec = records.build(model=sample.name, preset=sample.preset, device=device, pipeline=names,
                             baseline=baseline, steps=recs)
-        raise RunFailed(str(e), rec) from e
+        last = recs[-1].snapshot if recs and recs[-1].snapshot is not None else baseline.snapshot
+        raise RunFailed(str(e), rec, Run(rec, PipelineResult(last, baseline, recs), sample, last)) from e
     measured, extra = {}, {}
     if measure or ablate or shapley or peers:
         from . import attribution
