@@ -11,10 +11,13 @@ the GEMM result (the residual has the output's shape, the bias one row), the
 dtypes agree, and addmm has alpha = beta = 1. Views and eval-dropout clones
 between the GEMM and the add are looked through; each must have no other user.
 
-On CUDA (`ctx.device == "cuda"`) a GEMM with its epilogue — bias, GELU /
-SiLU / ReLU, residual add — becomes one Triton kernel
-(`passlab.runtime.codegen.triton_gemm`), block sizes picked per shape.
-On CPU the activation stays a pointwise op for `fuse`; the stats count them.
+On CPU the activation after a GEMM (GELU / SiLU — also as `x * sigmoid(x)`
+after decomposition — / ReLU, plus an add or mul reading it) becomes one
+generated kernel of the fusion engine: the pair is one BLAS call and one
+FusedKernel (`kernels=false` leaves activations to `fuse`). On CUDA
+(`ctx.device == "cuda"`) the GEMM with its whole epilogue — bias, activation,
+residual add — becomes one Triton kernel (`runtime/codegen/triton_gemm.py`),
+block sizes picked per shape.
 """
 from __future__ import annotations
 
