@@ -514,7 +514,7 @@ def graphs(rec: dict, run) -> tuple[str, list]:
         out.append(head)
         snap = getattr(r, "snapshot", None) if r is not None else None
         if status != "ok":
-            out.append(f'<p class="bad">rolled back: {esc(str(s.get("error")))}</p>')
+            out.append(f'<p class="bad">{esc(str(status).replace("_", " "))}: {esc(str(s.get("error")))}</p>')
             tb = (s.get("stats") or {}).get("traceback")
             if tb:
                 out.append(f"<details><summary>traceback</summary><pre>{esc(tb)}</pre></details>")
