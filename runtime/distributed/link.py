@@ -102,17 +102,27 @@ def resolve(spec: str, host_flops_per_s: float | None = None) -> LinkConfig:
     raise ValueError(f"unknown link {spec!r}; presets: {', '.join(PRESETS)}, or rate=..,latency=..")
 
 
-def host_flops(dtype="float32", threads: int = 1) -> float:
-    """This machine's matmul FLOP/s at one rank's thread count (cached profile)."""
+def host_flops(dtype="float32", threads: int = 1, budget_s: float = 0.3) -> float:
+    """This machine's matmul FLOP/s at one rank's thread count: the median of
+    512x512 products for `budget_s` (quick; the link rate needs the ratio, not
+    a benchmark)."""
+    import time
     import torch
-    from passlab.runtime.profiles import get_profile
+    dt = getattr(torch, str(dtype).replace("torch.", ""))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        rates = get_profile("cpu")["matmul_flops_per_s"]
+        n = 512
+        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+        torch.mm(a, b)
+        times, end = [], time.perf_counter() + budget_s
+        while time.perf_counter() < end or len(times) < 3:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)
-    return float(rates.get(str(dtype).replace("torch.", ""), rates["float32"]))
+    return 2 * n ** 3 / sorted(times)[len(times) // 2]
 
 
 # ---------------------------------------------------------------- the namespace
