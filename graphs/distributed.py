@@ -24,7 +24,7 @@ PRESETS = {
     "ep_moe": {"tiny": dict(batch=2, seq=8, dim=16, ffn=32, experts=4, layers=2),
                "bench": dict(batch=2, seq=128, dim=256, ffn=4096, experts=4, layers=2)},
     "fsdp_mlp": {"tiny": dict(batch=8, dim=32, hidden=64, layers=2),
-                 "bench": dict(batch=256, dim=512, hidden=2048, layers=3)},
+                 "bench": dict(batch=8192, dim=256, hidden=1024, layers=3)},
 }
 
 
