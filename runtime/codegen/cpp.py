@@ -222,7 +222,8 @@ def body(fk, name: str) -> str:
                 for w in k.elem_closure(nxt, stop=kept | mine):
                     later |= {a for a in w.args if isinstance(a, int) and a in mine and w.op not in LEAF}
                 later |= {r for r in nxt if r in mine}
-        later -= {vid for vid in later if vals[vid].op in ("const",)}
+        later -= {vid for vid in later if vals[vid].op == "const" or
+                  (vals[vid].op == "load" and k.inputs[vals[vid].args[0]].dtype == torch.float32)}
         for vid in sorted(later):
             body_.append(f"{SCRATCH_T[vals[vid].type]} sv{vid}[{R}];")
         for reds_v in reds:
