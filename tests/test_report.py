@@ -87,6 +87,7 @@ def test_report_has_every_part(written, run_with_fusion):
     for k in kernels:
         assert f"⚡ {k.name}" in text                          # the fused group's cluster in the after drawing
         assert f'id="kernel-{k.name}"' in text and html.escape(k.source("cpu")) in text   # its C++ source
+    assert html.escape(kernels[0].source("cuda")) in text and "@triton.jit" in text         # and its Triton source
     assert "rank 0" in text and "rank 1" in text
 
 

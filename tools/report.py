@@ -305,20 +305,32 @@ def kernels_of(gm) -> list:
     return out
 
 
+def kernel_source(k, device: str) -> str:
+    try:
+        return k.source(device)
+    except Exception as e:  # a broken printer must not lose the report
+        return f"// {device} source generation failed: {type(e).__name__}: {e}"
+
+
 def kernel_block(k, device: str) -> str:
+    """The kernel's description and both printers' output, the run's device first."""
     name = getattr(k, "name", "kernel")
     ops = list(getattr(k, "ops", []) or [])
+    first = "cuda" if device.startswith("cuda") else "cpu"
+    sources = {d: kernel_source(k, d) for d in (first, "cpu" if first == "cuda" else "cuda")}
     try:
         desc = k.describe()
-    except Exception as e:  # a broken kernel must not lose the report
-        desc = f"(describe failed: {type(e).__name__}: {e})"
-    try:
-        src = k.source("cuda" if device.startswith("cuda") else "cpu")
     except Exception as e:
-        src = f"// source generation failed: {type(e).__name__}: {e}"
+        desc = f"(describe failed: {type(e).__name__}: {e})"
+    for src in sources.values():
+        if desc.endswith(src):
+            desc = desc[: -len(src)].rstrip()
+    printers = "".join(
+        f'<details{" open" if d == first else ""}><summary>{"Triton (cuda)" if d == "cuda" else "C++ (cpu)"}'
+        f'</summary><pre>{esc(src)}</pre></details>' for d, src in sources.items())
     return (f'<details id="kernel-{esc(name)}"><summary><b>{esc(name)}</b> — {len(ops)} ops: '
             f'{esc(", ".join(ops[:10]))}{" …" if len(ops) > 10 else ""}</summary>'
-            f'<pre>{esc(desc)}</pre><pre>{esc(src)}</pre></details>')
+            f'<pre>{esc(desc)}</pre>{printers}</details>')
 
 
 # ---------------------------------------------------------------- sections
@@ -532,8 +544,8 @@ def graphs(rec: dict, run) -> tuple[str, list]:
     final = getattr(result, "gm", None) or prev
     kernels = kernels_of(final)
     ks = ('<section id="kernels"><h2>Generated kernels</h2>'
-          + (f'<p class="note">{len(kernels)} fused kernels in the final graph; source for '
-             f'{"Triton (cuda)" if device.startswith("cuda") else "C++ (cpu)"}.</p>'
+          + (f'<p class="note">{len(kernels)} fused kernels in the final graph: one kernel description, '
+             f'printed as C++ (cpu) and Triton (cuda); this run used {esc(device)}.</p>'
              + "".join(kernel_block(k, device) for k in kernels) if kernels else
              '<p class="note">No fused kernels in the final graph.</p>') + "</section>")
     return "".join(out) + ks, kernels
