@@ -19,6 +19,7 @@ durations on a device profile and a link preset): estimates, labelled so.
 from __future__ import annotations
 
 import heapq
+import os
 
 import torch
 import torch.fx
@@ -36,7 +37,7 @@ def estimator(ctx, link: str, device: str, world: int) -> Estimator:
     different schedules from their own measurements would deadlock."""
     import torch.distributed as dist
     w = world or max(ctx.world_size, 2)
-    link = link or ctx.options.get("link") or "loopback"
+    link = link or ctx.options.get("link") or os.environ.get("PASSLAB_LINK") or "loopback"
     dev = device or ("cpu" if ctx.device.startswith("cpu") else ctx.device)
     profile = simulator.device_profile(dev)
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -90,14 +90,15 @@ def emulated_links() -> dict[str, Link]:
 
 
 def get_link(spec: "str | Link") -> Link:
-    """A preset name or 'rate=10gbit,latency=50us'."""
+    """A preset name or 'rate=10gbit,latency=50us' (';' also separates, for
+    pipeline options: `overlap_chunk(link=rate=20MB;latency=0)`)."""
     if isinstance(spec, Link):
         return spec
     known = {**LINKS, **emulated_links()}
     if spec in known:
         return known[spec]
     if "=" in spec:
-        kv = dict(part.split("=", 1) for part in spec.split(","))
+        kv = dict(part.split("=", 1) for part in re.split(r"[,;]", spec) if part.strip())
         unknown = set(kv) - {"rate", "latency"}
         if unknown or "rate" not in kv:
             raise ValueError(f"link spec {spec!r}: give rate=..[,latency=..]")
@@ -151,11 +152,60 @@ def cached_cpu_profile() -> dict | None:
     return None
 
 
+def quick_cpu_profile(threads: int = 1, budget_s: float = 0.3) -> dict:
+    """This machine's rates right now at `threads` threads, under whatever else
+    runs on it (a 512x512 fp32 matmul and a 16 MB copy, `budget_s` each): for
+    predicting a run about to start on a shared machine."""
+    import os
+    import time
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+    def median(fn):
+        fn()
+        times, end = [], time.perf_counter() + budget_s
+        while time.perf_counter() < end or len(times) < 3:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+    try:
+        a, b = torch.randn(512, 512), torch.randn(512, 512)
+        src = torch.randn(16 * 1024 * 1024)
+        dst = torch.empty_like(src)
+        mm = median(lambda: torch.mm(a, b))
+        cp = median(lambda: dst.copy_(src))
+    finally:
+        torch.set_num_threads(before)
+    return {"device": "cpu", "copy_bytes_per_s": 2 * src.numel() * 4 / cp,
+            "matmul_flops_per_s": {"float32": 2 * 512 ** 3 / mm}, "threads": threads, "cores": os.cpu_count(),
+            "source": f"measured now at {threads} thread(s) ({time.strftime('%H:%M:%S')} UTC)"}
+
+
+def share(profile: dict, ranks_here: int) -> dict:
+    """The profile of one of `ranks_here` ranks that share this machine's cores."""
+    threads, cores = profile.get("threads", 1), profile.get("cores") or 1
+    f = min(1.0, cores / max(1, ranks_here * threads))
+    if f >= 1.0:
+        return profile
+    out = dict(profile, copy_bytes_per_s=profile["copy_bytes_per_s"] * f,
+               matmul_flops_per_s={k: v * f for k, v in profile["matmul_flops_per_s"].items()},
+               op_overhead_s=profile.get("op_overhead_s", CPU_OP_OVERHEAD_S) / f)
+    out["source"] = profile.get("source", "") + f"; {ranks_here} ranks on {cores} cores: x{f:.2f} each"
+    return out
+
+
 def device_profile(name: str = "cpu", measure: bool = False) -> dict:
     """'cpu' (this machine: its cached measured profile; measured now only if
-    `measure`, else a nominal one) or a named datasheet device."""
+    `measure`, else a nominal one), 'cpu-now' (measured now at one thread) or
+    a named datasheet device."""
     if name in DEVICES:
         return dict(DEVICES[name])
+    if name == "cpu-now":
+        prof = quick_cpu_profile()
+        prof.setdefault("op_overhead_s", CPU_OP_OVERHEAD_S)
+        prof.setdefault("collective_overhead_s", CPU_COLLECTIVE_OVERHEAD_S)
+        return prof
     if name.startswith("cpu") or name.startswith("cuda"):
         prof = cached_cpu_profile() if name.startswith("cpu") else None
         if prof is None and (measure or name.startswith("cuda")):

@@ -28,6 +28,10 @@ def add_command(sub) -> None:
     p.add_argument("--link", default="ib-400g", help="link preset or rate=..,latency=..")
     p.add_argument("--device", default="h100", help="cpu (this machine, measured) or h100, h200, a100 (datasheet)")
     p.add_argument("--pipeline", default=DEFAULT_PIPELINE)
+    p.add_argument("--ranks-per-host", type=int, default=1,
+                   help="ranks sharing this machine's cores (cpu devices): each gets its share")
+    p.add_argument("--compare", default=None, metavar="RECORD",
+                   help="a `passlab run --world-size W --json` record: predict its run and print the error")
     p.add_argument("--json", default=None, help="write the predictions here")
 
 
@@ -57,7 +61,7 @@ def capture_at(model: str, preset: str, world: int, dtype=None):
 
 
 def predict(model: str, *, preset: str = "tiny", world: int = 8, link: str = "ib-400g", device: str = "h100",
-            pipeline: str = DEFAULT_PIPELINE, dtype=None) -> dict:
+            pipeline: str = DEFAULT_PIPELINE, dtype=None, ranks_per_host: int = 1) -> dict:
     """Predictions for the captured graph and after each pass of `pipeline`."""
     from passlab.passes import PassContext, PassManager
     from passlab.passes.manager import Snapshot, VerifyGraph
@@ -67,7 +71,10 @@ def predict(model: str, *, preset: str = "tiny", world: int = 8, link: str = "ib
     finally:                      # leave no fake world behind for later loads in this process
         if dist.is_initialized():
             dist.destroy_process_group()
-    est = simulator.Estimator(simulator.device_profile(device, measure=True), simulator.get_link(link), world)
+    profile = simulator.device_profile(device, measure=True)
+    if device.startswith("cpu"):
+        profile = simulator.share(profile, ranks_per_host)
+    est = simulator.Estimator(profile, simulator.get_link(link), world)
     options = {"link": link, "device": device, "world": world}
     from passlab.passes import parse
     steps = parse(pipeline)
@@ -107,11 +114,57 @@ def table(pred: dict) -> str:
                                  "status"], rows)
 
 
+def link_of_record(rec: dict) -> str:
+    link = rec.get("link") or {}
+    if link.get("emulated") and link.get("rate_bytes_per_s"):
+        lat = link.get("latency_s", 0.0) if link.get("latency_emulated") else 0.0
+        return f"rate={link['rate_bytes_per_s']:.6g}B;latency={lat:.6g}s"
+    return "loopback"
+
+
+def compare(rec: dict, device: str = "cpu-now") -> dict:
+    """Predict the run a distributed run record describes (same model, world,
+    emulated link, pipeline, ranks sharing this machine) beside its measurements."""
+    world = rec["world_size"]
+    pred = predict(rec["model"], preset=rec["preset"], world=world, link=link_of_record(rec), device=device,
+                   pipeline=",".join(rec["pipeline"]), dtype=rec.get("dtype"), ranks_per_host=world)
+    measured = [rec["baseline"].get("median_s")] + [s.get("median_s") for s in rec["steps"]]
+    traced = rec.get("ranks") or []
+    exposed = {k: sum(r["traced"][k]["exposed_comm_s"] for r in traced) / len(traced)
+               for k in ("baseline", "final")} if traced and all("traced" in r for r in traced) else {}
+    for i, (row, m) in enumerate(zip(pred["steps"], measured)):
+        row["measured_step_s"] = m
+        row["error"] = (row["step_s"] - m) / m if m and row.get("step_s") else None
+        key = "baseline" if i == 0 else ("final" if i == len(measured) - 1 else None)
+        row["measured_exposed_comm_s"] = exposed.get(key)
+    pred["compared_with"] = {"link": rec.get("link"), "machine": rec.get("machine")}
+    return pred
+
+
+def compare_table(pred: dict) -> str:
+    from .table import render
+    ms = lambda v: "-" if v is None else f"{v * 1e3:.2f}"
+    rows = [[r["step"], ms(r.get("step_s")), ms(r.get("measured_step_s")),
+             "-" if r.get("error") is None else f"{r['error'] * 100:+.0f}%", ms(r.get("exposed_comm_s")),
+             ms(r.get("measured_exposed_comm_s"))] for r in pred["steps"]]
+    return (f"{pred['model']} ({pred['preset']}) at W={pred['world']}, link {pred['link']}, "
+            f"{pred['device_source']}\n" + render(["after", "predicted ms", "measured ms", "error",
+                                                  "pred. exposed ms", "meas. exposed ms"], rows))
+
+
 def command(args) -> int:
     from .cli import BadArguments, bad_args_errors
+    if args.compare:
+        with open(args.compare) as f:
+            pred = compare(json.load(f), device=args.device if args.device.startswith("cpu") else "cpu-now")
+        print(compare_table(pred))
+        if args.json:
+            from .record import write_json
+            write_json(pred, args.json)
+        return 0
     try:
         pred = predict(args.model, preset=args.preset, world=args.world_size, link=args.link, device=args.device,
-                       pipeline=args.pipeline, dtype=args.dtype)
+                       pipeline=args.pipeline, dtype=args.dtype, ranks_per_host=args.ranks_per_host)
     except bad_args_errors() as e:
         raise BadArguments(e) from e
     except ValueError as e:
