@@ -7,15 +7,17 @@ output back on every call (ONEDNN_VERBOSE shows both reorders), a GEMM fed an
 operand whose matrix is neither row- nor column-major copies it first, and a
 view of data in the wrong order needs an explicit copy. The pass
 
-1. cancels inverse permute pairs and composes permute chains;
+1. cancels inverse permute pairs (also around one unary pointwise op) and
+   composes permute chains;
 2. runs conv nets channels-last: one conversion where NCHW data enters, conv
    weights re-laid out once at compile time (new buffers; parameters are
    shared with other graphs and never touched), NHWC carried through
    batchnorm, pointwise ops, pooling and residual adds, and a conversion back
    only where a consumer needs the old layout (a view that is impossible on
-   NHWC strides, `as_strided`, a fused kernel, a graph output);
+   NHWC strides, `as_strided`, a graph output); fused kernels are lowered
+   again for the strides they now get;
 3. removes layout-changing copies whose consumers take the strided input as
-   it is (views that stay views, GEMM operands that stay BLAS-ready);
+   it is (views stay views, and no kernel starts reordering internally);
 4. optionally pre-transposes GEMM weights (`addmm(b, x, permute(W))` reads a
    contiguous W^T made once).
 
