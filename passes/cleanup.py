@@ -190,6 +190,13 @@ def is_tensorish(value) -> bool:
         isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value))
 
 
+def fits(value, cap: float) -> bool:
+    """A folded value may take `cap` bytes; a single element always fits (it is a literal)."""
+    if value is None:
+        return True
+    return nbytes(value) <= cap or (isinstance(value, torch.Tensor) and value.numel() <= 1)
+
+
 def foldable_target(node: torch.fx.Node) -> str | None:
     """None if the node's op may be evaluated at compile time, else why not."""
     t = node.target
@@ -238,6 +245,11 @@ def fold_constants(gm: torch.fx.GraphModule, ctx, *, max_growth: float = 1.0) ->
         if why:
             skipped[why] += 1
             continue
+        src = frozenset().union(*(leaves[i] for i in inputs)) if inputs else frozenset()
+        cap = max_growth * sum(nbytes(fetch_attr(gm, t)) for t in src)
+        if not fits(node.meta.get("val"), cap):      # decided on the fake value: nothing big is ever allocated
+            skipped["would grow memory"] += 1
+            continue
         env = lambda a: values[a] if isinstance(a, torch.fx.Node) else a
         try:
             v = node.target(*torch.fx.node.map_aggregate(node.args, env),
@@ -250,10 +262,7 @@ def fold_constants(gm: torch.fx.GraphModule, ctx, *, max_growth: float = 1.0) ->
         if isinstance(v, (tuple, list)) and any(u.target is not operator.getitem for u in node.users):
             skipped["multi-output value used whole"] += 1
             continue
-        src = frozenset().union(*(leaves[i] for i in inputs)) if inputs else frozenset()
-        cap = max_growth * sum(nbytes(fetch_attr(gm, t)) for t in src)
-        single = isinstance(v, torch.Tensor) and v.numel() <= 1
-        if nbytes(v) > cap and not single:
+        if not fits(v, cap):
             skipped["would grow memory"] += 1
             continue
         values[node], leaves[node] = v, src
