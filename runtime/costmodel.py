@@ -83,7 +83,7 @@ def node_cost(node: torch.fx.Node) -> Cost:
     if cls in (OpClass.VIEW, OpClass.BROADCAST):
         return Cost()
     target = node.target
-    if cls == OpClass.FUSED and hasattr(target, "cost"):
+    if hasattr(target, "cost") and (cls == OpClass.FUSED or getattr(target, "is_gemm_template", False)):
         return target.cost(node)
     out_val = node.meta.get("val")
     moved = nbytes(out_val) + sum(t.numel() * t.element_size() for t in arg_vals(node))

@@ -97,6 +97,8 @@ def op_class(node_or_target) -> OpClass:
         return OpClass.OPAQUE
     if getattr(target, "is_fused_kernel", False):
         return OpClass.FUSED
+    if getattr(target, "is_gemm_template", False):
+        return OpClass.GEMM
     return TABLE.get(target, OpClass.OPAQUE)
 
 
