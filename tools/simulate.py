@@ -177,102 +177,70 @@ def command(args) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- measured, for validation
+# ---------------------------------------------------------------- measured: each overlap pass in one run
 
-def spawn_measure(model: str, preset: str, world: int, steps: int = 5, link: str = "loopback",
-                  timeout_s: float = 300) -> dict:
-    """Run the captured graph and the graphs after overlap_reorder and
-    overlap_chunk on `world` gloo ranks over this machine's loopback, in one
-    run, interleaved; rank 0's step times and timeline metrics per variant."""
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=measure_worker, args=(r, world, port, model, preset, steps, link, queue))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        return queue.get(timeout=timeout_s)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+BENCH_PIPELINE = ["overlap_reorder", "overlap_chunk"]
 
 
-class Recorder(torch.fx.Interpreter):
-    """Runs a graph node by node and records compute and comm intervals; a
-    collective's transfer spans issue to the end of its wait when the wait
-    blocked, else issue + its duration measured alone (`alone`)."""
-
-    def __init__(self, gm, alone=None, sync=False):
-        super().__init__(gm)
-        self.events, self.issued, self.alone, self.sync = [], {}, alone or {}, sync
-        self.took: dict = {}
-
-    def run_node(self, n):
-        import time
-        from passlab.runtime.simulator import Event, collective_kind
-        kind = collective_kind(n)
-        t0 = time.perf_counter()
-        out = super().run_node(n)
-        if kind not in (None, "wait") and self.sync:
-            torch.ops._c10d_functional.wait_tensor(out)
-        t1 = time.perf_counter()
-        if kind == "wait":
-            start = self.issued.get(n.args[0], t0)
-            end = t1 if t1 - t0 > 20e-6 else start + self.alone.get(n.args[0].name, 0.0)
-            self.events.append(Event(n.args[0].name, "comm", start, max(end, start)))
-        elif kind is not None:
-            self.issued[n] = t0
-            self.took[n.name] = t1 - t0
-        elif n.op == "call_function":
-            self.events.append(Event(n.name, "compute", t0, t1))
-        return out
-
-
-def measure_worker(rank, world, port, model, preset, steps, link, queue):
+def bench_rank(p: dict) -> dict:
+    """Inside a rank: the captured graph, then each pass applied on top of the
+    last, each timed (same repetitions on every rank, interleaved) and traced."""
     import statistics
     import time
     from passlab.graphs import capture, clone, load
-    from passlab.passes import PassContext
-    from passlab.passes import overlap
+    from passlab.passes import PassContext, get_pass
+    from passlab.runtime.distributed import Timeline, traced
     from passlab.runtime.overlap_metrics import overlap_metrics
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        sample = load(model, preset)
-        gm = capture(sample.module, sample.example_inputs)
-        ctx = PassContext(world_size=world, rank=rank)
-        reordered = overlap.overlap_reorder(clone(gm), ctx, link=link).gm
-        chunk = overlap.overlap_chunk(clone(reordered), ctx, link=link)
-        variants = {"captured": gm, "overlap_reorder": reordered, "overlap_chunk": chunk.gm}
-        x = sample.make_inputs(1)
-        times = {k: [] for k in variants}
-        metrics = {}
-        with torch.no_grad():
-            for g in variants.values():
-                g(*x)
-            for _ in range(steps):
-                for name, g in variants.items():
-                    dist.barrier()
-                    t = time.perf_counter()
-                    g(*x)
-                    times[name].append(time.perf_counter() - t)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sample = load(p["model"], p["preset"])
+    gm = capture(sample.module, sample.example_inputs)
+    ctx = PassContext(world_size=world, rank=rank)
+    variants, stats = {"captured": gm}, {}
+    for name in p["passes"]:
+        ctx.options = {"link": p["pass_link"]}
+        res = get_pass(name).run(clone(gm), ctx)
+        gm = res.gm
+        variants[name], stats[name] = gm, res.stats
+    x = sample.make_inputs(3)
+    times = {k: [] for k in variants}
+    out = {"rank": rank, "stats": stats, "metrics": {}}
+    with torch.no_grad():
+        for g in variants.values():
+            g(*x)
+        for _ in range(p["reps"]):
             for name, g in variants.items():
                 dist.barrier()
-                alone = Recorder(g, sync=True)
-                alone.run(*x)
-                dist.barrier()
-                rec = Recorder(g, alone=alone.took)
-                rec.run(*x)
-                metrics[name] = {k: v for k, v in overlap_metrics(rec.events).items() if k != "ranks"}
-        if rank == 0:
-            queue.put({"model": model, "preset": preset, "world": world, "chunk_stats": chunk.stats,
-                       "step_s": {k: statistics.median(v) for k, v in times.items()}, "timeline": metrics})
-    finally:
-        dist.destroy_process_group()
+                t0 = time.perf_counter()
+                g(*x)
+                times[name].append(time.perf_counter() - t0)
+        for name, g in variants.items():
+            tl = Timeline(rank)
+            dist.barrier()
+            traced(g, x, tl, name)
+            evs = [{"ph": "X", "cat": e["cat"], "pid": rank, "ts": e["start_ns"] / 1e3,
+                    "dur": (e["end_ns"] - e["start_ns"]) / 1e3} for e in tl.events]
+            out["metrics"][name] = {k: v for k, v in overlap_metrics(evs).items() if k != "ranks"}
+        ref = getattr(sample.module, "reference", None)
+        if ref is not None:
+            xr = sample.make_inputs(11)
+            want = ref(*xr)
+            out["error_vs_reference"] = {k: float((g(*xr) - want).abs().max() / want.abs().max())
+                                         for k, g in variants.items()}
+    out["step_s"] = {k: statistics.median(v) for k, v in times.items()}
+    return out
+
+
+def bench(model: str, preset: str, world: int, link: str, *, reps: int = 5, passes=None,
+          timeout: float = 600) -> dict:
+    """Launch `world` ranks on the emulated `link` and measure the captured
+    graph and each overlap pass, in one run. The passes are told the link's
+    per-rank rate."""
+    from passlab.runtime.distributed import link as links
+    from passlab.runtime.distributed import spawn
+    threads = max(1, (os.cpu_count() or 1) // world)
+    cfg = links.resolve(link, links.host_flops("float32", threads)) if link in links.PRESETS else links.resolve(link)
+    pass_link = f"rate={cfg.rate_bytes_per_s:.6g}B;latency={cfg.latency_s:.6g}s"
+    p = {"model": model, "preset": preset, "passes": passes or BENCH_PIPELINE, "reps": reps, "pass_link": pass_link}
+    launched = spawn("passlab.tools.simulate:bench_rank", p, world, timeout=timeout, link=cfg, threads=threads)
+    return {"model": model, "preset": preset, "world": world, "link": launched.link, "pass_link": pass_link,
+            "threads_per_rank": threads, "cores": os.cpu_count(), "ranks": launched.results}
