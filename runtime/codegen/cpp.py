@@ -76,13 +76,15 @@ static inline float pl_log(float x) {  // Cephes logf
   res = x == 0.0f ? -INFINITY : res;
   return x < 0.0f ? NAN : res;
 }
-static inline float pl_erf(float x) {  // Abramowitz-Stegun 7.1.26, |error| < 1.5e-7
-  float a = x < 0.0f ? -x : x;
-  float t = 1.0f / (1.0f + 0.3275911f * a);
-  float y = 1.061405429f;
-  y = y * t - 1.453152027f; y = y * t + 1.421413741f; y = y * t - 0.284496736f; y = y * t + 0.254829592f;
-  float r = 1.0f - y * t * pl_exp(-a * a);
-  return x < 0.0f ? -r : r;
+static inline float pl_erf(float x) {  // rational approximation (Eigen's fast erf), |error| < 4e-7, no exp
+  float xc = x < -4.0f ? -4.0f : (x > 4.0f ? 4.0f : x);
+  float x2 = xc * xc;
+  float p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
+  p = p * x2 - 2.10102402082508e-06f; p = p * x2 - 5.69250639462346e-05f; p = p * x2 - 7.34990630326855e-04f;
+  p = p * x2 - 2.95459980854025e-03f; p = p * x2 - 1.60960333262415e-02f; p = p * xc;
+  float q = x2 * -1.45660718464996e-05f - 2.13374055278905e-04f;
+  q = q * x2 - 1.68282697438203e-03f; q = q * x2 - 7.37332916720468e-03f; q = q * x2 - 1.42647390514189e-02f;
+  return p / q;
 }
 static inline float pl_sigmoid(float x) { return 1.0f / (1.0f + pl_exp(-x)); }
 static inline float pl_tanh(float x) { return 1.0f - 2.0f / (pl_exp(2.0f * x) + 1.0f); }
