@@ -22,7 +22,7 @@ PRESETS = {
     "tp_mlp": {"tiny": dict(batch=8, dim=32, hidden=64, layers=2, chunks=2),
                "bench": dict(batch=512, dim=1024, hidden=4096, layers=2, chunks=2)},
     "ep_moe": {"tiny": dict(batch=2, seq=8, dim=16, ffn=32, experts=4, layers=2),
-               "bench": dict(batch=2, seq=128, dim=256, ffn=4096, experts=4, layers=2)},
+               "bench": dict(batch=2, seq=128, dim=256, ffn=2048, experts=4, layers=2)},
     "fsdp_mlp": {"tiny": dict(batch=8, dim=32, hidden=64, layers=2),
                  "bench": dict(batch=8192, dim=256, hidden=1024, layers=3)},
 }
