@@ -425,6 +425,48 @@ def drop_copies(gm, original, contiguous_outputs, device) -> tuple[int, dict]:
     return removed, kept
 
 
+COMMUTATIVE = {aten.add.Tensor, aten.mul.Tensor, aten.maximum.default, aten.minimum.default,
+               aten.eq.Tensor, aten.ne.Tensor, aten.logical_and.default, aten.logical_or.default,
+               aten.bitwise_and.Tensor, aten.bitwise_or.Tensor}
+
+
+def steer_producers(gm) -> int:
+    """Make a producer write the layout its copy converts to, so the copy goes.
+
+    A pointwise op's output takes the layout of its first operand that decides
+    it (TensorIterator's rule); when a commutative op's second operand already
+    has the layout a following `clone` produces, swapping the operands makes the
+    op write that layout and the clone a no-op, which is then removed.
+    """
+    steered = 0
+    for c in list(gm.graph.nodes):
+        if c.op != "call_function" or c.target is not aten.clone.default:
+            continue
+        src, out = tensor_val(c.args[0]), tensor_val(c)
+        if src is None or out is None or same_layout(src, out):
+            continue
+        p = c.args[0]
+        while p.op == "call_function" and p.target is aten.expand.default and len(p.users) == 1 and \
+                tensor_val(p.args[0]) is not None and tensor_val(p.args[0]).shape == tensor_val(p).shape:
+            p = p.args[0]
+        if p.op != "call_function" or p.target not in COMMUTATIVE or len(p.users) != 1 or \
+                p.kwargs.get("alpha", 1) != 1 or len(p.args) != 2:
+            continue
+        a, b = (tensor_val(x) for x in p.args)
+        if a is None or b is None or b.shape != out.shape or not same_layout(b, out) or same_layout(a, out):
+            continue
+        p.args = (p.args[1], p.args[0])
+        propagate(gm)
+        if same_layout(tensor_val(c.args[0]), tensor_val(c)):
+            c.replace_all_uses_with(c.args[0])
+            erase_dead(gm, c)
+            steered += 1
+        else:
+            p.args = (p.args[1], p.args[0])
+            propagate(gm)
+    return steered
+
+
 def pretranspose_weights(gm) -> int:
     """`mm(x, permute(W, [1, 0]))` with W a get_attr -> a contiguous W^T buffer made once."""
     made = 0
@@ -486,6 +528,7 @@ def layout(gm: torch.fx.GraphModule, ctx, *, channels_last: bool = True, transpo
         else:
             stats["skipped"] = {"device_prefers_nchw": len(convs)}
     if copies:
+        stats["producers_steered"] = steer_producers(gm)
         removed, kept = drop_copies(gm, original, contiguous_outputs, device)
         stats["copies_removed"] = removed
         if kept:

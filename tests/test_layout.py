@@ -147,6 +147,17 @@ def test_attention_head_copies_are_proved_needed():
     assert res.stats["copies_kept"] == {"view_needs_copy": 8}
 
 
+def test_rotary_output_written_in_the_layout_bmm_needs():
+    """llama's rotary `add(q*cos, rotate(q)*sin)` takes its output layout from the strided
+    first operand, and a copy follows for bmm; with the operands swapped the add writes
+    contiguous q itself and the copy goes (one per layer)."""
+    sample, gm = captured("llama")
+    res = run_layout(gm)
+    assert res.stats["producers_steered"] == 2
+    assert res.stats["conversions_before"] == 8 and res.stats["conversions_after"] == 6
+    check_numerics(res.gm, sample.module, sample.make_inputs(21))
+
+
 def test_batch_one_head_merge_copy_is_needed():
     """With one sequence the head split needs no copy (capture already reads q, k, v in
     place); merging heads back interleaves them, which no view can do: that copy stays."""
