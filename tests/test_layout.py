@@ -209,7 +209,7 @@ def test_needless_transpose_pairs_cancel():
 def test_pretransposed_weights():
     sample, gm = captured("transformer")
     res = run_layout(gm, pretranspose=True)
-    assert res.stats["weights_pretransposed"] == 13       # 6 linears per block x 2 + head... minus none
+    assert res.stats["weights_pretransposed"] == 13       # q, k, v, proj, fc, out in 2 blocks + the head
     for n in res.gm.graph.nodes:
         if n.target is aten.addmm.default or n.target is aten.mm.default:
             w = n.args[-1]
