@@ -16,9 +16,11 @@ SAMPLES = ["mlp", "transformer", "llama", "moe", "convnet"]
 HF = ["hf:gpt2", "hf:llama", "hf:mixtral"]
 
 
-def fused(name, dtype=None, **options):
-    sample = load(name, "tiny", dtype=dtype)
-    gm = capture(sample.module, sample.example_inputs)
+def fused(name, dtype=None, captured=None, **options):
+    sample, gm = captured or (None, None)
+    if sample is None:
+        sample = load(name, "tiny", dtype=dtype)
+        gm = capture(sample.module, sample.example_inputs)
     res = get_pass("fuse")(clone(gm), PassContext(sample=sample, options=options))
     return sample, gm, res
 
@@ -89,12 +91,13 @@ def test_fused_graph_survives_clone_and_meta(fused_samples):
     assert numerics(sample, c) <= 1e-4
 
 
-def test_max_nodes_and_horizontal_options():
-    _, _, res = fused("llama", max_nodes=2)
+def test_max_nodes_and_horizontal_options(fused_samples):
+    sample, gm, on = fused_samples["moe"]
+    _, _, res = fused("moe", captured=(sample, gm), max_nodes=2)
+    assert fused_kernels(res.gm)
     for k in fused_kernels(res.gm):
         assert len(k.ops) <= 2
-    _, _, on = fused("moe", horizontal=True)
-    _, _, off = fused("moe", horizontal=False)
+    _, _, off = fused("moe", captured=(sample, gm), horizontal=False)
     assert off.stats["horizontal_merges"] == 0 and on.stats["horizontal_merges"] > 0
     assert on.stats["groups"] < off.stats["groups"]
 
