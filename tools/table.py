@@ -45,8 +45,9 @@ def pass_table(record: dict) -> str:
         if measured:
             r += [fmt(s.get("throughput"), ",.0f"), ci(s), speed(s.get("speedup_vs_prev")),
                   speed(s.get("cumulative_speedup"))]
+        r.append(stats_summary(s.get("stats") or {}))
         rows.append(r)
-    out = render(headers, rows)
+    out = render(headers + ["stats"], [r if len(r) == len(headers) + 1 else r + [""] for r in rows])
     errors = [f"  {s['pass']}: {s['error']}" for s in record["steps"] if s.get("error")]
     if errors:
         out += "\nrolled back:\n" + "\n".join(errors)
@@ -66,3 +67,9 @@ def speed(x) -> str:
 
 def looks_numeric(c: str) -> bool:
     return bool(c) and (c[0].isdigit() or c[0] in "-+.") and c not in ("-",) or c == "-"
+
+
+def stats_summary(stats: dict, limit: int = 3) -> str:
+    """The pass's first few scalar counters, e.g. `groups=12 nodes_fused=40`."""
+    items = [f"{k}={v}" for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return " ".join(items[:limit])
