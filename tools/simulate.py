@@ -123,8 +123,11 @@ def link_of_record(rec: dict) -> str:
 
 
 def compare(rec: dict, device: str = "cpu-now") -> dict:
-    """Predict the run a distributed run record describes (same model, world,
-    emulated link, pipeline, ranks sharing this machine) beside its measurements."""
+    """Predict the run a distributed run record (`passlab run --world-size W
+    --json`) or a `bench()` result describes (same model, world, emulated
+    link, pipeline, ranks sharing this machine) beside its measurements."""
+    if "pass_link" in rec:
+        return compare_bench(rec, device)
     world = rec["world_size"]
     pred = predict(rec["model"], preset=rec["preset"], world=world, link=link_of_record(rec), device=device,
                    pipeline=",".join(rec["pipeline"]), dtype=rec.get("dtype"), ranks_per_host=world)
@@ -138,6 +141,22 @@ def compare(rec: dict, device: str = "cpu-now") -> dict:
         key = "baseline" if i == 0 else ("final" if i == len(measured) - 1 else None)
         row["measured_exposed_comm_s"] = exposed.get(key)
     pred["compared_with"] = {"link": rec.get("link"), "machine": rec.get("machine")}
+    return pred
+
+
+def compare_bench(b: dict, device: str = "cpu-now") -> dict:
+    world, ranks = b["world"], b["ranks"]
+    passes = [k for k in ranks[0]["step_s"] if k != "captured"]
+    pipeline = ",".join(f"{n}(link={b['pass_link']})" for n in passes)
+    pred = predict(b["model"], preset=b["preset"], world=world, link=b["pass_link"], device=device,
+                   pipeline=pipeline, ranks_per_host=world)
+    for row, key in zip(pred["steps"], ["captured"] + passes):
+        m = max(r["step_s"][key] for r in ranks)
+        row["measured_step_s"] = m
+        row["error"] = (row["step_s"] - m) / m if m and row.get("step_s") else None
+        row["measured_exposed_comm_s"] = sum(r["metrics"][key]["exposed_comm_s"] for r in ranks) / len(ranks)
+        effs = [r["metrics"][key]["overlap_efficiency"] for r in ranks if r["metrics"][key]["overlap_efficiency"] is not None]
+        row["measured_overlap_efficiency"] = sum(effs) / len(effs) if effs else None
     return pred
 
 
@@ -196,14 +215,15 @@ def bench_rank(p: dict) -> dict:
     gm = capture(sample.module, sample.example_inputs)
     ctx = PassContext(world_size=world, rank=rank)
     variants, stats = {"captured": gm}, {}
+    link = calibrate_link() if p.get("calibrate", True) else p["pass_link"]
     for name in p["passes"]:
-        ctx.options = {"link": p["pass_link"]}
+        ctx.options = {"link": link}
         res = get_pass(name).run(clone(gm), ctx)
         gm = res.gm
         variants[name], stats[name] = gm, res.stats
     x = sample.make_inputs(3)
     times = {k: [] for k in variants}
-    out = {"rank": rank, "stats": stats, "metrics": {}}
+    out = {"rank": rank, "stats": stats, "metrics": {}, "pass_link": link}
     with torch.no_grad():
         for g in variants.values():
             g(*x)
@@ -230,6 +250,31 @@ def bench_rank(p: dict) -> dict:
     return out
 
 
+def calibrate_link(reps: int = 5, big: int = 1 << 20) -> str:
+    """The link as the ranks see it, fitted to the ring all_reduce formula:
+    a 1-element all_reduce gives 2(W-1) latencies, a `big`-float one adds
+    2(W-1)/W * bytes / bandwidth. Rank 0's fit, broadcast, so every rank
+    schedules with the same numbers."""
+    import statistics
+    import time
+    w = dist.get_world_size()
+
+    def timed(t):
+        out = []
+        for _ in range(reps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce(t)
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out)
+    small, large = timed(torch.zeros(1)), timed(torch.zeros(big))
+    lat = small / (2 * (w - 1))
+    bw = 2 * (w - 1) / w * big * 4 / max(large - small, 1e-9)
+    box = [f"rate={bw:.6g}B;latency={lat:.6g}s"]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def bench(model: str, preset: str, world: int, link: str, *, reps: int = 5, passes=None,
           timeout: float = 600) -> dict:
     """Launch `world` ranks on the emulated `link` and measure the captured
@@ -242,5 +287,6 @@ def bench(model: str, preset: str, world: int, link: str, *, reps: int = 5, pass
     pass_link = f"rate={cfg.rate_bytes_per_s:.6g}B;latency={cfg.latency_s:.6g}s"
     p = {"model": model, "preset": preset, "passes": passes or BENCH_PIPELINE, "reps": reps, "pass_link": pass_link}
     launched = spawn("passlab.tools.simulate:bench_rank", p, world, timeout=timeout, link=cfg, threads=threads)
+    pass_link = launched.results[0].get("pass_link", pass_link)
     return {"model": model, "preset": preset, "world": world, "link": launched.link, "pass_link": pass_link,
             "threads_per_rank": threads, "cores": os.cpu_count(), "ranks": launched.results}
