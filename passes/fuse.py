@@ -97,6 +97,9 @@ class Grouper:
         except LoweringError:
             self.skip("not_one_kernel")
             return False
+        except Exception:  # an op with arguments the lowering did not foresee: leave it to ATen
+            self.skip("lowering_error")
+            return False
         return True
 
     def subgraph(self, nodes):
