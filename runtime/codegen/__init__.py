@@ -220,10 +220,11 @@ def make_runner(fk, fn, device: str, keepalive):
             fn(arr_t(*[t.data_ptr() for t in ins], *[t.data_ptr() for t in res]))
     else:
         from . import triton as tr
-        grid, rblock = (max(1, k.m_size),), tr.rblock(k)
+        rblock, xblock = tr.rblock(k), tr.xblock(k)
+        grid = (max(1, -(-k.m_size // xblock)),)
 
         def launch(ins, res):
-            fn[grid](*ins, *res, RBLOCK=rblock)
+            fn[grid](*ins, *res, XBLOCK=xblock, RBLOCK=rblock)
 
     home = torch.device("cuda" if device == "cuda" else "cpu")
 

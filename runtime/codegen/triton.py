@@ -1,9 +1,10 @@
 """Triton printer: a kernel description -> one `@triton.jit` kernel.
 
-One program per outer index m (grid = outer size); the inner dims are walked
-in masked blocks of RBLOCK lanes, once per reduction phase (accumulating in
-fp32 lanes, combined with tl.sum/tl.max at the end) and once more to store
-the elementwise outputs. Runs on CPU tensors under TRITON_INTERPRET=1.
+Each program takes a tile of XBLOCK outer indices (rows) and walks the inner
+dims in masked blocks of RBLOCK lanes, once per reduction phase (accumulating
+in fp32 lanes, combined with tl.sum/tl.max at the end) and once more to store
+the elementwise outputs; row values are [XBLOCK, 1] columns. Small inner dims
+get many rows per program. Runs on CPU tensors under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -17,10 +18,20 @@ from . import CAST, EXPR
 HEADER = "# passlab generated Triton kernels\nimport triton\nimport triton.language as tl\n\n"
 TL = {"f": "tl.float32", "i": "tl.int64", "b": "tl.int1"}
 MAX_RBLOCK = 1024
+MAX_TILE = 2048
+MAX_XBLOCK = 64
+
+
+def pow2(n) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
 def rblock(k) -> int:
-    return min(MAX_RBLOCK, 1 << max(0, math.ceil(math.log2(max(1, k.r_size)))))
+    return min(MAX_RBLOCK, pow2(k.r_size))
+
+
+def xblock(k) -> int:
+    return max(1, min(MAX_XBLOCK, MAX_TILE // rblock(k), pow2(k.m_size)))
 
 
 def const(value, type_) -> str:
@@ -47,7 +58,7 @@ def expr(k, v, vals) -> str:
     if v.op == "load":
         astr = v.args[1]
         off = " + ".join([f"o{v.id}"] + [f"i{d} * {astr[d]}" for d in k.inner if astr[d]]) if v.elem else f"o{v.id}"
-        mask = ", mask=rmask, other=0" if v.elem else ""
+        mask = ", mask=emask, other=0" if v.elem else ", mask=mmask, other=0"
         return CAST[v.type][1].format(f"tl.load(in{v.args[0]} + {off}{mask})")
     if v.op == "iota":
         d, start, step = v.args
@@ -71,18 +82,19 @@ def body(fk, name: str) -> str:
     ins = [f"in{i}" for i in range(len(k.inputs))] + [f"out{j}" for j in range(len(k.outputs))]
     lines = [f"# {fk.name}: {', '.join(fk.ops)}",
              f"# iteration space {k.sizes}, inner dims {k.inner}; bytes in+out {k.bytes_moved():,}",
-             "@triton.jit", f"def {name}({', '.join(ins + ['RBLOCK: tl.constexpr'])}):",
-             "    m = tl.program_id(0).to(tl.int64)"]
+             "@triton.jit", f"def {name}({', '.join(ins + ['XBLOCK: tl.constexpr', 'RBLOCK: tl.constexpr'])}):",
+             "    m = (tl.program_id(0).to(tl.int64) * XBLOCK + tl.arange(0, XBLOCK))[:, None]",
+             f"    mmask = m < {k.m_size}"]
     b_ = []
     for d, div, size in k.index_terms(k.outer):
         b_.append(f"i{d} = (m // {div}) % {size}")
     for v in k.values:
         if v.id in need and v.op == "load":
             terms = [f"i{d} * {v.args[1][d]}" for d in k.outer if v.args[1][d]]
-            b_.append(f"o{v.id} = {' + '.join(terms) or '0'}")
+            b_.append(f"o{v.id} = {' + '.join(terms) or '0 * m'}")
     for j, buf in enumerate(k.outputs):
         terms = [f"i{d} * {buf.astrides[d]}" for d in k.outer if buf.astrides[d]]
-        b_.append(f"q{j} = {' + '.join(terms) or '0'}")
+        b_.append(f"q{j} = {' + '.join(terms) or '0 * m'}")
     emitted = set()
 
     def row_values(upto):
@@ -93,7 +105,8 @@ def body(fk, name: str) -> str:
                 emitted.add(v.id)
 
     def loop_head():
-        out = ["for r0 in range(0, %d, RBLOCK):" % R, "    r = r0 + tl.arange(0, RBLOCK)", "    rmask = r < %d" % R]
+        out = ["for r0 in range(0, %d, RBLOCK):" % R, "    r = (r0 + tl.arange(0, RBLOCK))[None, :]",
+               "    emask = mmask & (r < %d)" % R]
         if len(k.inner) == 1:
             out.append(f"    i{k.inner[0]} = r")
         else:
@@ -110,7 +123,7 @@ def body(fk, name: str) -> str:
                     "min": 'float("inf")' if v.type == "f" else "2**62"}[v.op]
             if v.type == "b":
                 init = {"max": "0", "min": "1", "sum": "0"}[v.op]
-            b_.append(f"acc{v.id} = tl.full([RBLOCK], {init}, {acc_t})")
+            b_.append(f"acc{v.id} = tl.full([XBLOCK, RBLOCK], {init}, {acc_t})")
         b_ += loop_head()
         for v in k.elem_closure([r.args[0] for r in reds]):
             b_.append(f"    v{v.id} = {expr(k, v, vals)}")
@@ -118,13 +131,13 @@ def body(fk, name: str) -> str:
             acc_t = {"f": "tl.float32", "i": "tl.int64", "b": "tl.int32"}[v.type]
             a = f"v{v.args[0]}.to({acc_t})"
             if v.op == "sum":
-                b_.append(f"    acc{v.id} = acc{v.id} + tl.where(rmask, {a}, 0)")
+                b_.append(f"    acc{v.id} = acc{v.id} + tl.where(emask, {a}, 0)")
             else:
                 fn, pad = ("tl.maximum", f"acc{v.id}") if v.op == "max" else ("tl.minimum", f"acc{v.id}")
-                b_.append(f"    acc{v.id} = tl.where(rmask, {fn}(acc{v.id}, {a}), {pad})")
+                b_.append(f"    acc{v.id} = tl.where(emask, {fn}(acc{v.id}, {a}), {pad})")
         for v in reds:
             comb = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}[v.op]
-            res = f"{comb}(acc{v.id}, 0)"
+            res = f"{comb}(acc{v.id}, 1)[:, None]"
             b_.append(f"v{v.id} = {res}" if v.type != "b" else f"v{v.id} = {res} != 0")
             emitted.add(v.id)
         row_values(ph)
@@ -138,10 +151,11 @@ def body(fk, name: str) -> str:
         for j, vid in elem_stores:
             buf = k.outputs[j]
             off = " + ".join([f"q{j}"] + [f"i{d} * {buf.astrides[d]}" for d in k.inner if buf.astrides[d]])
-            val = f"v{vid}" if vals[vid].elem else f"tl.broadcast_to(v{vid}, [RBLOCK])"
-            b_.append(f"    tl.store(out{j} + {off}, {val}{store_cast(buf)}, mask=rmask)")
+            val = f"v{vid}" if vals[vid].elem else f"tl.broadcast_to(v{vid}, [XBLOCK, RBLOCK])"
+            b_.append(f"    tl.store(out{j} + {off}, {val}{store_cast(buf)}, mask=emask)")
     for j, vid in row_stores:
-        b_.append(f"tl.store(out{j} + q{j}, v{vid}{store_cast(k.outputs[j])})")
+        b_.append(f"tl.store(out{j} + q{j}, tl.broadcast_to(v{vid}, [XBLOCK, 1]){store_cast(k.outputs[j])}, "
+                  "mask=mmask)")
     lines += ["    " + s for s in b_]
     return "\n".join(lines) + "\n"
 
