@@ -110,3 +110,26 @@ def test_predict_scales_with_world():
     big = predict("tp_mlp", world=32, link="eth-10g", device="h100", pipeline="overlap_reorder")
     assert big["steps"][0]["comm_s"] > small["steps"][0]["comm_s"] > 0
     assert big["steps"][1]["exposed_comm_s"] <= big["steps"][0]["exposed_comm_s"]
+
+
+def test_share_divides_the_machine():
+    prof = {"copy_bytes_per_s": 8e9, "matmul_flops_per_s": {"float32": 4e10}, "threads": 1, "cores": 2,
+            "op_overhead_s": 1e-5}
+    assert simulator.share(prof, 2) is prof
+    four = simulator.share(prof, 4)
+    assert four["copy_bytes_per_s"] == pytest.approx(4e9) and four["op_overhead_s"] == pytest.approx(2e-5)
+
+
+def test_compare_a_bench_result():
+    from passlab.tools.simulate import compare
+    metrics = {"comm_s": 0.01, "compute_s": 0.02, "exposed_comm_s": 0.005, "overlap_efficiency": 0.5}
+    ranks = [{"rank": r, "step_s": {"captured": 0.010 + r * 0.002, "overlap_reorder": 0.008},
+              "metrics": {"captured": metrics, "overlap_reorder": metrics}} for r in range(2)]
+    bench = {"model": "tp_mlp", "preset": "tiny", "world": 2, "pass_link": "rate=10MB;latency=100us",
+             "ranks": ranks}
+    pred = compare(bench, device="h100")
+    rows = pred["steps"]
+    assert [r["step"] for r in rows] == ["captured", "overlap_reorder"]
+    assert rows[0]["measured_step_s"] == pytest.approx(0.012)          # the slowest rank
+    assert rows[0]["error"] == pytest.approx((rows[0]["step_s"] - 0.012) / 0.012)
+    assert rows[1]["measured_overlap_efficiency"] == pytest.approx(0.5)
