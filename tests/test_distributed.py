@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 
-from passlab.runtime.distributed import DistributedRunFailed, Namespace, chrome_trace, link, spawn
+from passlab.runtime.distributed import (DistributedRunFailed, Namespace, chrome_trace, link, mark_transfers,
+                                        spawn)
 from passlab.tools import cli
 
 pytestmark = pytest.mark.distributed
@@ -49,7 +50,7 @@ def check_samples(payload):
         ref = s.module.reference(*x)
         tl = Timeline(dist.get_rank())
         out[name] = {"eager": relative_error(s.module(*x), ref), "graph": relative_error(gm(*x), ref),
-                     "traced": relative_error(traced(gm, x, tl, "run"), ref),
+                     "traced": relative_error(traced(gm, x, tl, name), ref),
                      "ops": sorted({str(n.target) for n in gm.graph.nodes if "c10d" in str(n.target)}),
                      "comm_events": sum(e["cat"] == "comm" for e in tl.events),
                      "input_sum": float(x[0].sum())}
@@ -89,9 +90,17 @@ def test_samples_match_single_process_reference():
     # tensor parallel replicates the input; expert parallel gives every rank its own tokens
     assert r.results[0]["tp_mlp"]["input_sum"] == r.results[1]["tp_mlp"]["input_sum"]
     assert r.results[0]["ep_moe"]["input_sum"] != r.results[1]["ep_moe"]["input_sum"]
-    trace = json.loads(json.dumps(chrome_trace({i: res["events"] for i, res in enumerate(r.results)},
-                                               origin_ns={i: res["origin_ns"] for i, res in enumerate(r.results)})))
-    check_trace(trace)
+    events = {i: res["events"] for i, res in enumerate(r.results)}
+    origins = {i: res["origin_ns"] for i, res in enumerate(r.results)}
+    mark_transfers(events, origins)
+    for rank, evs in events.items():
+        comm = [e for e in evs if e["cat"] == "comm"]
+        links = [e for e in evs if e["cat"] == "link"]
+        assert len(links) == len(comm)          # every collective matched across ranks
+        for c in comm:                          # the transfer lies inside its collective
+            assert c["args"]["waiting_us"] >= 0 and c["args"]["transfer_us"] >= 0
+        assert any(c["args"]["waiting_us"] == 0 for c in comm)   # somebody is always last to issue
+    check_trace(json.loads(json.dumps(chrome_trace(events, origin_ns=origins))))
 
 
 def check_trace(trace):

@@ -136,7 +136,8 @@ def time_graph(gm, inputs, device: str, warmup: int, reps: int) -> dict:
 
 
 def trace(baseline, final, inputs, rank: int) -> dict:
-    """Traced runs of the baseline and final graphs; clock origin at a common barrier."""
+    """Traced runs of the baseline and final graphs; clock origin at a common barrier.
+    Overlap metrics come from the last traced run of each."""
     import torch.distributed as dist
     from passlab.runtime.distributed import Timeline, traced
     from passlab.runtime.overlap_metrics import overlap_metrics
@@ -146,20 +147,16 @@ def trace(baseline, final, inputs, rank: int) -> dict:
     metrics = {}
     for name, g in (("baseline", baseline), ("final", final)):
         dist.barrier()
-        first = len(tl.events)
         for it in range(TRACE_ITERS):
             traced(g, inputs, tl, f"{name} #{it + 1}")
-        last = [e for e in tl.events[first:] if e["start_ns"] >= step_start(tl.events[first:], TRACE_ITERS)]
         chrome = [{"ph": "X", "cat": e["cat"], "pid": rank, "ts": e["start_ns"] / 1e3,
-                   "dur": (e["end_ns"] - e["start_ns"]) / 1e3} for e in last]
+                   "dur": (e["end_ns"] - e["start_ns"]) / 1e3} for e in tl.events if e["step"] == last_run(name)]
         metrics[name] = overlap_metrics(chrome)["ranks"].get(rank, {})
     return {"events": tl.events, "origin_ns": origin, "overlap": metrics}
 
 
-def step_start(events, k: int) -> int:
-    """Start of the k-th (last) traced iteration among `events`."""
-    steps = sorted(e["start_ns"] for e in events if e["cat"] == "step")
-    return steps[k - 1] if len(steps) >= k else 0
+def last_run(name: str) -> str:
+    return f"{name} #{TRACE_ITERS}"
 
 
 def reference_error(sample, gm) -> float | None:
@@ -209,16 +206,21 @@ def assemble(results: list[dict], launched_info: dict, p: dict) -> dict:
     if rec["steps"]:
         rec["final_speedup"] = rec["steps"][-1]["cumulative_speedup"]
     final_key = keys[-1] if keys else "baseline"
+    from passlab.runtime.distributed import chrome_trace, link_seconds, mark_transfers
+    events = {r["rank"]: r["events"] for r in results}
+    origins = {r["rank"]: r["origin_ns"] for r in results}
+    mark_transfers(events, origins)
+    for r in results:
+        for k, v in r["overlap"].items():
+            v["link_s"] = link_seconds(events[r["rank"]], last_run(k))
     rec["ranks"] = [{
         "rank": r["rank"], "host": r["host"], "device": r["device"], "threads": r["threads"],
         "step_s": {"baseline": r["timings"]["baseline"]["median_s"], "final": r["timings"][final_key]["median_s"]},
-        "traced": {k: {m: v.get(m) for m in ("step_s", "compute_s", "comm_s", "exposed_comm_s",
+        "traced": {k: {m: v.get(m) for m in ("step_s", "compute_s", "comm_s", "link_s", "exposed_comm_s",
                                               "hidden_comm_s", "overlap_efficiency")}
                    for k, v in r["overlap"].items()},
         "reference_error": r["reference_error"], "statuses": r["statuses"]} for r in results]
-    from passlab.runtime.distributed import chrome_trace
-    rec["timeline"] = chrome_trace({r["rank"]: r["events"] for r in results},
-                                   origin_ns={r["rank"]: r["origin_ns"] for r in results},
+    rec["timeline"] = chrome_trace(events, origin_ns=origins,
                                    metadata={"model": rec["model"], "world_size": world, "link": rec["link"]})
     return rec
 
@@ -336,16 +338,17 @@ def summary(rec: dict) -> str:
     rows = []
     for r in rec.get("ranks", []):
         if r.get("failed"):
-            rows.append([str(r["rank"]), "failed", "-", "-", "-", "-", "-", "-"])
+            rows.append([str(r["rank"]), "failed", "-", "-", "-", "-", "-", "-", "-"])
             continue
         t = r["traced"].get("final", {})
         ms = lambda v: "-" if v is None else f"{v * 1e3:.2f}"
         eff = t.get("overlap_efficiency")
         rows.append([str(r["rank"]), ms(r["step_s"]["baseline"]), ms(r["step_s"]["final"]), ms(t.get("compute_s")),
-                     ms(t.get("comm_s")), ms(t.get("exposed_comm_s")), "-" if eff is None else f"{eff:.2f}",
+                     ms(t.get("comm_s")), ms(t.get("link_s")), ms(t.get("exposed_comm_s")), "-" if eff is None else f"{eff:.2f}",
                      "-" if r["reference_error"] is None else f"{r['reference_error']:.1e}"])
     if rows:
-        lines.append(render(["rank", "step ms base", "step ms final", "compute ms", "comm ms", "exposed ms",
-                             "overlap", "vs reference"], rows))
-        lines.append("(step: median of timed runs; compute/comm/exposed: last traced run of the final graph)")
+        lines.append(render(["rank", "step ms base", "step ms final", "compute ms", "comm ms", "link ms",
+                             "exposed ms", "overlap", "vs reference"], rows))
+        lines.append("(step: median of timed runs; the rest: last traced run of the final graph; comm: issue to "
+                     "completion, link: from the last rank's issue to completion)")
     return "\n".join(lines)

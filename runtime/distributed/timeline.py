@@ -46,19 +46,20 @@ class Timeline:
         self.rank = rank
         self.events: list[dict] = []
         self.lock = threading.Lock()
+        self.step = ""                      # label of the traced run the next events belong to
 
     def add(self, name: str, cat: str, lane: int, start_ns: int, end_ns: int, **args) -> None:
         with self.lock:
             self.events.append({"name": name, "cat": cat, "lane": lane, "start_ns": start_ns,
-                                "end_ns": max(end_ns, start_ns), "args": args})
+                                "end_ns": max(end_ns, start_ns), "step": self.step, "args": args})
 
 
 class Pending:
     """A collective in flight: its output, its Work, when it was issued and finished."""
 
-    def __init__(self, name, out, work, issued_ns, lane, nbytes):
+    def __init__(self, name, out, work, issued_ns, lane, nbytes, seq):
         self.name, self.out, self.work, self.issued_ns, self.lane = name, out, work, issued_ns, lane
-        self.nbytes, self.done_ns = nbytes, None
+        self.nbytes, self.seq, self.done_ns = nbytes, seq, None
         if work is not None:
             try:
                 work.get_future().then(self.finished)
@@ -111,6 +112,7 @@ class TracedRun(torch.fx.Interpreter):
         self.pending: dict[torch.fx.Node, Pending] = {}
         self.region: list | None = None       # [start_ns, end_ns, nodes]
         self.busy_lanes: set[int] = set()
+        self.issued = 0
 
     def run(self, *args):
         out = super().run(*args)
@@ -146,7 +148,8 @@ class TracedRun(torch.fx.Interpreter):
             out, work = super().run_node(n), None
         else:
             out, work = issued
-        self.pending[n] = Pending(name, out, work, t0, lane, out.numel() * out.element_size())
+        self.pending[n] = Pending(name, out, work, t0, lane, out.numel() * out.element_size(), self.issued)
+        self.issued += 1
         return out
 
     def wait(self, node: torch.fx.Node, value):
@@ -165,7 +168,7 @@ class TracedRun(torch.fx.Interpreter):
             self.timeline.add(f"wait {p.name if p else 'collective'}", "wait", LANES["compute"], t0, t1)
         if p is not None:
             done = p.done_ns if p.done_ns is not None else t1
-            self.timeline.add(p.name, "comm", p.lane, p.issued_ns, min(done, t1), bytes=p.nbytes,
+            self.timeline.add(p.name, "comm", p.lane, p.issued_ns, min(done, t1), bytes=p.nbytes, seq=p.seq,
                               completion="future" if p.done_ns is not None else "wait")
             self.busy_lanes.discard(p.lane)
         return out
@@ -180,11 +183,44 @@ class TracedRun(torch.fx.Interpreter):
 
 def traced(gm: torch.fx.GraphModule, inputs, timeline: Timeline, label: str):
     """Run `gm` once under the tracer, framed by a `label` event on the step lane."""
+    timeline.step = label
     t0 = time.perf_counter_ns()
     with torch.no_grad():
         out = TracedRun(gm, timeline).run(*inputs)
     timeline.add(label, "step", LANES["step"], t0, time.perf_counter_ns())
     return out
+
+
+def mark_transfers(per_rank: dict[int, list[dict]], origin_ns: dict[int, int]) -> None:
+    """Split each collective into waiting for the other ranks and the transfer.
+
+    A collective cannot move data before its last rank issues it; what a rank
+    spends before that is skew (a slower peer), not link time. The k-th
+    collective of a traced run is the same collective on every rank, so the
+    transfer starts at the latest issue among the ranks (clocks aligned at a
+    common barrier). Adds a nested "transfer" event (category "link") inside
+    each comm event and `waiting_us` / `transfer_us` to its args.
+    """
+    comm = {}
+    for rank, evs in per_rank.items():
+        for e in evs:
+            if e["cat"] == "comm" and "seq" in e["args"]:
+                comm.setdefault((e["step"], e["args"]["seq"]), []).append((rank, e))
+    for (step, seq), group in comm.items():
+        if len(group) != len(per_rank):
+            continue
+        last = max(e["start_ns"] - origin_ns.get(r, 0) for r, e in group)
+        for rank, e in group:
+            start = min(max(last + origin_ns.get(rank, 0), e["start_ns"]), e["end_ns"])
+            e["args"]["waiting_us"] = round((start - e["start_ns"]) / 1e3, 3)
+            e["args"]["transfer_us"] = round((e["end_ns"] - start) / 1e3, 3)
+            per_rank[rank].append({"name": "transfer", "cat": "link", "lane": e["lane"], "start_ns": start,
+                                   "end_ns": e["end_ns"], "step": step, "args": {"bytes": e["args"].get("bytes")}})
+
+
+def link_seconds(events: list[dict], step: str) -> float:
+    """Total transfer time of one traced run (after `mark_transfers`)."""
+    return sum(e["end_ns"] - e["start_ns"] for e in events if e["cat"] == "link" and e["step"] == step) / 1e9
 
 
 def lane_name(lane: int) -> str:
