@@ -147,7 +147,9 @@ def compare(rec: dict, device: str = "cpu-now") -> dict:
 def compare_bench(b: dict, device: str = "cpu-now") -> dict:
     world, ranks = b["world"], b["ranks"]
     passes = [k for k in ranks[0]["step_s"] if k != "captured"]
-    pipeline = ",".join(f"{n}(link={b['pass_link']})" for n in passes)
+    given = {step.split("(")[0]: step for step in b.get("passes", [])}
+    pipeline = ",".join(given.get(n, n)[:-1] + f",link={b['pass_link']})" if "(" in given.get(n, n)
+                        else f"{n}(link={b['pass_link']})" for n in passes)
     pred = predict(b["model"], preset=b["preset"], world=world, link=b["pass_link"], device=device,
                    pipeline=pipeline, ranks_per_host=world)
     for row, key in zip(pred["steps"], ["captured"] + passes):
@@ -207,7 +209,7 @@ def bench_rank(p: dict) -> dict:
     import statistics
     import time
     from passlab.graphs import capture, clone, load
-    from passlab.passes import PassContext, get_pass
+    from passlab.passes import PassContext, parse
     from passlab.runtime.distributed import Timeline, traced
     from passlab.runtime.overlap_metrics import overlap_metrics
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -216,11 +218,11 @@ def bench_rank(p: dict) -> dict:
     ctx = PassContext(world_size=world, rank=rank)
     variants, stats = {"captured": gm}, {}
     link = calibrate_link() if p.get("calibrate", True) else p["pass_link"]
-    for name in p["passes"]:
-        ctx.options = {"link": link}
-        res = get_pass(name).run(clone(gm), ctx)
+    for step in parse(",".join(p["passes"])):
+        ctx.options = {"link": link, **step.options}
+        res = step.pass_.run(clone(gm), ctx)
         gm = res.gm
-        variants[name], stats[name] = gm, res.stats
+        variants[step.name], stats[step.name] = gm, res.stats
     x = sample.make_inputs(3)
     times = {k: [] for k in variants}
     out = {"rank": rank, "stats": stats, "metrics": {}, "pass_link": link}
@@ -289,4 +291,5 @@ def bench(model: str, preset: str, world: int, link: str, *, reps: int = 5, pass
     launched = spawn("passlab.tools.simulate:bench_rank", p, world, timeout=timeout, link=cfg, threads=threads)
     pass_link = launched.results[0].get("pass_link", pass_link)
     return {"model": model, "preset": preset, "world": world, "link": launched.link, "pass_link": pass_link,
+            "passes": p["passes"],
             "threads_per_rank": threads, "cores": os.cpu_count(), "ranks": launched.results}
