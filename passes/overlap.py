@@ -25,6 +25,7 @@ import torch
 import torch.fx
 
 from passlab.runtime import simulator
+from passlab.runtime.opclass import OpClass, op_class
 from passlab.runtime.simulator import Estimator, collective_kind
 
 from .api import PassResult
@@ -324,7 +325,6 @@ class Chunking:
             fn = RULES.get(key)
             if fn is not None:
                 return fn(self, n)
-        from passlab.runtime.opclass import OpClass, op_class
         if op_class(n) == OpClass.POINTWISE:
             return self.pointwise(n)
         return None

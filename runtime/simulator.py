@@ -44,8 +44,9 @@ class Link:
         return f"{self.name} ({self.bytes_per_s / 1e9:.3g} GB/s, {self.latency_s * 1e6:.3g} us)"
 
 
-# nominal per-direction numbers; the emulated presets of the distributed runtime
-# (tc-shaped veths) override these when that module is present
+# nominal per-direction numbers of the target links (the distributed runtime's
+# emulated presets scale these to this machine's compute rate; a run's actual
+# emulated rate is in its record, and `simulate --compare` uses that)
 LINKS = {
     "nvlink-h100": Link("nvlink-h100", 450e9, 2e-6, "NVLink 4 datasheet: 900 GB/s bidirectional per GPU"),
     "ib-400g": Link("ib-400g", 50e9, 5e-6, "InfiniBand NDR 400 Gbit/s nominal"),
@@ -74,27 +75,12 @@ def parse_time(text: str) -> float:
     return float(m.group(1)) * {"s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}[m.group(2) or "s"]
 
 
-def emulated_links() -> dict[str, Link]:
-    """The distributed runtime's emulated link presets, when it is installed."""
-    try:
-        from passlab.runtime.distributed import link as emulated   # noqa: F401
-    except Exception:
-        return {}
-    out = {}
-    for name, p in getattr(emulated, "PRESETS", {}).items():
-        rate = getattr(p, "rate_bytes_per_s", None) or (p.get("rate_bytes_per_s") if isinstance(p, dict) else None)
-        lat = getattr(p, "latency_s", None) if not isinstance(p, dict) else p.get("latency_s")
-        if rate and lat is not None:
-            out[name] = Link(name, float(rate), float(lat), "emulated preset (tc)")
-    return out
-
-
 def get_link(spec: "str | Link") -> Link:
     """A preset name or 'rate=10gbit,latency=50us' (';' also separates, for
     pipeline options: `overlap_chunk(link=rate=20MB;latency=0)`)."""
     if isinstance(spec, Link):
         return spec
-    known = {**LINKS, **emulated_links()}
+    known = LINKS
     if spec in known:
         return known[spec]
     if "=" in spec:
