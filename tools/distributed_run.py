@@ -254,6 +254,11 @@ def check_args(args, p: dict) -> None:
             load(name, args.preset)                       # raises UnknownModelError with a suggestion
         if args.link:
             link.resolve(args.link, 1.0)
+        if args.device.startswith("cuda") and "RANK" not in os.environ:
+            gpus = torch.cuda.device_count()
+            if gpus < args.world_size:
+                raise ValueError(f"--world-size {args.world_size} on --device cuda needs one GPU per rank; "
+                                 f"this machine has {gpus} (use torchrun across hosts, or --device cpu)")
     except bad_args_errors() as e:
         raise BadArguments(e) from e
     except ValueError as e:
@@ -334,7 +339,7 @@ def summary(rec: dict) -> str:
                      + (f"{link['latency_s'] * 1e6:.3g} us" if link.get("latency_emulated")
                         else f"not emulated ({link.get('latency_reason', 'zero')})"))
     else:
-        lines.append(f"link: plain loopback, not emulated ({link.get('reason')})")
+        lines.append(f"link: not emulated ({link.get('reason')})")
     rows = []
     for r in rec.get("ranks", []):
         if r.get("failed"):
