@@ -141,7 +141,7 @@ def test_cli_run_with_emulated_link_writes_record_and_timeline(tmp_path, capsys)
     rec = json.loads(js.read_text())
     assert rec["world_size"] == 2 and rec["launcher"] == "spawn" and rec["backend"] == "gloo"
     assert [s["pass"] for s in rec["steps"]] == ["cse"]
-    assert rec["baseline"]["throughput"] > 0 and rec["steps"][0]["throughput"] > 0
+    assert rec["baseline"]["unit"] == "tokens" and rec["baseline"]["n"] == rec["steps"][0]["n"] == 10
     assert [r["rank"] for r in rec["ranks"]] == [0, 1]
     for r in rec["ranks"]:
         assert r["step_s"]["baseline"] > 0 and r["step_s"]["final"] > 0
@@ -165,13 +165,12 @@ def test_killed_rank_fails_the_run_with_its_error(tmp_path, capsys):
         "        os._exit(7)\n"
         "    return torch.nn.Linear(4, 4), (torch.randn(2, 4),)\n")
     js = tmp_path / "r.json"
-    t0 = time.monotonic()
     code = cli.main(["run", f"{model}:build", "--world-size", "2", "--link", "rate=100mbit",
                      "--pipeline", "cse", "--timeout", "120", "--json", str(js)])
     err = capsys.readouterr().err
     assert code == 1
-    assert time.monotonic() - t0 < 120
     assert "rank 1" in err and "exited with code 7" in err, err[-2000:]
+    assert "timed out" not in err                  # seen when it died, not at the deadline
     rec = json.loads(js.read_text())
     assert rec["status"] == "failed" and rec["failures"][0]["rank"] == 1
     assert ours() not in namespaces()
@@ -194,13 +193,11 @@ def test_raising_rank_shows_its_traceback(tmp_path, capsys):
 
 
 def test_hung_rank_times_out_and_names_its_stage():
-    t0 = time.monotonic()
     with pytest.raises(DistributedRunFailed) as e:
         spawn(f"{HERE}:misbehave", {}, 2, timeout=8, link=link.resolve("rate=1gbit"))
-    assert time.monotonic() - t0 < 30
     msg = str(e.value)
     assert "timed out after 8 s" in msg and "sleeping on purpose" in msg
-    assert {f.rank for f in e.value.failures} == {0, 1}
+    assert {(f.rank, f.kind) for f in e.value.failures} == {(0, "timeout"), (1, "timeout")}
     assert ours() not in namespaces()
 
 
