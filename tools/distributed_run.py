@@ -64,15 +64,17 @@ def rank_main(p: dict) -> dict:
         out["record"] = records.build(model=sample.name, preset=sample.preset, device=p["device"],
                                       pipeline=names, baseline=baseline, steps=recs)
         return out
-    graphs = distinct_graphs(result, device)
+    runnable = distinct_graphs(result, device)
     warmup, reps = p["reps"]
     inputs = sample.make_inputs(7)
     out["timings"] = {}
-    for key, g in graphs.items():
+    for key, g in runnable.items():
         stage(f"timing {key}")
         say(f"timing {label(key, result)} ({warmup} warm-up + {reps} runs on every rank)")
         out["timings"][key] = time_graph(g, inputs, device, warmup, reps)
     stage("tracing")
+    from passlab.runtime.executor import compile_graph
+    compile_graph(result.gm, device)              # the tracer interprets the graph; its kernels must be built
     out.update(trace(result.baseline.snapshot, result.gm, inputs, rank))
     out["reference_error"] = reference_error(sample, result.gm)
     out["statuses"] = [s.status for s in result.steps]
@@ -85,15 +87,14 @@ def rank_main(p: dict) -> dict:
 
 
 def distinct_graphs(result, device: str) -> dict:
-    """'baseline' and the index of every step whose graph differs from the one before."""
+    """'baseline' and the index of every step whose graph differs from the one
+    before, each compiled for the device."""
     from passlab.runtime.executor import compile_graph
     graphs = {"baseline": result.baseline.snapshot}
     for i, s in enumerate(result.steps):
         if s.status == "ok" and s.changed and s.snapshot is not None:
             graphs[i] = s.snapshot
-    for g in graphs.values():
-        compile_graph(g, device)
-    return graphs
+    return {k: compile_graph(g, device) for k, g in graphs.items()}
 
 
 def step_keys(result) -> list:
