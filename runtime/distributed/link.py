@@ -26,7 +26,7 @@ import os
 import shutil
 import signal
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 H100_BF16_DENSE = 989e12
 
@@ -231,11 +231,6 @@ def unavailable() -> str | None:
     return None
 
 
-def exists(name: str) -> bool:
-    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    return any(line.split()[0] == name for line in r.stdout.splitlines() if line.strip())
-
-
 def ip(*args, check=True):
     return run(["ip", *args], check=check)
 
@@ -249,6 +244,3 @@ def failure(e: BaseException) -> str:
         return f"`{' '.join(e.cmd)}`: {(e.stderr or '').strip() or f'exit {e.returncode}'}"
     return f"{type(e).__name__}: {e}"
 
-
-def as_dict(link: LinkConfig) -> dict:
-    return asdict(link)
