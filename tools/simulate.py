@@ -71,11 +71,14 @@ def predict(model: str, *, preset: str = "tiny", world: int = 8, link: str = "ib
     finally:                      # leave no fake world behind for later loads in this process
         if dist.is_initialized():
             dist.destroy_process_group()
-    profile = simulator.device_profile(device, measure=True)
-    if device.startswith("cpu"):
+    profile = simulator.device_profile(device, measure=True) if isinstance(device, str) else dict(device)
+    if profile.get("device", "").startswith("cpu"):
         profile = simulator.share(profile, ranks_per_host)
+        from passlab.runtime.simulator import CPU_COLLECTIVE_OVERHEAD_S, CPU_OP_OVERHEAD_S
+        profile.setdefault("op_overhead_s", CPU_OP_OVERHEAD_S)
+        profile.setdefault("collective_overhead_s", CPU_COLLECTIVE_OVERHEAD_S)
     est = simulator.Estimator(profile, simulator.get_link(link), world)
-    options = {"link": link, "device": device, "world": world}
+    options = {"link": link, "device": device if isinstance(device, str) else "cpu", "world": world}
     from passlab.passes import parse
     steps = parse(pipeline)
     for s in steps:
@@ -93,7 +96,8 @@ def predict(model: str, *, preset: str = "tiny", world: int = 8, link: str = "ib
             row.update(status=rec.status, error=rec.error, stats=rec.stats)
         rows.append(row)
     return {"model": model, "preset": preset, "world": world, "capture_world": cap, "link": str(est.link),
-            "link_source": est.link.source, "device": device, "device_source": est.profile.get("source"),
+            "link_source": est.link.source, "device": device if isinstance(device, str) else "cpu (given profile)",
+            "device_source": est.profile.get("source"),
             "pipeline": pipeline, "steps": rows}
 
 
@@ -150,8 +154,8 @@ def compare_bench(b: dict, device: str = "cpu-now") -> dict:
     given = {step.split("(")[0]: step for step in b.get("passes", [])}
     pipeline = ",".join(given.get(n, n)[:-1] + f",link={b['pass_link']})" if "(" in given.get(n, n)
                         else f"{n}(link={b['pass_link']})" for n in passes)
-    pred = predict(b["model"], preset=b["preset"], world=world, link=b["pass_link"], device=device,
-                   pipeline=pipeline, ranks_per_host=world)
+    pred = predict(b["model"], preset=b["preset"], world=world, link=b["pass_link"],
+                   device=b.get("profile") or device, pipeline=pipeline, ranks_per_host=world)
     for row, key in zip(pred["steps"], ["captured"] + passes):
         m = max(r["step_s"][key] for r in ranks)
         row["measured_step_s"] = m
@@ -218,6 +222,10 @@ def bench_rank(p: dict) -> dict:
     ctx = PassContext(world_size=world, rank=rank)
     variants, stats = {"captured": gm}, {}
     link = calibrate_link() if p.get("calibrate", True) else p["pass_link"]
+    from passlab.runtime.simulator import quick_cpu_profile
+    dist.barrier()
+    box = [quick_cpu_profile() if rank == 0 else None]       # this machine now, the other ranks idle
+    dist.broadcast_object_list(box, src=0)
     for step in parse(",".join(p["passes"])):
         ctx.options = {"link": link, **step.options}
         res = step.pass_.run(clone(gm), ctx)
@@ -225,7 +233,7 @@ def bench_rank(p: dict) -> dict:
         variants[step.name], stats[step.name] = gm, res.stats
     x = sample.make_inputs(3)
     times = {k: [] for k in variants}
-    out = {"rank": rank, "stats": stats, "metrics": {}, "pass_link": link}
+    out = {"rank": rank, "stats": stats, "metrics": {}, "pass_link": link, "profile": box[0]}
     with torch.no_grad():
         for g in variants.values():
             g(*x)
@@ -252,12 +260,11 @@ def bench_rank(p: dict) -> dict:
     return out
 
 
-def calibrate_link(reps: int = 5, big: int = 1 << 20) -> str:
+def calibrate_link(reps: int = 8, big: int = 1 << 20) -> str:
     """The link as the ranks see it, fitted to the ring all_reduce formula:
     a 1-element all_reduce gives 2(W-1) latencies, a `big`-float one adds
     2(W-1)/W * bytes / bandwidth. Rank 0's fit, broadcast, so every rank
     schedules with the same numbers."""
-    import statistics
     import time
     w = dist.get_world_size()
 
@@ -268,7 +275,7 @@ def calibrate_link(reps: int = 5, big: int = 1 << 20) -> str:
             t0 = time.perf_counter()
             dist.all_reduce(t)
             out.append(time.perf_counter() - t0)
-        return statistics.median(out)
+        return min(out)               # the link's floor: a busy machine only adds to it
     small, large = timed(torch.zeros(1)), timed(torch.zeros(big))
     lat = small / (2 * (w - 1))
     bw = 2 * (w - 1) / w * big * 4 / max(large - small, 1e-9)
@@ -290,6 +297,7 @@ def bench(model: str, preset: str, world: int, link: str, *, reps: int = 5, pass
     p = {"model": model, "preset": preset, "passes": passes or BENCH_PIPELINE, "reps": reps, "pass_link": pass_link}
     launched = spawn("passlab.tools.simulate:bench_rank", p, world, timeout=timeout, link=cfg, threads=threads)
     pass_link = launched.results[0].get("pass_link", pass_link)
+    profile = launched.results[0].get("profile")
     return {"model": model, "preset": preset, "world": world, "link": launched.link, "pass_link": pass_link,
-            "passes": p["passes"],
+            "passes": p["passes"], "profile": profile,
             "threads_per_rank": threads, "cores": os.cpu_count(), "ranks": launched.results}
