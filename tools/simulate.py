@@ -32,7 +32,11 @@ def add_command(sub) -> None:
                    help="ranks sharing this machine's cores (cpu devices): each gets its share")
     p.add_argument("--compare", default=None, metavar="RECORD",
                    help="a `passlab run --world-size W --json` record: predict its run and print the error")
-    p.add_argument("--json", default=None, help="write the predictions here")
+    p.add_argument("--bench", action="store_true",
+                   help="measure instead: launch W ranks on the emulated --link and time the captured graph "
+                        "and each pass of --pipeline, in one run")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per graph (--bench)")
+    p.add_argument("--json", default=None, help="write the predictions (or measurements) here")
 
 
 def fake_world(world: int) -> None:
@@ -177,8 +181,38 @@ def compare_table(pred: dict) -> str:
                                                   "pred. exposed ms", "meas. exposed ms"], rows))
 
 
+def bench_table(b: dict) -> str:
+    from .table import render
+    ranks = b["ranks"]
+    base = max(r["step_s"]["captured"] for r in ranks)
+    rows = []
+    for key in ranks[0]["step_s"]:
+        step = max(r["step_s"][key] for r in ranks)
+        m = [r["metrics"][key] for r in ranks]
+        effs = [v["overlap_efficiency"] for v in m if v["overlap_efficiency"] is not None]
+        mean = lambda k: sum(v[k] for v in m) / len(m) * 1e3
+        rows.append([key, f"{step * 1e3:.1f}", f"{base / step:.2f}x", f"{mean('comm_s'):.1f}",
+                     f"{mean('exposed_comm_s'):.1f}", f"{sum(effs) / len(effs):.2f}" if effs else "-"])
+    link = b["link"]
+    head = (f"{b['model']} ({b['preset']}) on {b['world']} gloo ranks, {b['threads_per_rank']} thread(s) each on "
+            f"{b['cores']} cores; link {link.get('name')} "
+            f"({'emulated' if link.get('emulated') else 'NOT emulated: ' + str(link.get('reason'))}), "
+            f"fitted {b['pass_link']}; measured")
+    return head + "\n" + render(["after", "step ms (slowest rank)", "vs captured", "comm ms", "exposed ms",
+                                 "overlap eff."], rows)
+
+
 def command(args) -> int:
     from .cli import BadArguments, bad_args_errors
+    if args.bench:
+        from passlab.passes.pipeline import split_items
+        b = bench(args.model, args.preset, args.world_size, args.link, reps=args.reps,
+                  passes=[i.strip() for i in split_items(args.pipeline) if i.strip()])
+        print(bench_table(b))
+        if args.json:
+            from .record import write_json
+            write_json(b, args.json)
+        return 0
     if args.compare:
         with open(args.compare) as f:
             pred = compare(json.load(f), device=args.device if args.device.startswith("cpu") else "cpu-now")
