@@ -28,6 +28,8 @@ import signal
 import subprocess
 from dataclasses import dataclass, field
 
+from ..simulator import parse_rate, parse_time
+
 H100_BF16_DENSE = 989e12
 
 
@@ -52,9 +54,6 @@ PRESETS = {
                           "H100 bf16 dense; 10 Gbit/s Ethernet = 1.25 GB/s"),
 }
 
-UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-
-
 @dataclass
 class LinkConfig:
     """What to emulate for one run: per-rank bytes/s and one-way latency."""
@@ -62,24 +61,6 @@ class LinkConfig:
     rate_bytes_per_s: float
     latency_s: float = 0.0
     derivation: dict = field(default_factory=dict)
-
-
-def parse_rate(text: str) -> float:
-    """'1gbit', '400mbit', '50MB', '1.25GB/s' -> bytes/s (bit units divide by 8)."""
-    import re
-    m = re.fullmatch(r"\s*([\d.eE+-]+)\s*([kmgtKMGT]?)(bit|bps|B|Bps)?(/s)?\s*", text)
-    if not m:
-        raise ValueError(f"cannot read a rate from {text!r} (e.g. 1gbit, 400mbit, 50MB)")
-    value = float(m.group(1)) * UNITS[m.group(2).lower()]
-    return value / 8 if (m.group(3) or "B") in ("bit", "bps") else value
-
-
-def parse_time(text: str) -> float:
-    import re
-    m = re.fullmatch(r"\s*([\d.eE+-]+)\s*(s|ms|us|ns)?\s*", text)
-    if not m:
-        raise ValueError(f"cannot read a time from {text!r} (e.g. 50us, 1ms)")
-    return float(m.group(1)) * {"s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}[m.group(2) or "s"]
 
 
 def resolve(spec: str, host_flops_per_s: float | None = None) -> LinkConfig:
