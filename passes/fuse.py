@@ -14,7 +14,10 @@ masking, scaling), into single kernels:
    value mapped consistently), stays cycle-free and within `max_nodes`;
 3. horizontal: independent groups that read a common input merge when the
    result is still one legal kernel (`horizontal=on`);
-4. cost: a group is kept only if it saves bytes by the static cost model
+4. exact routing: in bf16/fp16, whatever a top-k/argmax/sort depends on stays
+   in ATen so it rounds exactly as eager (`exact_routing=off` fuses it too; an
+   MoE router may then pick other experts on ties and the output changes);
+5. cost: a group is kept only if it saves bytes by the static cost model
    (a lone primitive op saves nothing and stays an ATen call; a lone
    composite such as softmax or layer_norm becomes one kernel).
 
@@ -43,6 +46,27 @@ COMPOSITES = {aten._softmax.default, aten._log_softmax.default, aten.native_laye
               aten.gelu.default, aten.silu.default, aten.var.correction, aten.mean.dim,
               aten._native_batch_norm_legit_no_training.default}
 NO_OPS = {aten._assert_tensor_metadata.default}
+# ops whose result jumps when an input moves by one ulp (MoE routers: top-k of bf16 probabilities).
+# In bf16/fp16 everything they depend on is left to ATen, so it rounds exactly as eager does;
+# otherwise a tie breaks the other way, tokens go to other experts and the output changes wholesale.
+DISCONTINUOUS = {aten.topk.default, aten.sort.default, aten.argmax.default, aten.argmin.default,
+                 aten.max.dim, aten.min.dim}
+
+
+def decision_cone(gm) -> set:
+    """Nodes a discrete choice depends on, where any of them computes in bf16/fp16."""
+    low = (torch.bfloat16, torch.float16)
+    out: set = set()
+    for d in [n for n in gm.graph.nodes if n.target in DISCONTINUOUS]:
+        cone, stack = set(), [d]
+        while stack:
+            for a in stack.pop().all_input_nodes:
+                if a not in cone:
+                    cone.add(a)
+                    stack.append(a)
+        if any(isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dtype in low for a in cone):
+            out |= cone
+    return out
 
 
 def tensor_ok(v) -> bool:
@@ -54,13 +78,17 @@ def tensor_ok(v) -> bool:
 class Fusible(OperatorSupportBase):
     """Ops the kernel description can express, on dtypes the kernels handle."""
 
+    def __init__(self, exclude=frozenset()):
+        super().__init__()
+        self.exclude = exclude
+
     def is_node_supported(self, submodules, node: torch.fx.Node) -> bool:
         if node.op != "call_function":
             return False
         if node.target is operator.getitem:
             src = node.args[0]
             return isinstance(src, torch.fx.Node) and src.target in COMPOSITES and self.is_node_supported(None, src)
-        if not can_lower(node) or not tensor_ok(node.meta.get("val")):
+        if not can_lower(node) or not tensor_ok(node.meta.get("val")) or node in self.exclude:
             return False
         return all(tensor_ok(a.meta.get("val")) for a in node.all_input_nodes)
 
@@ -182,7 +210,8 @@ class Grouper:
 
 
 @register_pass("fuse")
-def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool = True) -> PassResult:
+def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool = True,
+         exact_routing: bool = True) -> PassResult:
     """Fuse pointwise and reduction ops into single generated kernels (vertical and horizontal)."""
     before = costmodel.graph_cost(gm)
     dropped = 0
@@ -190,7 +219,8 @@ def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool
         if n.op == "call_function" and n.target in NO_OPS:
             gm.graph.erase_node(n)
             dropped += 1
-    partitions = CapabilityBasedPartitioner(gm, Fusible(), allows_single_node_partition=True,
+    exact = decision_cone(gm) if exact_routing else set()
+    partitions = CapabilityBasedPartitioner(gm, Fusible(exact), allows_single_node_partition=True,
                                             skip_horizontal_fusion=True).propose_partitions()
     grouper = Grouper(gm, max_nodes)
     groups = [g for p in partitions for g in grouper.split(list(p.nodes))]
@@ -220,7 +250,9 @@ def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool
     after = costmodel.graph_cost(gm)
     stats = {"groups": len(kept), "nodes_fused": nodes_fused, "horizontal_merges": merged,
              "launches_before": before.launches, "launches_after": after.launches,
-             "bytes_saved": saved, "asserts_dropped": dropped, "skipped": grouper.skipped}
+             "bytes_saved": saved, "asserts_dropped": dropped,
+             "skipped": {**grouper.skipped, **({"feeds_routing_decision": sum(1 for n in exact if can_lower(n))}
+                                              if exact else {})}}
     return PassResult(gm, changed=bool(kept) or dropped > 0, stats=stats)
 
 

@@ -151,3 +151,12 @@ def test_pipeline_run_through_manager():
     step = r.record["steps"][0]
     assert step["status"] == "ok" and step["numerics_ok"]
     assert step["stats"]["groups"] > 0 and step["launches"] < r.record["baseline"]["launches"]
+
+
+def test_bf16_routing_inputs_stay_exact():
+    """In bf16, whatever the MoE router's top-k reads is left to ATen (bit-exact with eager)."""
+    sample, gm, res = fused("moe", dtype="bf16")
+    assert res.stats["skipped"].get("feeds_routing_decision", 0) > 0
+    assert numerics(sample, res.gm) <= TOLERANCE[torch.bfloat16]
+    _, _, free = fused("moe", captured=(sample, gm), exact_routing=False)
+    assert free.stats["groups"] > res.stats["groups"]
