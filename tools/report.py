@@ -193,7 +193,7 @@ def timeline_events(tl) -> list[dict]:
 COMM = re.compile(r"all_reduce|all_gather|reduce_scatter|all_to_all|broadcast|send|recv|wait|comm|nccl|gloo", re.I)
 
 
-CATEGORY_COLOURS = {"compute": "#4a90c2", "comm": "#8e5ea2", "wait": "#e67e22", "step": "#b8c0cc"}
+CATEGORY_COLOURS = {"compute": "#4a90c2", "comm": "#8e5ea2", "link": "#c0392b", "wait": "#e67e22", "step": "#b8c0cc"}
 MAX_EVENTS = 4000
 
 
