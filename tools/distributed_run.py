@@ -75,7 +75,9 @@ def rank_main(p: dict) -> dict:
     stage("tracing")
     from passlab.runtime.executor import compile_graph
     compile_graph(result.gm, device)              # the tracer interprets the graph; its kernels must be built
-    out.update(trace(result.baseline.snapshot, result.gm, inputs, rank))
+    keys = step_keys(result)
+    between = {k: result.steps[k].snapshot for k in runnable if k != "baseline" and keys and k != keys[-1]}
+    out.update(trace(result.baseline.snapshot, result.gm, inputs, rank, between))
     out["reference_error"] = reference_error(sample, result.gm)
     out["statuses"] = [s.status for s in result.steps]
     if rank == 0:
@@ -136,7 +138,7 @@ def time_graph(gm, inputs, device: str, warmup: int, reps: int) -> dict:
     return {"median_s": med, "ci_low_s": lo, "ci_high_s": hi, "n": reps}
 
 
-def trace(baseline, final, inputs, rank: int) -> dict:
+def trace(baseline, final, inputs, rank: int, between: dict | None = None) -> dict:
     """Traced runs of the baseline and final graphs; clock origin at a common barrier.
     Overlap metrics come from the last traced run of each."""
     import torch.distributed as dist
@@ -146,7 +148,8 @@ def trace(baseline, final, inputs, rank: int) -> dict:
     dist.barrier()
     origin = time.perf_counter_ns()
     metrics = {}
-    for name, g in (("baseline", baseline), ("final", final)):
+    steps = [(f"step {k}", g) for k, g in (between or {}).items()]    # graphs of intermediate passes
+    for name, g in (("baseline", baseline), *steps, ("final", final)):
         dist.barrier()
         for it in range(TRACE_ITERS):
             traced(g, inputs, tl, f"{name} #{it + 1}")
@@ -201,8 +204,8 @@ def assemble(results: list[dict], launched_info: dict, p: dict) -> dict:
         s.update(throughput=m["throughput"], ci_low=m["ci_low"], ci_high=m["ci_high"], unit=unit,
                  median_s=m["median_s"], n=m["n"], speedup_vs_prev=m["throughput"] / prev,
                  cumulative_speedup=m["throughput"] / base["throughput"])
-        if i == len(keys) - 1:
-            s["overlap_efficiency"] = mean_overlap(results, "final")
+        s["overlap_efficiency"] = mean_overlap(results, "final" if key == keys[-1] else
+                                               "baseline" if key == "baseline" else f"step {key}")
         prev = m["throughput"]
     if rec["steps"]:
         rec["final_speedup"] = rec["steps"][-1]["cumulative_speedup"]
