@@ -301,6 +301,8 @@ def main(args) -> int:
         else:
             threads = max(1, (os.cpu_count() or 1) // args.world_size)
             cfg = link_config(args, args.dtype, threads)
+            if cfg is not None:        # the overlap passes schedule for the link the ranks will have
+                os.environ.setdefault("PASSLAB_LINK", f"rate={cfg.rate_bytes_per_s:.6g}B;latency={cfg.latency_s:.6g}s")
             say(f"launching {args.world_size} ranks ({backend}, {threads} thread(s) each)"
                 + (f", link {cfg.name}: {cfg.rate_bytes_per_s / 1e6:.3g} MB/s per rank, "
                    f"{cfg.latency_s * 1e6:.3g} us" if cfg else ", plain loopback"))
