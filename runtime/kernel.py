@@ -299,8 +299,20 @@ DECOMP = {
     aten.all.dim: lambda b, n, x, dim, keepdim=False: b.reduce("min", _truth(b, x), (dim,), keepdim),
     aten.var.correction: lambda b, n, x, dims=None, correction=1, keepdim=False:
         _var(b, b.cast(x, "f"), dims, 1 if correction is None else correction, keepdim),
+    aten.cat.default: lambda b, n, xs, dim=0: _cat(b, n, xs, dim),
     operator.getitem: lambda b, n, x, i: _getitem(x, i),
 }
+
+
+def _cat(b, node, xs, dim):
+    """Concatenation of computed values: each input is read with its index along
+    `dim` shifted (and clamped), and a select picks the input that owns the index."""
+    xs = [x for x in xs if isinstance(x, P) and math.prod(x.shape) > 0]
+    shape = tuple(node.meta["val"].shape)
+    if not xs or any(len(x.shape) != len(shape) for x in xs):
+        raise LoweringError("cat of inputs with different ranks")
+    type_ = promote(*[x.type for x in xs])
+    return P("cat", tuple(b.cast(x, type_) for x in xs), shape, type_, rdims=(dim % len(shape),))
 
 
 def _no(node):
@@ -466,6 +478,7 @@ class Materializer:
     def __init__(self, placeholders, roots):
         self.placeholders, self.roots = placeholders, roots
         self.values, self.memo, self.inputs = [], {}, {}
+        self.shift: dict = {}        # anchor dim -> (offset, size) while emitting one input of a cat
         nodes = dag([r for r, _ in roots])
         reds = [p for p in nodes if p.op in REDUCE_INIT]
         if reds:
@@ -493,7 +506,7 @@ class Materializer:
             if p.keepdim:
                 return tuple(None if i in p.rdims else d for i, d in enumerate(amap))
             return tuple(d for i, d in enumerate(amap) if i not in p.rdims)
-        if p.op in ("load", "const", "iota", "reshape"):
+        if p.op in ("load", "const", "iota", "reshape", "cat"):
             return None
         known = [(a, self.natural.get(id(a))) for a in p.args if isinstance(a, P)]
         out = [None] * len(p.shape)
@@ -552,7 +565,9 @@ class Materializer:
         return simplify(k, self.iota_dims())
 
     def iota_dims(self):
-        return {v.args[0] for v in self.values if v.op == "iota"}
+        """Dims whose index a value reads directly: they must survive simplification as they are."""
+        return {v.args[0] for v in self.values if v.op == "iota"} | \
+            {d for v in self.values if v.op == "load" for d, _, _ in v.args[2]}
 
     def value(self, op, args, type_, elem, phase=0):
         key = (op, args, type_)
@@ -565,9 +580,10 @@ class Materializer:
 
     def emit(self, p: P, amap: tuple) -> int:
         for s, d in zip(p.shape, amap):
-            if (d is None and s != 1) or (d is not None and self.sizes[d] != s):
+            want = self.shift[d][1] if d in self.shift else self.sizes[d] if d is not None else 1
+            if (d is None and s != 1) or (d is not None and want != s):
                 raise LoweringError(f"a value of shape {p.shape} does not fit the iteration space {tuple(self.sizes)}")
-        key = (id(p), amap)
+        key = (id(p), amap, tuple(sorted(self.shift.items())))
         if key in self.memo:
             return self.memo[key]
         vid = self._emit(p, amap)
@@ -583,10 +599,15 @@ class Materializer:
             d = amap[0] if amap else None
             if d is None:
                 return self.value("const", (p.args[0],), p.type, False)
-            return self.value("iota", (d, p.args[0], p.args[1]), p.type, d in self.inner)
+            start = p.args[0] - p.args[1] * self.shift[d][0] if d in self.shift else p.args[0]
+            return self.value("iota", (d, start, p.args[1]), p.type, d in self.inner)
+        if p.op == "cat":
+            return self.cat(p, amap)
         if p.op == "reshape":   # (C,) seen as (C, 1, 1): trailing size-1 dims added
             return self.emit(p.args[0], amap[:len(p.args[0].shape)])
         if p.op in REDUCE_INIT:
+            if self.shift:
+                raise LoweringError("a reduction inside a concatenated value")
             a = p.args[0]
             amap_a = list(self.natural.get(id(a)) or range(len(self.sizes)))
             it = iter(amap)
@@ -626,7 +647,29 @@ class Materializer:
             if d is not None:
                 astr[d] = v.stride()[i]
         elem = any(astr[d] for d in self.inner)
-        return self.value("load", (idx, tuple(astr)), p.type, elem)
+        shifts = tuple((d, off, size) for d, (off, size) in sorted(self.shift.items()) if astr[d])
+        return self.value("load", (idx, tuple(astr), shifts), p.type, elem)
+
+    def cat(self, p, amap):
+        d = amap[p.rdims[0]]
+        if d is None or d in self.shift:
+            raise LoweringError("cat along a broadcast or already concatenated dim")
+        parts, off = [], 0
+        for a in p.args:
+            size = a.shape[p.rdims[0]]
+            self.shift[d] = (off, size)
+            try:
+                parts.append((off + size, self.emit(a, amap)))
+            finally:
+                del self.shift[d]
+            off += size
+        idx = self.value("iota", (d, 0, 1), "i", d in self.inner)
+        vid = parts[-1][1]
+        for end, pid in reversed(parts[:-1]):
+            cond = self.value("lt", (idx, self.value("const", (end,), "i", False)), "b", d in self.inner)
+            vs = [self.values[i] for i in (cond, pid, vid)]
+            vid = self.value("where", (cond, pid, vid), p.type, any(v.elem for v in vs), max(v.phase for v in vs))
+        return vid
 
 
 def simplify(k: Kernel, pinned: set) -> Kernel:
@@ -643,6 +686,7 @@ def simplify(k: Kernel, pinned: set) -> Kernel:
     loads = [v for v in k.values if v.op == "load"]
     lstr = [remap_astr(v.args[1]) for v in loads]
     pin = {keep.index(d) for d in pinned if d in keep}
+    labels = list(range(len(k.sizes)))     # post-keep dim -> where it is now (pinned dims never merge)
     d = len(k.sizes) - 2
     while d >= 0:
         same_side = (d in k.inner) == (d + 1 in k.inner)
@@ -650,6 +694,7 @@ def simplify(k: Kernel, pinned: set) -> Kernel:
             s[d] == s[d + 1] * k.sizes[d + 1] for s in astrs + lstr)
         if ok:
             k.sizes[d:d + 2] = [k.sizes[d] * k.sizes[d + 1]]
+            labels[d:d + 2] = [labels[d]]
             for s in astrs + lstr:
                 s[d:d + 2] = [s[d + 1]]
             k.inner = [i if i <= d else i - 1 for i in k.inner if i != d + 1] if d + 1 in k.inner else \
@@ -670,7 +715,10 @@ def simplify(k: Kernel, pinned: set) -> Kernel:
     for b, s in zip(k.outputs, astrs):
         b.astrides = tuple(s)
     for v, s in zip(loads, lstr):
-        v.args = (v.args[0], tuple(s))
+        v.args = (v.args[0], tuple(s), tuple((labels.index(keep.index(d)), o, n) for d, o, n in v.args[2]))
+    for v in k.values:
+        if v.op == "iota":
+            v.args = (labels.index(keep.index(v.args[0])),) + tuple(v.args[1:])
     return k
 
 

@@ -75,6 +75,7 @@ CASES = {
 DIM_OPS = {"sum": lambda d: lambda x: x.sum(d), "amax": lambda d: lambda x: x.amax(d, keepdim=True),
            "softmax": lambda d: lambda x: torch.softmax(x, d), "mean": lambda d: lambda x: (x * 2).mean(d) + 1}
 _w, _b, _rm, _rv = rnd(3), rnd(3, seed=1), rnd(3, seed=2), torch.rand(3, generator=torch.Generator().manual_seed(3)) + 0.5
+_x = rnd(2, 4, 16, 8)
 SPECS = {  # name -> (fn, inputs); every C++ kernel here is built in ONE compiler call (the `built` fixture)
     **{f"{c}-{str(dt)[6:]}": (CASES[c], (rnd(3, 5, 37, dtype=dt),))
        for c in CASES for dt in (torch.float32, torch.bfloat16)},
@@ -95,6 +96,10 @@ SPECS = {  # name -> (fn, inputs); every C++ kernel here is built in ONE compile
     "int-sum": (lambda i: (i * 3 + 1).sum(-1), (torch.randint(0, 9, (4, 6), generator=torch.Generator().manual_seed(0)),)),
     "where-bool": (lambda x, m: torch.where(~m, x, 0.0) * 2, (rnd(4, 6), rnd(4, 6, seed=5) > 0)),
     "to-bf16": (lambda a: (a * 3.0).to(torch.bfloat16), (rnd(64, 33),)),
+    # rotary's rotate_half: cat of computed values along the inner dim, inputs are strided halves
+    "cat-rotary": (lambda x, x1, x2, c, s: x * c + torch.cat([-x2, x1], -1) * s,
+                   (_x, _x[..., :4], _x[..., 4:], rnd(16, 8, seed=1), rnd(16, 8, seed=2))),
+    "cat-outer": (lambda a, b: torch.cat([a * 2, torch.exp(b)], 0) + 1, (rnd(3, 5), rnd(4, 5, seed=1))),
 }
 
 
@@ -158,7 +163,7 @@ def test_fake_tensor_call_runs_the_subgraph():
 TRITON_SPECS = ["gelu_add-float32", "softmax_last-float32", "layer_norm-float32", "rms_norm-float32",
                 "masked_scale_softmax-float32", "var_mean-float32", "tanh_exp_log-float32", "silu_mul-float32",
                 "gelu_add-bfloat16", "softmax-dim0", "sum-dims02", "gelu-strided", "where-bool", "broadcast",
-                "batch_norm", "any", "int-sum"]
+                "batch_norm", "any", "int-sum", "cat-rotary", "cat-outer"]
 
 
 @pytest.mark.parametrize("name", TRITON_SPECS)

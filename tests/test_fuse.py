@@ -82,6 +82,7 @@ def test_llama_groups_rmsnorm_and_swiglu(fused_samples):
     kinds = [set(k.ops) for k in fused_kernels(fused_samples["llama"][2].gm)]
     assert any({"pow.Tensor_Scalar", "mean.dim", "rsqrt", "mul.Tensor"} <= s for s in kinds)
     assert any({"sigmoid", "mul.Tensor"} <= s for s in kinds)
+    assert any({"neg", "cat", "mul.Tensor", "add.Tensor"} <= s for s in kinds)   # rotary embedding
 
 
 def test_fused_graph_survives_clone_and_meta(fused_samples):

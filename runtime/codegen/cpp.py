@@ -41,6 +41,7 @@ static inline float pl_max(float a, float b) { return a > b ? a : b; }
 static inline float pl_min(float a, float b) { return a < b ? a : b; }
 static inline int64_t pl_max(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t pl_min(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t pl_clampi(int64_t i, int64_t hi) { return i < 0 ? 0 : (i > hi ? hi : i); }
 static inline float pl_abs(float a) { return a < 0.0f ? -a : a; }
 static inline int64_t pl_abs(int64_t a) { return a < 0 ? -a : a; }
 static inline float pl_exp(float x) {  // Cephes expf
@@ -113,6 +114,14 @@ def render(fk) -> str:
     return body(fk, symbol(fk))
 
 
+def term(v, d) -> str:
+    """Index term of load `v` along anchor dim d; inputs of a cat read a shifted, clamped index."""
+    for sd, off, size in v.args[2]:
+        if sd == d:
+            return f"pl_clampi(i{d} - {off}, {size - 1}) * {v.args[1][d]}"
+    return f"i{d} * {v.args[1][d]}"
+
+
 def byte_loads(k, need) -> set:
     """Elem-level loads of 1-byte data (masks) in a loop that also touches wider data:
     gcc does not vectorize such mixed loops, so each row is first widened into a
@@ -129,7 +138,7 @@ def load_expr(k, v, inner_idx: bool, scratch=frozenset()) -> str:
         return CAST[v.type][0].format(f"sb{v.id}[r]")
     off = f"o{v.id}"
     if inner_idx:
-        terms = [f"i{d} * {astr[d]}" for d in k.inner if astr[d]]
+        terms = [term(v, d) for d in k.inner if astr[d]]
         off = " + ".join([off] + terms)
     raw = f"in{v.args[0]}[{off}]"
     if buf.dtype == torch.bfloat16:
@@ -179,7 +188,7 @@ def body(fk, name: str) -> str:
     for v in k.values:
         if v.id in need and v.op == "load":
             astr = v.args[1]
-            terms = [f"i{d} * {astr[d]}" for d in k.outer if astr[d]]
+            terms = [term(v, d) for d in k.outer if astr[d]]
             body_.append(f"const int64_t o{v.id} = {' + '.join(terms) or '0'};")
     for j, b in enumerate(k.outputs):
         terms = [f"i{d} * {b.astrides[d]}" for d in k.outer if b.astrides[d]]

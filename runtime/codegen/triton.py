@@ -52,12 +52,20 @@ def render(fk) -> str:
     return body(fk, symbol(fk))
 
 
+def term(v, d) -> str:
+    """Index term of load `v` along anchor dim d; inputs of a cat read a shifted, clamped index."""
+    for sd, off, size in v.args[2]:
+        if sd == d:
+            return f"tl.minimum(tl.maximum(i{d} - {off}, 0), {size - 1}) * {v.args[1][d]}"
+    return f"i{d} * {v.args[1][d]}"
+
+
 def expr(k, v, vals) -> str:
     if v.op == "const":
         return const(v.args[0], v.type)
     if v.op == "load":
         astr = v.args[1]
-        off = " + ".join([f"o{v.id}"] + [f"i{d} * {astr[d]}" for d in k.inner if astr[d]]) if v.elem else f"o{v.id}"
+        off = " + ".join([f"o{v.id}"] + [term(v, d) for d in k.inner if astr[d]]) if v.elem else f"o{v.id}"
         mask = ", mask=emask, other=0" if v.elem else ", mask=mmask, other=0"
         return CAST[v.type][1].format(f"tl.load(in{v.args[0]} + {off}{mask})")
     if v.op == "iota":
@@ -90,7 +98,7 @@ def body(fk, name: str) -> str:
         b_.append(f"i{d} = (m // {div}) % {size}")
     for v in k.values:
         if v.id in need and v.op == "load":
-            terms = [f"i{d} * {v.args[1][d]}" for d in k.outer if v.args[1][d]]
+            terms = [term(v, d) for d in k.outer if v.args[1][d]]
             b_.append(f"o{v.id} = {' + '.join(terms) or '0 * m'}")
     for j, buf in enumerate(k.outputs):
         terms = [f"i{d} * {buf.astrides[d]}" for d in k.outer if buf.astrides[d]]
