@@ -112,6 +112,38 @@ def test_pipeline_with_numerics_instrument():
     assert all(s["numerics_ok"] for s in r.record["steps"])
 
 
+class MatmulReduceScatter(torch.nn.Module):
+    """matmul -> reduce_scatter -> pointwise: the sequence-parallel pattern."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(16, 32, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        import torch.distributed._functional_collectives as funcol
+        from passlab.graphs.distributed import group
+        rs = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+        return torch.nn.functional.gelu(rs(x @ self.w, "sum", 0, group())) * 2
+
+
+def reduce_scatter_graph():
+    from passlab.graphs.distributed import world
+    world()
+    m = MatmulReduceScatter().eval()
+    return m, capture(m, (torch.randn(8, 16),))
+
+
+def test_chunk_matmul_reduce_scatter():
+    m, gm = reduce_scatter_graph()
+    res = overlap.overlap_chunk(clone(gm), PassContext(world_size=2), link="eth-10g", k=2)
+    check_structure(gm, res.gm)
+    assert res.stats["k"] == {"reduce_scatter_tensor": 2}
+    assert sum(1 for n in res.gm.graph.nodes if n.target == torch.ops.aten.mm.default) == 2
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        assert torch.allclose(res.gm(x), m(x), atol=1e-5)
+
+
 # ---------------------------------------------------------------- two ranks, gloo
 
 def free_port():
@@ -137,6 +169,12 @@ def two_rank_worker(rank, world, port, models, queue):
             with torch.no_grad():
                 got, ref = gm(*x), s.module.reference(*x)
             queue.put((model, rank, float((got - ref).abs().max()), float(ref.abs().max())))
+        m, gm = reduce_scatter_graph()                    # the reference: the unchunked graph on the same ranks
+        chunked = overlap.overlap_chunk(clone(gm), PassContext(world_size=world, rank=rank), link="eth-10g", k=2).gm
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(rank))
+        with torch.no_grad():
+            got, ref = chunked(x), gm(x)
+        queue.put(("reduce_scatter", rank, float((got - ref).abs().max()), float(ref.abs().max())))
     finally:
         dist.destroy_process_group()
 
@@ -151,12 +189,12 @@ def test_two_ranks_match_reference():
     for p in procs:
         p.start()
     try:
-        results = sorted(queue.get(timeout=120) for _ in range(2 * len(models)))
+        results = sorted(queue.get(timeout=120) for _ in range(2 * len(models) + 2))
     finally:
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-    assert len(results) == 2 * len(models)
+    assert len(results) == 2 * len(models) + 2
     for model, rank, err, scale in results:
         assert err <= 1e-4 * max(scale, 1.0), (model, rank, err)
