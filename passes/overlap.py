@@ -551,8 +551,8 @@ def overlap_chunk(gm: torch.fx.GraphModule, ctx, *, k: int = 0, link: str = "", 
                 if best is None or sim.step_s < best[1].step_s:
                     best = (new, sim, kk, ch)
         if best is None:
-            skipped["no chunkable region" if k == 0 else f"no region divisible by k={k}"] = \
-                skipped.get("no chunkable region", 0) + 1
+            why = "no chunkable region" if k == 0 else f"no region divisible by k={k}"
+            skipped[why] = skipped.get(why, 0) + 1
             continue
         if not k and best[1].step_s >= current.step_s * 0.99:
             skipped["no estimated gain"] = skipped.get("no estimated gain", 0) + 1
