@@ -240,9 +240,8 @@ def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool
     nodes_fused = sum(1 for g in kept for n in g if n.target is not operator.getitem)
     if kept:
         order = grouper.order
-        names = [[n.name for n in sorted(g, key=order.get) if n.target is not operator.getitem] for g in kept]
         gm = fuse_by_partitions(gm, [dict.fromkeys(sorted(g, key=order.get)) for g in kept], prefix="fused_")
-        to_kernels(gm, names)
+        to_kernels(gm, "fused_")
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
@@ -256,11 +255,9 @@ def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool
     return PassResult(gm, changed=bool(kept) or dropped > 0, stats=stats)
 
 
-def to_kernels(gm: torch.fx.GraphModule, names: list[list[str]]) -> None:
+def to_kernels(gm: torch.fx.GraphModule, prefix: str) -> None:
     """fuse_by_partitions made call_module nodes; make each a FusedKernel call."""
-    mods = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("fused_")]
-    by_first = {tuple(sorted(ns)): ns for ns in names}
-    for i, node in enumerate(mods):
+    for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(prefix)]:
         sub = getattr(gm, node.target)
         inner = [n for n in sub.graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
         for ph, src in zip([n for n in sub.graph.nodes if n.op == "placeholder"], node.args):
@@ -268,10 +265,6 @@ def to_kernels(gm: torch.fx.GraphModule, names: list[list[str]]) -> None:
         propagate(sub)
         main = next((n for n in inner if n.target in COMPOSITES), inner[0])
         label = getattr(main.target, "__name__", str(main.target)).split(".")[0].lstrip("_")
-        fk = FusedKernel(f"{node.name}_{label}", sub)
-        node.op, node.target = "call_function", fk
-        node.meta["fused_from"] = by_first.get(tuple(sorted(n.name for n in inner)), [n.name for n in inner])
-    for name, _ in list(gm.named_children()):
-        if name.startswith("fused_"):
-            delattr(gm, name)
-
+        delattr(gm, node.target)
+        node.op, node.target = "call_function", FusedKernel(f"{node.name}_{label}", sub)
+        node.meta["fused_from"] = [n.name for n in inner]
