@@ -477,7 +477,7 @@ def dag(roots):
 class Materializer:
     def __init__(self, placeholders, roots):
         self.placeholders, self.roots = placeholders, roots
-        self.values, self.memo, self.inputs = [], {}, {}
+        self.values, self.memo = [], {}
         self.shift: dict = {}        # anchor dim -> (offset, size) while emitting one input of a cat
         nodes = dag([r for r, _ in roots])
         reds = [p for p in nodes if p.op in REDUCE_INIT]
@@ -559,8 +559,13 @@ class Materializer:
                     astr[d] = val.stride()[i]
             outputs.append(Buffer(f"out{k}", val.dtype, tuple(val.shape), tuple(val.stride()), tuple(astr)))
             stores.append((k, vid))
-        inputs = sorted(self.inputs.values(), key=lambda t: t[0])
-        k = Kernel(list(self.sizes), list(self.inner), [buf for _, buf in inputs], outputs, self.values, stores,
+        inputs = []   # every placeholder, loaded or not (one read only for its shape): call order = pointer order
+        for node in self.placeholders:
+            v = node.meta.get("val")
+            if not isinstance(v, torch.Tensor):
+                raise LoweringError(f"input {node.name} is not a tensor")
+            inputs.append(Buffer(node.name, v.dtype, tuple(v.shape), tuple(v.stride())))
+        k = Kernel(list(self.sizes), list(self.inner), inputs, outputs, self.values, stores,
                    reductions=any(v.op in REDUCE_INIT for v in self.values))
         return simplify(k, self.iota_dims())
 
@@ -638,10 +643,7 @@ class Materializer:
     def load(self, p, amap):
         node = p.node
         v = node.meta["val"]
-        if node not in self.inputs:
-            self.inputs[node] = (self.placeholders.index(node),
-                                 Buffer(node.name, v.dtype, tuple(v.shape), tuple(v.stride())))
-        idx, buf = self.inputs[node]
+        idx = self.placeholders.index(node)
         astr = [0] * len(self.sizes)
         for i, d in enumerate(amap):
             if d is not None:

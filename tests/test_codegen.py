@@ -99,6 +99,7 @@ SPECS = {  # name -> (fn, inputs); every C++ kernel here is built in ONE compile
     # rotary's rotate_half: cat of computed values along the inner dim, inputs are strided halves
     "cat-rotary": (lambda x, x1, x2, c, s: x * c + torch.cat([-x2, x1], -1) * s,
                    (_x, _x[..., :4], _x[..., 4:], rnd(16, 8, seed=1), rnd(16, 8, seed=2))),
+    "shape-only-input": (lambda a, b: torch.full_like(a, 3.0) * b + 1, (rnd(4, 5), rnd(4, 5, seed=1))),
     "cat-outer": (lambda a, b: torch.cat([a * 2, torch.exp(b)], 0) + 1, (rnd(3, 5), rnd(4, 5, seed=1))),
 }
 
