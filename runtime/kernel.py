@@ -787,7 +787,7 @@ class FusedKernel:
         return Cost(flops, moved, 1)
 
     def __call__(self, *inputs):
-        run = self._compiled.get("cpu") if inputs and inputs[0].device.type == "cpu" else None
+        run = self._compiled.get(inputs[0].device.type) if inputs else None
         if run is not None and not _is_fake(inputs):
             return run(*inputs)
         if _is_fake(inputs) or not inputs:

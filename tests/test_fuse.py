@@ -161,3 +161,14 @@ def test_bf16_routing_inputs_stay_exact():
     assert numerics(sample, res.gm) <= TOLERANCE[torch.bfloat16]
     _, _, free = fused("moe", captured=(sample, gm), exact_routing=False)
     assert free.stats["groups"] > res.stats["groups"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["transformer", "llama"])
+def test_cuda_triton_end_to_end(name):
+    sample = load(name, "tiny", device="cuda")
+    gm = capture(sample.module, sample.example_inputs)
+    res = get_pass("fuse")(clone(gm), PassContext(device="cuda", sample=sample))
+    x = sample.make_inputs(4)
+    with torch.no_grad():
+        assert relative_error(compile_graph(res.gm, "cuda")(*x), sample.module(*x)) <= 1e-4
