@@ -494,6 +494,10 @@ class Materializer:
             self.sizes = list(bshape(*[r.shape for r, _ in roots]))
             big = [d for d, s in enumerate(self.sizes) if s > 1]
             self.inner = big[-1:]
+            out = roots[0][1]
+            if big and isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(self.sizes):
+                # loop innermost over the output's densest dim: channels-last stays vectorized
+                self.inner = [min(big, key=lambda d: (out.stride()[d], -d))]
         self.natural = {}
         for p in nodes:
             self.natural[id(p)] = self.natural_map(p)
