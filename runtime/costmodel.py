@@ -66,6 +66,8 @@ def gemm_flops(node: torch.fx.Node) -> int:
     if t in (aten.bmm.default, aten.baddbmm.default):
         a = ins[-2]
         return 2 * o.numel() * a.shape[-1]
+    if getattr(getattr(t, "_schema", None), "name", "") == "mkldnn::_linear_pointwise":
+        return 2 * o.numel() * node.args[0].meta["val"].shape[-1]    # x [M, K], weight [N, K]
     if t == aten.convolution.default:
         w = ins[1]
         groups = node.args[8] if len(node.args) > 8 else 1

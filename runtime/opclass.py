@@ -29,8 +29,9 @@ class OpClass(str, Enum):
 def _ops(*names):
     out = []
     for n in names:
+        ns, _, n = n.rpartition("::")
         packet, _, overload = n.partition(".")
-        p = getattr(aten, packet, None)
+        p = getattr(getattr(torch.ops, ns) if ns else aten, packet, None)
         if p is not None and hasattr(p, overload or "default"):
             out.append(getattr(p, overload or "default"))
     return out
@@ -72,7 +73,8 @@ for _cls, _names in {
         "mm.default", "addmm.default", "bmm.default", "baddbmm.default", "convolution.default",
         "linear.default", "matmul.default", "_scaled_dot_product_flash_attention_for_cpu.default",
         "_scaled_dot_product_flash_attention.default", "_scaled_dot_product_efficient_attention.default",
-        "scaled_dot_product_attention.default", "_scaled_dot_product_cudnn_attention.default"],
+        "scaled_dot_product_attention.default", "_scaled_dot_product_cudnn_attention.default",
+        "mkldnn::_linear_pointwise.default", "mkldnn::_linear_pointwise.binary"],
 }.items():
     for _op in _ops(*_names):
         TABLE[_op] = _cls

@@ -7,12 +7,17 @@ import pytest
 import torch
 from torch import nn
 
-from passlab.graphs import capture, clone
+from passlab.graphs import capture, clone, load
 from passlab.passes import PassContext, PassManager, CheckNumerics, TOLERANCE, relative_error
 from passlab.passes.contract import captured
+from passlab.passes.patterns.epilogue import onednn_available
 from passlab.passes.registry import get_pass
+from passlab.runtime.costmodel import graph_cost, node_cost
+from passlab.runtime.opclass import OpClass, op_class
 
 aten = torch.ops.aten
+ONEDNN = onednn_available("cpu")
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason="oneDNN linear post-ops unavailable")
 needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
 
 
@@ -45,17 +50,23 @@ FIRES = [  # pass, model, rewrites, extra stats
     ("merge_projections", "transformer", 2, {"gemms_merged": 6}),
     ("merge_projections", "llama", 4, {"gemms_merged": 10}),
     ("merge_projections", "moe", 2, {"gemms_merged": 4}),
-    ("fuse_epilogue", "transformer", 6, {"residual_folded": 4, "epilogue_kernels": 2}),
-    ("fuse_epilogue", "llama", 6, {"residual_folded": 4, "epilogue_kernels": 2}),
 ]
+if ONEDNN:      # GEMM + GELU/SiLU -> oneDNN linear with a post-op, GEMM + residual -> linear + add
+    FIRES += [("fuse_epilogue", "mlp", 4, {"onednn_linear": 2, "onednn_binary": 2}),
+              ("fuse_epilogue", "transformer", 6, {"onednn_linear": 2, "onednn_binary": 4, "residual_folded": 0}),
+              ("fuse_epilogue", "llama", 6, {"onednn_linear": 2, "onednn_binary": 4, "epilogue_kernels": 0})]
+else:
+    FIRES += [("fuse_epilogue", "transformer", 6, {"residual_folded": 4, "epilogue_kernels": 2}),
+              ("fuse_epilogue", "llama", 6, {"residual_folded": 4, "epilogue_kernels": 2})]
 HF_FIRES = [
     ("fuse_attention", "hf:gpt2", 2, {"causal": 2}),
     ("fuse_attention", "hf:llama", 2, {"causal": 2, "gqa": 2}),
     ("fuse_attention", "hf:mixtral", 2, {"causal": 2, "gqa": 2}),
     ("merge_projections", "hf:llama", 4, {"gemms_merged": 10}),
     ("merge_projections", "hf:mixtral", 2, {"gemms_merged": 6}),
-    ("fuse_epilogue", "hf:gpt2", 4, {"residual_folded": 4}),
-    ("fuse_epilogue", "hf:llama", 6, {"residual_folded": 4, "epilogue_kernels": 2}),
+    ("fuse_epilogue", "hf:gpt2", 4, {"onednn_binary": 4} if ONEDNN else {"residual_folded": 4}),
+    ("fuse_epilogue", "hf:llama", 6, {"onednn_linear": 2, "onednn_binary": 4} if ONEDNN
+     else {"residual_folded": 4, "epilogue_kernels": 2}),
 ]
 
 
@@ -302,7 +313,8 @@ class GemmAdds(nn.Module):
 
 @pytest.mark.parametrize("case,r_shape,stats", [
     ("bias", (5, 6), {"rewritten": 1, "bias_folded": 1, "residual_folded": 0}),
-    ("bias_residual", (5, 6), {"rewritten": 2, "bias_folded": 1, "residual_folded": 1}),
+    ("bias_residual", (5, 6), {"rewritten": 2, "bias_folded": 1, "residual_folded": 0 if ONEDNN else 1,
+                               "onednn_binary": 1 if ONEDNN else 0}),
     ("broadcast", (3, 5, 6), {"rewritten": 0, "skipped": {"add_broadcasts_gemm_output": 1}}),
     ("dtype", (5, 6), {"rewritten": 0, "matched": 0}),
 ])
@@ -313,14 +325,15 @@ def test_fuse_epilogue_cases(case, r_shape, stats):
     for k, v in stats.items():
         assert res.stats[k] == v, res.stats
     if stats["rewritten"]:
-        assert aten.mm.default not in targets(res.gm) and aten.addmm.default in targets(res.gm)
+        assert aten.mm.default not in targets(res.gm)
+        assert {aten.addmm.default, torch.ops.mkldnn._linear_pointwise.binary} & set(targets(res.gm))
     with torch.no_grad():
         assert relative_error(res.gm(x, r), m(x, r)) < 1e-5
 
 
 def test_fuse_epilogue_residual_option():
     sample, gm = captured("llama")
-    res = run("fuse_epilogue", clone(gm), residual=False, kernels=False)
+    res = run("fuse_epilogue", clone(gm), residual=False, kernels=False, onednn=False)
     assert res.stats["rewritten"] == 0 and res.stats["skipped"] == {"residual_disabled": 4}
 
 
@@ -328,12 +341,106 @@ def test_fuse_epilogue_residual_option():
 def test_cpu_epilogue_kernel(act):
     torch.manual_seed(0)
     m, x = FFN(act).eval(), torch.randn(2, 5, 16)
-    res = run("fuse_epilogue", capture(m, (x,)))
+    res = run("fuse_epilogue", capture(m, (x,)), onednn=False)
     assert res.stats["epilogue_kernels"] == 1 and res.stats["residual_folded"] == 1, res.stats
     kernels = [n for n in res.gm.graph.nodes if getattr(n.target, "is_fused_kernel", False)]
     assert len(kernels) == 1 and kernels[0].args[0].target in (aten.view.default, aten.addmm.default)
     with torch.no_grad():
         assert relative_error(res.gm(x), m(x)) < 1e-5
+
+
+# --------------------------------------------------------------------- fuse_epilogue on CPU: oneDNN post-ops
+
+MKLDNN = {torch.ops.mkldnn._linear_pointwise.default, torch.ops.mkldnn._linear_pointwise.binary}
+
+
+class Swish(nn.Module):
+    def forward(self, h):                        # SiLU as core aten sees it after decomposition
+        return h * torch.sigmoid(h)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act,attr", [(nn.GELU(), ("gelu", "none")), (nn.GELU("tanh"), ("gelu", "tanh")),
+                                      (nn.SiLU(), ("swish", "")), (Swish(), ("swish", "")), (nn.ReLU(), ("relu", ""))])
+def test_onednn_linear_post_ops(act, attr, dtype):
+    torch.manual_seed(0)
+    m, x = FFN(act).eval().to(dtype), torch.randn(2, 5, 16, dtype=dtype)
+    gm = capture(m, (x,))
+    before = graph_cost(gm).launches
+    res = run("fuse_epilogue", gm)
+    assert res.stats["onednn_linear"] == 1 and res.stats["onednn_binary"] == 1 and res.stats["rewritten"] == 2
+    nodes = [n for n in res.gm.graph.nodes if n.op == "call_function" and op_class(n) != OpClass.VIEW]
+    assert [n.target for n in nodes] == [torch.ops.mkldnn._linear_pointwise.default,
+                                         torch.ops.mkldnn._linear_pointwise.binary], res.gm.graph
+    assert tuple(nodes[0].args[3:]) == (attr[0], [], attr[1])
+    assert graph_cost(res.gm).launches == 2 < before
+    for n, N in zip(nodes, (40, 16)):            # classed and costed as the GEMM it is
+        assert op_class(n) == OpClass.GEMM and n.meta["val"].shape == (10, N) and n.meta["val"].dtype == dtype
+    assert node_cost(nodes[0]).flops == 2 * 10 * 40 * 16 and node_cost(nodes[1]).flops == 2 * 10 * 16 * 40
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    with torch.no_grad():
+        for seed in (1, 2):
+            x = torch.randn(2, 5, 16, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+            assert relative_error(res.gm(x), m(x)) < tol
+
+
+@needs_onednn
+def test_onednn_llama_bf16_upcast_silu():
+    """bf16 llama upcasts around SiLU (`_to_copy` fp32, x * sigmoid(x), `_to_copy` bf16):
+    oneDNN computes the post-op in fp32 and rounds once, which is that, in one launch."""
+    sample = load("llama", dtype=torch.bfloat16)
+    gm = capture(sample.module, sample.example_inputs)
+    assert sum(n.target == aten._to_copy.default for n in gm.graph.nodes) > 0
+    res = run("fuse_epilogue", gm)
+    assert res.stats["onednn_linear"] == 2 and res.stats["onednn_binary"] == 4, res.stats
+    assert not [n for n in res.gm.graph.nodes if n.target == aten.sigmoid.default]
+    with torch.no_grad():
+        x = sample.make_inputs(5)
+        assert relative_error(res.gm(*x), sample.module(*x)) < 2e-2
+
+
+@needs_onednn
+@pytest.mark.parametrize("options,dtype,skipped", [
+    ({"onednn": False}, torch.float32, {}),
+    ({}, torch.float16, {"onednn_dtype": 2}),
+])
+def test_onednn_left_alone(options, dtype, skipped):
+    torch.manual_seed(0)
+    m, x = FFN(nn.GELU()).eval().to(dtype), torch.randn(2, 5, 16, dtype=dtype)
+    res = run("fuse_epilogue", capture(m, (x,)), **options)
+    assert res.stats["onednn_linear"] == res.stats["onednn_binary"] == 0 and res.stats["skipped"] == skipped
+    assert not MKLDNN & set(targets(res.gm)) and aten.addmm.default in targets(res.gm)
+    with torch.no_grad():
+        assert relative_error(res.gm(x), m(x)) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+class RawWeights(nn.Module):
+    """GEMMs on an [in, out] parameter (GPT-2's Conv1D) and on a weight given at run time."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 6))
+
+    def forward(self, x, w):
+        return torch.relu(x @ self.w), torch.relu(x @ w)
+
+
+@needs_onednn
+def test_onednn_weights():
+    torch.manual_seed(0)
+    m, x, w = RawWeights().eval(), torch.randn(5, 8), torch.randn(8, 6)
+    gm = capture(m, (x, w))
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    res = run("fuse_epilogue", gm)
+    assert res.stats["onednn_linear"] == 1 and res.stats["skipped"] == {"weight_not_constant": 1}, res.stats
+    fused = [n for n in res.gm.graph.nodes if n.target in MKLDNN]
+    assert fused[0].args[1].op == "get_attr" and fused[0].args[1].meta["val"].shape == (6, 8)
+    for k, v in before.items():
+        assert torch.equal(res.gm.state_dict()[k], v)
+    with torch.no_grad():
+        for a, b in zip(res.gm(x, w), m(x, w)):
+            assert relative_error(a, b) < 1e-5
 
 
 # --------------------------------------------------------------------- fuse_epilogue on CUDA: Triton GEMM template

@@ -27,7 +27,7 @@ import torch.fx
 from passlab.passes import PassResult, register_pass
 from passlab.passes.meta import propagate
 
-from . import Counters, aten, erase_dead, users
+from . import Counters, aten, constant_of, erase_dead, new_constant, users
 
 GEMMS = {aten.mm.default, aten.addmm.default}
 PASS_THROUGH = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default}
@@ -180,6 +180,131 @@ def template_for(g, gemm: torch.fx.Node, c: Counters) -> bool:
     return True
 
 
+ONEDNN_ATTRS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "silu": ("swish", ""), "relu": ("relu", "")}
+WEIGHT_VIEWS = {aten.permute.default, aten.t.default}
+
+
+def onednn_available(device) -> bool:
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    return (str(device).startswith("cpu") and torch.backends.mkldnn.is_available()
+            and hasattr(mkldnn, "_linear_pointwise") and hasattr(mkldnn._linear_pointwise, "binary"))
+
+
+def register_binary_fake() -> None:
+    """oneDNN's fused linear + add has no meta kernel (inductor lowers it without one); the
+    graph's `meta["val"]` needs it. The unary variant has one in torch."""
+    if not onednn_available("cpu"):
+        return
+    if torch._C._dispatch_has_kernel_for_dispatch_key("mkldnn::_linear_pointwise.binary", "Meta"):
+        return
+
+    @torch.library.register_fake("mkldnn::_linear_pointwise.binary")
+    def _linear_binary_fake(x, other, w, b, attr):
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+register_binary_fake()
+
+
+def cast_to(n, dtype) -> bool:
+    return isinstance(n, torch.fx.Node) and n.target == aten._to_copy.default and n.kwargs == {"dtype": dtype}
+
+
+def activation_at(t, nxt):
+    """(name, nodes) of the activation applied to `t` (`nxt`: t's sole user, if any), or None."""
+    silu = decomposed_silu(t)
+    if silu is not None:
+        return "silu", list(silu)
+    if nxt is not None and act_of(nxt) and nxt.args[0] is t:
+        return act_of(nxt), [nxt]
+    return None
+
+
+def onednn_dtype_ok(dtype: torch.dtype) -> bool:
+    if dtype == torch.float32:      # a reduced-precision fp32 matmul setting would cost the 1e-4
+        return getattr(torch.backends.mkldnn.matmul, "fp32_precision", "none") in ("none", "ieee")
+    return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def onednn_weight(gm, gemm: torch.fx.Node, wt: torch.fx.Node):
+    """The [out, in] weight oneDNN wants, for the GEMM's [in, out] operand `wt`: the
+    tensor the transpose read (a linear's parameter), else a transposed copy of a
+    constant, made once now as a new buffer; None for a runtime [in, out] weight."""
+    if wt.op == "call_function" and wt.target in WEIGHT_VIEWS and wt.args[0].meta["val"].dim() == 2 \
+            and (wt.target == aten.t.default or list(wt.args[1]) in ([1, 0], [-1, -2], [1, -2], [-1, 0])):
+        return wt.args[0]
+    value = constant_of(gm, wt)
+    if value is None:
+        return None
+    with gm.graph.inserting_before(gemm):
+        return gm.graph.get_attr(new_constant(gm, f"{wt.name}_t", value.t()))
+
+
+def onednn_linear(gm, gemm: torch.fx.Node, c: Counters, residual: bool = True) -> str | None:
+    """CPU: GEMM [-> activation | -> + residual] as one oneDNN linear with a post-op
+    (`mkldnn._linear_pointwise`, as TorchInductor's mkldnn fusion emits); returns the kind."""
+    g = gm.graph
+    if gemm.target == aten.addmm.default:
+        b, x, wt = gemm.args
+        if any(v != 1 for v in gemm.kwargs.values()):
+            return None
+    else:
+        (x, wt), b = gemm.args, None
+    passed = []
+    nxt = sole_user_through_views(gemm, passed)
+    t = passed[-1] if passed else gemm
+    act, last, res = None, None, None
+    found = activation_at(t, nxt)
+    if found is None and cast_to(nxt, torch.float32) and gemm.meta["val"].dtype == torch.bfloat16:
+        up = users(nxt)                 # bf16: upcast, activation in fp32, downcast
+        found = activation_at(nxt, up[0] if len(up) == 1 else None)
+        down = users(found[1][-1]) if found else []
+        found = (found[0], [nxt] + found[1] + down) if len(down) == 1 and cast_to(down[0], torch.bfloat16) else None
+    if found is not None:
+        act, nodes = found
+        passed.extend(nodes)
+        last = nodes[-1]
+    elif residual and nxt is not None and nxt.target == aten.add.Tensor and not nxt.kwargs and len(nxt.args) == 2:
+        y = nxt.args[1] if nxt.args[0] is t else nxt.args[0]
+        if isinstance(y, torch.fx.Node) and y is not t and shape(y) == shape(nxt) == shape(t):
+            res, last = y, nxt
+    if last is None:
+        return None
+    c.matched += 1
+    out_val, x_val, wt_val = gemm.meta["val"], x.meta["val"], wt.meta["val"]
+    if out_val.device.type != "cpu":
+        c.skip("onednn_not_cpu")
+        return None
+    if not onednn_dtype_ok(out_val.dtype) or {x_val.dtype, wt_val.dtype, last.meta["val"].dtype} != {out_val.dtype} \
+            or (res is not None and res.meta["val"].dtype != out_val.dtype):
+        c.skip("onednn_dtype")
+        return None
+    if b is not None and (b.meta["val"].dim() != 1 or b.meta["val"].dtype != out_val.dtype):
+        c.skip("onednn_bias_not_1d")
+        return None
+    if x_val.dim() != 2 or wt_val.dim() != 2:
+        c.skip("onednn_not_2d")
+        return None
+    w = onednn_weight(gm, gemm, wt)
+    if w is None:
+        c.skip("weight_not_constant")
+        return None
+    M, N = out_val.shape
+    with g.inserting_before(last):
+        if res is None:
+            op, algorithm = ONEDNN_ATTRS[act]
+            node = g.call_function(torch.ops.mkldnn._linear_pointwise.default, (x, w, b, op, [], algorithm))
+        else:
+            r2 = g.call_function(aten.reshape.default, (res, [M, N])) if shape(res) != (M, N) else res
+            node = g.call_function(torch.ops.mkldnn._linear_pointwise.binary, (x, r2, w, b, "add"))
+        node.meta["fused_from"] = [n.name for n in [gemm] + passed + ([last] if res is not None else [])]
+        out = g.call_function(aten.view.default, (node, list(shape(last)))) if shape(last) != (M, N) else node
+    node.meta["val"], out.meta["val"] = out_val, last.meta["val"]
+    last.replace_all_uses_with(out)
+    erase_dead(g, [last] + passed[::-1] + [gemm, wt])
+    return "binary" if res is not None else "linear"
+
+
 def cpu_epilogues(gm: torch.fx.GraphModule, c: Counters):
     """CPU: the activation after each GEMM (plus an add that reads it) as one generated
     pointwise kernel, so the pair is GEMM call + one FusedKernel. Legality and the
@@ -211,14 +336,14 @@ def cpu_epilogues(gm: torch.fx.GraphModule, c: Counters):
     if not groups:
         return gm, 0
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    names = [[n.name for n in sorted(g, key=order.get)] for g in groups]
-    gm = fuse_by_partitions(gm, [dict.fromkeys(sorted(g, key=order.get)) for g in groups], prefix="fused_")
-    to_kernels(gm, names)
+    gm = fuse_by_partitions(gm, [dict.fromkeys(sorted(g, key=order.get)) for g in groups], prefix="epilogue_")
+    to_kernels(gm, "epilogue_")
     return gm, len(groups)
 
 
 @register_pass("fuse_epilogue")
-def fuse_epilogue(gm: torch.fx.GraphModule, ctx, *, residual: bool = True, kernels: bool = True) -> PassResult:
+def fuse_epilogue(gm: torch.fx.GraphModule, ctx, *, residual: bool = True, kernels: bool = True,
+                  onednn: bool = True) -> PassResult:
     """Fold bias and residual adds after a GEMM into addmm (CUDA: Triton GEMM + epilogue)."""
     c, g = Counters(), gm.graph
     folded = {"bias": 0, "residual": 0}
@@ -240,6 +365,13 @@ def fuse_epilogue(gm: torch.fx.GraphModule, ctx, *, residual: bool = True, kerne
             if template_for(g, gemm, c):
                 templates += 1
                 c.rewritten += 1
+    fused = {"linear": 0, "binary": 0}
+    if onednn and not str(ctx.device).startswith("cuda") and onednn_available(ctx.device):
+        for gemm in [n for n in g.nodes if n.op == "call_function" and n.target in GEMMS]:
+            kind = onednn_linear(gm, gemm, c, residual)
+            if kind:
+                fused[kind] += 1
+                c.rewritten += 1
     fold_adds(c, {"bias", "residual"} if residual else {"bias"})
     epilogues = 0
     if kernels and not str(ctx.device).startswith("cuda"):
@@ -258,4 +390,5 @@ def fuse_epilogue(gm: torch.fx.GraphModule, ctx, *, residual: bool = True, kerne
     return PassResult(gm, changed=c.rewritten > 0,
                       stats=c.as_dict(bias_folded=folded["bias"], residual_folded=folded["residual"],
                                       gemm_templates=templates, epilogue_kernels=epilogues,
+                                      onednn_linear=fused["linear"], onednn_binary=fused["binary"],
                                       activations_after_gemm=activations))
