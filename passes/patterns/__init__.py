@@ -3,7 +3,7 @@
 - `fold_batchnorm`     conv/linear + eval batchnorm -> conv/linear with folded weights
 - `fuse_attention`     bmm, scale, mask, softmax, bmm -> scaled_dot_product_attention
 - `merge_projections`  sibling GEMMs on one input (Q/K/V, gate/up) -> one GEMM + slices
-- `fuse_epilogue`      GEMM + bias / residual add -> addmm; GPU: Triton GEMM + epilogue
+- `fuse_epilogue`      GEMM + bias / residual add -> addmm; CPU: oneDNN linear + post-op; GPU: Triton GEMM + epilogue
 
 Each pass registers on its own and counts what it saw (`Counters`), TorchInductor
 style, so that the run record tells which pattern fired where and why one did not.

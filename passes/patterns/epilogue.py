@@ -11,7 +11,17 @@ the GEMM result (the residual has the output's shape, the bias one row), the
 dtypes agree, and addmm has alpha = beta = 1. Views and eval-dropout clones
 between the GEMM and the add are looked through; each must have no other user.
 
-On CPU the activation after a GEMM (GELU / SiLU — also as `x * sigmoid(x)`
+On CPU with oneDNN (`onednn=true`, the default) the GEMM and what follows it
+become one oneDNN linear with a post-op, as TorchInductor's mkldnn fusion does:
+
+    addmm(b, x, permute(w)) -> gelu/silu/relu   -> mkldnn._linear_pointwise(x, w, b, act)
+    addmm(b, x, permute(w)) + r                 -> mkldnn._linear_pointwise.binary(x, r, w, b, "add")
+
+one launch where the addmm route leaves two (GEMM + activation kernel, or
+residual-plus-bias add + GEMM); w is the linear's own [out, in] weight.
+
+Elsewhere (fp16, no oneDNN, `onednn=false`, or what the above did not take)
+the activation after a GEMM (GELU / SiLU — also as `x * sigmoid(x)`
 after decomposition — / ReLU, plus an add or mul reading it) becomes one
 generated kernel of the fusion engine: the pair is one BLAS call and one
 FusedKernel (`kernels=false` leaves activations to `fuse`). On CUDA
@@ -279,7 +289,8 @@ def onednn_linear(gm, gemm: torch.fx.Node, c: Counters, residual: bool = True) -
             or (res is not None and res.meta["val"].dtype != out_val.dtype):
         c.skip("onednn_dtype")
         return None
-    if b is not None and (b.meta["val"].dim() != 1 or b.meta["val"].dtype != out_val.dtype):
+    if b is not None and (b.meta["val"].dim() != 1 or b.meta["val"].shape[0] != out_val.shape[1]
+                          or b.meta["val"].dtype != out_val.dtype):
         c.skip("onednn_bias_not_1d")
         return None
     if x_val.dim() != 2 or wt_val.dim() != 2:
@@ -344,7 +355,8 @@ def cpu_epilogues(gm: torch.fx.GraphModule, c: Counters):
 @register_pass("fuse_epilogue")
 def fuse_epilogue(gm: torch.fx.GraphModule, ctx, *, residual: bool = True, kernels: bool = True,
                   onednn: bool = True) -> PassResult:
-    """Fold bias and residual adds after a GEMM into addmm (CUDA: Triton GEMM + epilogue)."""
+    """Fold bias and residual adds after a GEMM into addmm; CPU: GEMM + activation or
+    residual as one oneDNN linear with a post-op (CUDA: Triton GEMM + epilogue)."""
     c, g = Counters(), gm.graph
     folded = {"bias": 0, "residual": 0}
 
