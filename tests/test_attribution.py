@@ -95,3 +95,18 @@ def test_mlir_peer_counts_elementwise_groups():
     c = mlir_peer.compare(s, gm, gm)
     assert c["elementwise_loops_after"] < c["elementwise_loops_before"]  # MLIR fused something
     assert c["passlab_before"] == 4  # 2 blocks x (gelu, add)
+
+
+def test_autotune_picks_the_faster_candidate_once():
+    from passlab.runtime import autotune
+    autotune.clear()
+    a = torch.randn(128, 128)
+    calls = {"slow": 0}
+
+    def slow():
+        calls["slow"] += 1
+        return a @ a @ a @ a @ a
+
+    assert autotune.fastest("k", {"slow": slow, "fast": lambda: a + 1}) == "fast"
+    n = calls["slow"]
+    assert autotune.fastest("k", {"slow": slow, "fast": lambda: a + 1}) == "fast" and calls["slow"] == n

@@ -35,6 +35,7 @@ import torch.fx
 from torch.fx.node import map_arg
 
 from passlab.passes import PassResult, register_pass
+from passlab.runtime import autotune
 from passlab.passes.meta import propagate
 
 from . import Counters, aten, constant_of, erase_dead, users
@@ -371,9 +372,44 @@ def producers(n, depth: int = 16) -> list:
     return out
 
 
+MEASURE_ABOVE_FLOPS = 5e7   # below this, one SDPA call beats five launches on overhead alone
+
+
+def explicit_is_faster(m: Match, device: str) -> bool:
+    """Time SDPA against the written-out chain at this match's shapes (once per
+    shape, cached): on some CPUs (Zen 4, bf16) oneDNN's bmm + softmax beats the
+    CPU flash kernel, and the rewrite would cost time."""
+    q, k, v = (x.meta["val"] for x in (m.q, m.k, m.v))
+    B, H, L, E = q.shape
+    if 4 * B * H * L * k.shape[-2] * E < MEASURE_ABOVE_FLOPS:
+        return False
+    dt = q.dtype
+    Q, K, V = (torch.randn(t.shape, dtype=dt, device=device) for t in (q, k, v))
+    bias = torch.zeros(L, k.shape[-2], dtype=dt, device=device)
+    if m.is_causal or m.mask is not None:
+        bias = torch.full((L, k.shape[-2]), float("-inf"), dtype=dt, device=device).triu(1)
+    rep = H // K.shape[1]
+    Ke, Ve = (K.repeat_interleave(rep, 1), V.repeat_interleave(rep, 1)) if rep > 1 else (K, V)
+    F = torch.nn.functional
+    candidates = {
+        "sdpa": lambda: F.scaled_dot_product_attention(Q, K, V, is_causal=m.is_causal, scale=m.scale,
+                                                       enable_gqa=rep > 1),
+        "explicit": lambda: torch.softmax((Q @ Ke.transpose(-2, -1)) * m.scale + bias, -1) @ Ve,
+    }
+    key = ("attention", tuple(q.shape), tuple(k.shape), dt, m.is_causal, device)
+    with torch.no_grad():
+        return autotune.fastest(key, candidates, device=device) == "explicit"
+
+
 @register_pass("fuse_attention")
-def fuse_attention(gm: torch.fx.GraphModule, ctx) -> PassResult:
-    """Rewrite matmul-scale-mask-softmax-matmul into scaled_dot_product_attention."""
+def fuse_attention(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") -> PassResult:
+    """Rewrite matmul-scale-mask-softmax-matmul into scaled_dot_product_attention.
+
+    `choose=measure` (default) keeps the written-out chain where it measured
+    faster at the match's shapes on this machine; `choose=always` rewrites
+    every proven match."""
+    if choose not in ("measure", "always"):
+        raise ValueError(f"choose must be 'measure' or 'always', got {choose!r}")
     c, causal_n, gqa_n, other = Counters(), 0, 0, 0
     for sm in [n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten._softmax.default]:
         if getattr(sm, "_erased", False):
@@ -388,6 +424,9 @@ def fuse_attention(gm: torch.fx.GraphModule, ctx) -> PassResult:
                 c.skip(str(e))
             continue
         c.matched += 1
+        if choose == "measure" and explicit_is_faster(m, ctx.device):
+            c.skip("explicit_measured_faster")
+            continue
         rewrite(gm, m)
         c.rewritten += 1
         causal_n += m.is_causal
