@@ -16,6 +16,11 @@ STEP_FIELDS = {"pass", "changed", "status", "error", "throughput", "ci_low", "ci
                "pass_seconds", "stats", "overlap_efficiency", "energy_j_per_unit"}
 
 
+def has_measurement(d) -> bool:
+    """The schema's measured fields are filled and ordered (a structure check, not a speed check)."""
+    return d["ci_low"] is not None and 0 < d["ci_low"] <= d["throughput"] <= d["ci_high"]
+
+
 def test_median_ci_brackets_the_median():
     xs = [float(i) for i in range(1, 102)]
     med, lo, hi = median_ci(xs)
@@ -63,10 +68,10 @@ def test_run_record_has_every_field_with_shapley_and_ablation():
     r = run("mlp", pipeline="cse,dce", budget_s=0.05, ablate=True, shapley=True)
     rec = r.record
     assert rec["schema"] == 1 and rec["model"] == "mlp" and rec["pipeline"] == ["cse", "dce"]
-    assert rec["baseline"]["throughput"] > 0 and rec["baseline"]["ci_low"] <= rec["baseline"]["ci_high"]
+    assert has_measurement(rec["baseline"])
     for s in rec["steps"]:
         assert STEP_FIELDS <= set(s)
-        assert s["throughput"] > 0 and s["numerics_ok"]
+        assert has_measurement(s) and s["numerics_ok"]
     assert set(rec["shapley"]) == {"cse", "dce"} and set(rec["ablation"]) == {"cse", "dce"}
     total = math.log(rec["steps"][-1]["throughput"] / rec["baseline"]["throughput"])
     # Shapley values are efficient up to measurement: the subsets are timed separately
