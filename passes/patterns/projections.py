@@ -24,6 +24,7 @@ from torch.fx.node import map_arg
 
 from passlab.passes import PassResult, register_pass
 from passlab.passes.meta import propagate
+from passlab.runtime import autotune
 from passlab.runtime.opclass import OpClass, op_class
 
 from . import Counters, aten, constant_of, erase_dead, new_constant, users
@@ -133,9 +134,47 @@ def slice_strides(group: list[Member], m: Member) -> tuple:
     return (total, 1)
 
 
+MEASURE_ABOVE_FLOPS = 5e7   # below this one launch beats several on overhead alone
+
+
+def separate_is_faster(group: list[Member], device: str) -> bool:
+    """Time the merged GEMM, with its consumers reading strided slices
+    (modelled as one pass over each slice), against the separate GEMMs, at
+    this group's shapes (once per shape, cached). On a CPU without AMX a wide
+    GEMM gains nothing and the strided reads cost (moe bench: -5%)."""
+    x = group[0].x.meta["val"]
+    kind = group[0].layout
+    flops = sum(2 * x.numel() * m.width for m in group)
+    if flops < MEASURE_ABOVE_FLOPS:
+        return False
+    X = torch.randn(x.shape, dtype=x.dtype, device=device)
+    ws = [m.w.to(device) for m in group]
+    dim = {"t": 0, "n": 1, "bmm": 2}[kind]
+    wc = torch.cat(ws, dim)
+    mul = (lambda a, w: torch.bmm(a, w)) if kind == "bmm" else \
+        (lambda a, w: a @ (w.t() if kind == "t" else w))
+    widths = [m.width for m in group]
+
+    def merged():
+        out = mul(X, wc)
+        return [part.sum() for part in out.split(widths, dim=-1)]
+
+    def separate():
+        return [mul(X, w).sum() for w in ws]
+
+    key = ("merge_projections", kind, tuple(x.shape), tuple(widths), x.dtype, device)
+    with torch.no_grad():
+        return autotune.fastest(key, {"merged": merged, "separate": separate}, device=device) == "separate"
+
+
 @register_pass("merge_projections")
-def merge_projections(gm: torch.fx.GraphModule, ctx, *, min_group: int = 2) -> PassResult:
-    """Merge sibling GEMMs that share an input (Q/K/V, gate/up, expert gate/up) into one."""
+def merge_projections(gm: torch.fx.GraphModule, ctx, *, min_group: int = 2, choose: str = "measure") -> PassResult:
+    """Merge sibling GEMMs that share an input (Q/K/V, gate/up, expert gate/up) into one.
+
+    `choose=measure` (default) keeps the GEMMs apart where that measured faster
+    at the group's shapes on this machine; `choose=always` merges every group."""
+    if choose not in ("measure", "always"):
+        raise ValueError(f"choose must be 'measure' or 'always', got {choose!r}")
     c, merged = Counters(), 0
     groups: dict = defaultdict(list)
     for n in gm.graph.nodes:
@@ -159,6 +198,9 @@ def merge_projections(gm: torch.fx.GraphModule, ctx, *, min_group: int = 2) -> P
                 continue
             if not all(views_survive(m, slice_strides(group, m)) for m in group):
                 c.skip("view_needs_contiguous_output")
+                continue
+            if choose == "measure" and separate_is_faster(group, ctx.device):
+                c.skip("separate_measured_faster")
                 continue
             merge(gm, group)
             c.rewritten += 1
