@@ -12,6 +12,7 @@ from typing import Callable
 from .timing import measure_many
 
 _CHOICES: dict = {}
+MIN_FLOPS = 5e7   # below this, one launch beats several on overhead alone: not worth timing
 
 
 def fastest(key, candidates: dict[str, Callable[[], object]], *, device: str = "cpu",

@@ -372,16 +372,13 @@ def producers(n, depth: int = 16) -> list:
     return out
 
 
-MEASURE_ABOVE_FLOPS = 5e7   # below this, one SDPA call beats five launches on overhead alone
-
-
 def explicit_is_faster(m: Match, device: str) -> bool:
     """Time SDPA against the written-out chain at this match's shapes (once per
     shape, cached): on some CPUs (Zen 4, bf16) oneDNN's bmm + softmax beats the
     CPU flash kernel, and the rewrite would cost time."""
     q, k, v = (x.meta["val"] for x in (m.q, m.k, m.v))
     B, H, L, E = q.shape
-    if 4 * B * H * L * k.shape[-2] * E < MEASURE_ABOVE_FLOPS:
+    if 4 * B * H * L * k.shape[-2] * E < autotune.MIN_FLOPS:
         return False
     dt = q.dtype
     Q, K, V = (torch.randn(t.shape, dtype=dt, device=device) for t in (q, k, v))

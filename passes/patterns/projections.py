@@ -134,9 +134,6 @@ def slice_strides(group: list[Member], m: Member) -> tuple:
     return (total, 1)
 
 
-MEASURE_ABOVE_FLOPS = 5e7   # below this one launch beats several on overhead alone
-
-
 def separate_is_faster(group: list[Member], device: str) -> bool:
     """Time the merged GEMM, with its consumers reading strided slices
     (modelled as one pass over each slice), against the separate GEMMs, at
@@ -145,7 +142,7 @@ def separate_is_faster(group: list[Member], device: str) -> bool:
     x = group[0].x.meta["val"]
     kind = group[0].layout
     flops = sum(2 * x.numel() * m.width for m in group)
-    if flops < MEASURE_ABOVE_FLOPS:
+    if flops < autotune.MIN_FLOPS:
         return False
     X = torch.randn(x.shape, dtype=x.dtype, device=device)
     ws = [m.w.to(device) for m in group]
