@@ -392,18 +392,23 @@ def getattr_path(gm, target: str):
     return obj
 
 
+def layout_changing_clones(gm):
+    """Each `clone` whose output layout differs from its input's, with both values."""
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not aten.clone.default:
+            continue
+        src, out = tensor_val(n.args[0]), tensor_val(n)
+        if src is not None and out is not None and not same_layout(src, out):
+            yield n, src, out
+
+
 def drop_copies(gm, original, contiguous_outputs, device) -> tuple[int, dict]:
     """Remove each layout-changing clone whose consumers take its input as it is:
     every view stays a view, no stride-sensitive consumer sees new strides, and
     no kernel it feeds starts reordering internally (the graph's conversion
     count must drop)."""
     removed, kept = 0, {}
-    for n in list(gm.graph.nodes):
-        if n.op != "call_function" or n.target is not aten.clone.default:
-            continue
-        src, out = tensor_val(n.args[0]), tensor_val(n)
-        if src is None or out is None or same_layout(src, out):
-            continue
+    for n, _, _ in layout_changing_clones(gm):
         total_before = count_conversions(gm, device).total
         saved = {u: (u.args, u.kwargs) for u in n.users}
         n.replace_all_uses_with(n.args[0])
@@ -439,12 +444,7 @@ def steer_producers(gm) -> int:
     op write that layout and the clone a no-op, which is then removed.
     """
     steered = 0
-    for c in list(gm.graph.nodes):
-        if c.op != "call_function" or c.target is not aten.clone.default:
-            continue
-        src, out = tensor_val(c.args[0]), tensor_val(c)
-        if src is None or out is None or same_layout(src, out):
-            continue
+    for c, src, out in layout_changing_clones(gm):
         p = c.args[0]
         while p.op == "call_function" and p.target is aten.expand.default and len(p.users) == 1 and \
                 tensor_val(p.args[0]) is not None and tensor_val(p.args[0]).shape == tensor_val(p).shape:

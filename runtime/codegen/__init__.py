@@ -64,6 +64,12 @@ CAST = {  # value type -> (C++ cast, Triton cast)
 }
 
 
+def kernel_symbol(body, fk) -> str:
+    """A kernel's exported name: a hash of the body a printer makes for it, so
+    the name, the cache key and the source agree for every printer."""
+    return "pl_" + hashlib.sha256(body(fk, "KERNEL").encode()).hexdigest()[:16]
+
+
 def printer(device: str):
     if device == "cpu":
         from . import cpp

@@ -9,12 +9,11 @@ vectorize (no -ffast-math: masks rely on -inf).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 
-from . import CAST, EXPR
+from . import CAST, EXPR, kernel_symbol
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
          "-std=c++17", "-w"]
@@ -107,7 +106,7 @@ def const(value, type_) -> str:
 
 
 def symbol(fk) -> str:
-    return "pl_" + hashlib.sha256(body(fk, "KERNEL").encode()).hexdigest()[:16]
+    return kernel_symbol(body, fk)
 
 
 def render(fk) -> str:

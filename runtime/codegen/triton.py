@@ -8,12 +8,11 @@ get many rows per program. Runs on CPU tensors under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 
-from . import CAST, EXPR
+from . import CAST, EXPR, kernel_symbol
 
 HEADER = "# passlab generated Triton kernels\nimport triton\nimport triton.language as tl\n\n"
 TL = {"f": "tl.float32", "i": "tl.int64", "b": "tl.int1"}
@@ -45,7 +44,7 @@ def const(value, type_) -> str:
 
 
 def symbol(fk) -> str:
-    return "pl_" + hashlib.sha256(body(fk, "KERNEL").encode()).hexdigest()[:16]
+    return kernel_symbol(body, fk)
 
 
 def render(fk) -> str:
