@@ -37,6 +37,7 @@ def capture(module: torch.nn.Module, example_inputs, *, decompose: bool = True) 
         gm = ep.module()
     drop_guards(gm)
     flatten_signature(gm)
+    describe_writebacks(gm)
     for p in gm.parameters():
         p.requires_grad_(False)
     gm.meta["captured_from"] = type(module).__name__
@@ -56,6 +57,14 @@ def drop_guards(gm: torch.fx.GraphModule) -> None:
                 delattr(gm, "_guards_fn")
     gm.graph.lint()
     gm.recompile()
+
+
+def describe_writebacks(gm: torch.fx.GraphModule) -> None:
+    """`ep.module()` writes mutated buffers back with `aten.copy_` nodes that carry
+    no metadata; `copy_` returns its destination, so that is their value."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is torch.ops.aten.copy_.default and "val" not in n.meta:
+            n.meta["val"] = n.args[0].meta.get("val")
 
 
 def flatten_signature(gm: torch.fx.GraphModule) -> None:

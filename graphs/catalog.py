@@ -13,21 +13,19 @@ import os
 
 import torch
 
+from .errors import UnknownModelError
 from .sample import Sample, preset_dtype
 
 SAMPLES = {  # name -> module under passlab.graphs
     "mlp": "mlp",
     "transformer": "transformer",
     "llama": "llama",
+    "llama_decode": "llama_decode",
     "moe": "moe",
     "convnet": "convnet",
 }
 DISTRIBUTED = {"tp_mlp": "distributed", "ep_moe": "distributed", "fsdp_mlp": "distributed"}
 PRESETS = ("tiny", "bench")
-
-
-class UnknownModelError(ValueError):
-    """The model name names nothing passlab can load."""
 
 
 def list_models() -> dict[str, str]:
@@ -43,6 +41,9 @@ def list_models() -> dict[str, str]:
         out[name] = doc.split(": ", 1)[1] if doc.startswith("`") and ": " in doc else doc
     for arch, desc in hf.ARCHS.items():
         out[f"hf:{arch}"] = desc
+    from . import zoo
+    for name, entry in zoo.MODELS.items():
+        out[f"zoo:{name}"] = f"{entry.family}: {entry.description}"
     return out
 
 
@@ -53,6 +54,9 @@ def load(name: str, preset: str = "tiny", *, dtype=None, device: str = "cpu") ->
     if name.startswith("hf:"):
         from . import hf
         return hf.build(name[3:], preset, dt, device)
+    if name.startswith("zoo:"):
+        from . import zoo
+        return zoo.build(name[4:], preset, dt, device)
     if ":" in name and (name.split(":")[0].endswith(".py") or os.sep in name):
         return load_file(name, preset, dt, device)
     table = {**SAMPLES, **DISTRIBUTED}
