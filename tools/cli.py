@@ -178,7 +178,7 @@ COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "new-pass": cmd_
 def load_extra_commands():
     """Optional subcommands from other tools modules (e.g. simulate)."""
     import importlib
-    for mod in ("simulate",):
+    for mod in ("simulate", "zoo"):
         try:
             m = importlib.import_module(f"passlab.tools.{mod}")
         except ImportError:
