@@ -1,10 +1,14 @@
+"""Test set-up, hermetic: every test builds into one session-private kernel
+cache and key (kernels still compile once per session), gets back the
+environment it started with, and leaves no multi-rank process group behind."""
 import os
 import shutil
 
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available():   # CPU machines run Triton kernels in its interpreter; GPUs run them for real
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 SAMPLES = ["mlp", "transformer", "llama", "moe", "convnet"]
@@ -19,6 +23,31 @@ def pytest_collection_modifyitems(config, items):
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory):
+    """One private cache directory and HMAC key file for the whole session."""
+    root = tmp_path_factory.mktemp("passlab")
+    cache, keys = root / "cache", root / "keys"
+    cache.mkdir(mode=0o700)
+    keys.mkdir(mode=0o700)
+    return {"PASSLAB_CACHE": str(cache), "PASSLAB_KEY_FILE": str(keys / "cache.key")}
+
+
+@pytest.fixture(autouse=True)
+def hermetic(session_cache):
+    """Per test: the session cache, and afterwards the environment as it was
+    (a test's or the code's own os.environ writes do not leak) and no process
+    group of more than one rank (fake worlds of 64 and the like)."""
+    saved = dict(os.environ)
+    os.environ.update(session_cache)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() != 1:
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="session")
