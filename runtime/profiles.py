@@ -14,13 +14,8 @@ import time
 
 import torch
 
+from .codegen import cache_dir  # noqa: F401  (one cache directory, trust-checked; simulator reads it here)
 from .timing import measure
-
-
-def cache_dir() -> str:
-    d = os.environ.get("PASSLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "passlab")
-    os.makedirs(d, exist_ok=True)
-    return d
 
 
 def machine_key(device: str) -> str:
