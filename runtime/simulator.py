@@ -19,7 +19,6 @@ it reads a measured timeline.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -27,70 +26,14 @@ import torch.fx
 
 from . import costmodel
 from .opclass import OpClass, op_class
+from .distributed.link import LINKS, Link, get_link, parse_rate, parse_time  # noqa: F401 (re-exported)
 from .overlap_metrics import overlap_metrics
 
 
 # ---------------------------------------------------------------- links
-
-@dataclass(frozen=True)
-class Link:
-    """One direction of a rank's link: bytes/s and per-message latency."""
-    name: str
-    bytes_per_s: float
-    latency_s: float
-    source: str = ""
-
-    def __str__(self):
-        return f"{self.name} ({self.bytes_per_s / 1e9:.3g} GB/s, {self.latency_s * 1e6:.3g} us)"
-
-
-# nominal per-direction numbers of the target links (the distributed runtime's
-# emulated presets scale these to this machine's compute rate; a run's actual
-# emulated rate is in its record, and `simulate --compare` uses that)
-LINKS = {
-    "nvlink-h100": Link("nvlink-h100", 450e9, 2e-6, "NVLink 4 datasheet: 900 GB/s bidirectional per GPU"),
-    "ib-400g": Link("ib-400g", 50e9, 5e-6, "InfiniBand NDR 400 Gbit/s nominal"),
-    "pcie4": Link("pcie4", 25e9, 5e-6, "PCIe 4.0 x16 nominal ~32 GB/s, ~25 GB/s achievable"),
-    "eth-10g": Link("eth-10g", 1.25e9, 50e-6, "10 Gbit/s Ethernet nominal"),
-    "loopback": Link("loopback", 2e9, 30e-6, "gloo over localhost TCP on a 2-core VM (rough)"),
-}
-
-UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-
-
-def parse_rate(text: str) -> float:
-    """'10gbit', '1.25GB', '400mbit', '5e9' -> bytes/s."""
-    m = re.fullmatch(r"\s*([\d.eE+-]+)\s*([kmgtKMGT]?)(bit|b|B|bps|Bps)?(/s)?\s*", text)
-    if not m:
-        raise ValueError(f"cannot read a rate from {text!r} (e.g. 10gbit, 1.25GB)")
-    value = float(m.group(1)) * UNITS[m.group(2).lower()]
-    unit = m.group(3) or "B"
-    return value / 8 if unit in ("bit", "b", "bps") else value
-
-
-def parse_time(text: str) -> float:
-    m = re.fullmatch(r"\s*([\d.eE+-]+)\s*(s|ms|us|ns)?\s*", text)
-    if not m:
-        raise ValueError(f"cannot read a time from {text!r} (e.g. 50us, 1ms)")
-    return float(m.group(1)) * {"s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}[m.group(2) or "s"]
-
-
-def get_link(spec: "str | Link") -> Link:
-    """A preset name or 'rate=10gbit,latency=50us' (';' also separates, for
-    pipeline options: `overlap_chunk(link=rate=20MB;latency=0)`)."""
-    if isinstance(spec, Link):
-        return spec
-    known = LINKS
-    if spec in known:
-        return known[spec]
-    if "=" in spec:
-        kv = dict(part.split("=", 1) for part in re.split(r"[,;]", spec) if part.strip())
-        unknown = set(kv) - {"rate", "latency"}
-        if unknown or "rate" not in kv:
-            raise ValueError(f"link spec {spec!r}: give rate=..[,latency=..]")
-        return Link(spec, parse_rate(kv["rate"]), parse_time(kv.get("latency", "0")), "given")
-    raise ValueError(f"unknown link {spec!r} (known: {', '.join(sorted(known))}, or rate=..,latency=..)")
-
+# one table of links, shared with the run that emulates them and the overlap
+# passes: `passlab.runtime.distributed.link` (a run's record names the link as
+# it was really applied, and `simulate --compare` uses that)
 
 # ---------------------------------------------------------------- devices
 

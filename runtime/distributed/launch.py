@@ -31,7 +31,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .link import LinkConfig, Namespace
+from .link import Link, Namespace
+from .relay import die_with_parent
 
 GRACE_S = 1.0            # after a failure, how long the other ranks get to report theirs
 TAIL_LINES = 25
@@ -80,7 +81,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(target: str, payload, world_size: int, *, timeout: float = 300.0, link: LinkConfig | None = None,
+def spawn(target: str, payload, world_size: int, *, timeout: float = 300.0, link: Link | None = None,
           backend: str = "gloo", threads: int | None = None,
           echo: Callable[[str], None] | None = None) -> Launched:
     """Run `target(payload)` on `world_size` local ranks; raise DistributedRunFailed on any failure."""
@@ -95,12 +96,15 @@ def spawn(target: str, payload, world_size: int, *, timeout: float = 300.0, link
             pickle.dump(payload, f)
         with Namespace(link, world_size) as ns:
             env = dict(os.environ, WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo",
-                       NCCL_SOCKET_IFNAME="lo", PASSLAB_DIST_DIR=work, PASSLAB_DIST_TARGET=target,
+                       MASTER_ADDR=ns.master_addr, MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME=ns.ifname,
+                       NCCL_SOCKET_IFNAME=ns.ifname, PASSLAB_DIST_DIR=work, PASSLAB_DIST_TARGET=target,
                        PASSLAB_DIST_BACKEND=backend, PASSLAB_DIST_TIMEOUT=str(timeout),
-                       PASSLAB_THREADS=str(threads), OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+                       PASSLAB_THREADS=str(threads), OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+                       PASSLAB_PARENT_PID=str(os.getpid()))
+            if ns.info.get("latency_emulated") and world_size > 1:
+                env["PASSLAB_PROBE_LATENCY"] = repr(ns.link.latency_s)
             for r in range(world_size):
-                cmd = ns.prefix + [sys.executable, "-m", "passlab.runtime.distributed", work]
+                cmd = ns.prefix(r) + [sys.executable, "-m", "passlab.runtime.distributed", work]
                 out = open(os.path.join(work, f"rank{r}.log"), "wb")
                 procs.append(subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                                               stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -109,7 +113,18 @@ def spawn(target: str, payload, world_size: int, *, timeout: float = 300.0, link
             watch(procs, work, timeout, echo, ns.info)
             with open(os.path.join(work, "results.pkl"), "rb") as f:
                 results = pickle.load(f)
-            return Launched(results, ns.info, time.monotonic() - t0, world_size, backend)
+            probe = None
+            if read(work, "probe.pkl.done"):
+                with open(os.path.join(work, "probe.pkl"), "rb") as f:
+                    probe = pickle.load(f)
+            applied = ns.applied()
+            info = dict(ns.info, applied=applied.spec() if applied else None, removed_stale=ns.removed_stale)
+            if probe:
+                info["probe"] = probe
+            elif ns.info.get("emulated"):
+                info["probe"] = {"measured_one_way_s": None, "reason": "latency not emulated: nothing to probe"
+                                 if not ns.info.get("latency_emulated") else "one rank: no peer to probe"}
+            return Launched(results, info, time.monotonic() - t0, world_size, backend)
     finally:
         kill(procs)
         shutil.rmtree(work, ignore_errors=True)
@@ -263,14 +278,35 @@ def run_here(target: str | Callable, payload, *, timeout: float = 300.0, backend
     return gather(fn(payload))
 
 
+def probe(work: str, rank: int, configured_s: float) -> None:
+    """The latency probe between ranks 0 and 1 (link.probe_latency); rank 0 leaves it in `work`."""
+    import torch.distributed as dist
+    from .link import probe_latency
+    from .relay import address
+    result = probe_latency(rank, address(1), configured_s, dist.barrier) if rank in (0, 1) else None
+    if rank not in (0, 1):
+        dist.barrier()
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(work, "probe.pkl"), "wb") as f:
+            pickle.dump(result, f)
+        with open(os.path.join(work, "probe.pkl.done"), "w") as f:
+            f.write("1")
+
+
 def worker_main(work: str) -> None:
     rank = int(os.environ["RANK"])
     try:
+        parent = os.environ.get("PASSLAB_PARENT_PID")
+        die_with_parent(int(parent) if parent else None)       # a killed launcher takes its ranks along
         import torch
         torch.set_num_threads(int(os.environ.get("PASSLAB_THREADS", "1")))
         stage("init_process_group")
         init_process_group(os.environ.get("PASSLAB_DIST_BACKEND", "gloo"),
                            float(os.environ.get("PASSLAB_DIST_TIMEOUT", "300")))
+        if os.environ.get("PASSLAB_PROBE_LATENCY"):
+            stage("probing the link's latency")
+            probe(work, rank, float(os.environ["PASSLAB_PROBE_LATENCY"]))
         with open(os.path.join(work, "payload.pkl"), "rb") as f:
             payload = pickle.load(f)
         fn = resolve_target(os.environ["PASSLAB_DIST_TARGET"])
