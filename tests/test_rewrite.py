@@ -1,0 +1,224 @@
+"""register_rewrite: a pattern and its replacement as plain PyTorch functions.
+
+Every rewrite is checked for numerics against eager on fresh random inputs,
+for the graph it leaves (which ops, meta["val"] everywhere, asserts gone), and
+for the statistics it reports."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from passlab.graphs import capture, check_metadata, clone
+from passlab.passes import PassContext, RewriteError, get_pass, register_rewrite, relative_error, unregister_pass
+from passlab.passes.patterns.rewrite import Rewrite
+
+aten = torch.ops.aten
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture
+def registered():
+    names = []
+
+    def reg(name, *args, **kw):
+        names.append(name)
+        return register_rewrite(name, *args, **kw)
+    yield reg
+    for n in names:
+        unregister_pass(n)
+
+
+def targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def run(name, gm, **options):
+    res = get_pass(name).run(gm, PassContext(options=options))
+    res.gm.graph.lint()
+    assert check_metadata(res.gm) == []
+    return res
+
+
+def close(gm, module, make, dtype, seeds=(1, 2)):
+    for s in seeds:
+        torch.manual_seed(s)
+        x = make(dtype)
+        with torch.no_grad():
+            err = relative_error(gm(*x), module(*x))
+        assert err <= TOL[dtype], err
+
+
+class Swish(nn.Module):
+    """Swish written by hand, as many codebases do, in both operand orders."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = self.up(x)
+        h = h * torch.sigmoid(h)
+        return torch.sigmoid(x) * x + self.down(h)
+
+
+def pattern(x):
+    return x * torch.sigmoid(x)
+
+
+def replacement(x):
+    return F.silu(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_back_fires_on_hand_written_swish(registered, dtype):
+    registered("silu_back", pattern, replacement)          # the acceptance example, as written
+    m = Swish().to(dtype)
+    make = lambda dt: (torch.randn(2, 5, 16, dtype=dt),)
+    gm = capture(m, make(dtype))
+    res = run("silu_back", gm)
+    assert res.stats["matched"] == 2 and res.stats["rewritten"] == 2, res.stats
+    assert res.stats["skipped"] == {}
+    assert aten.sigmoid.default not in targets(res.gm)
+    assert targets(res.gm).count(aten.silu.default) == 2
+    assert all(n.meta.get("rewrite") == "silu_back" for n in res.gm.graph.nodes if n.target == aten.silu.default)
+    close(res.gm, m, make, dtype)
+
+
+class UpcastSwish(nn.Module):
+    """bf16 computed the way decompositions compute it: up to fp32, down again."""
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.sigmoid(xf)).to(x.dtype) * 3.0
+
+
+def test_cast_variant_takes_the_casts_with_it(registered):
+    registered("silu_back", pattern, replacement)
+    m = UpcastSwish()
+    make = lambda dt: (torch.randn(4, 16, dtype=dt),)
+    gm = capture(m, make(torch.bfloat16))
+    res = run("silu_back", gm)
+    assert res.stats["by_variant"] == {"cast": 1}, res.stats
+    assert aten._to_copy.default not in targets(res.gm)      # both casts went with the pattern
+    assert aten.silu.default in targets(res.gm)
+    close(res.gm, m, make, torch.bfloat16)
+    off = registered("silu_back_nocast", pattern, replacement, casts=False)
+    res = run("silu_back_nocast", capture(m, make(torch.bfloat16)))
+    assert res.stats["by_variant"] == {"plain": 1}           # only the fp32 body: the casts stay
+    assert targets(res.gm).count(aten._to_copy.default) == 2
+    assert [v.label for v in off.variants] == ["plain"]
+
+
+class Norm(nn.Module):
+    def __init__(self, eps, dim=-1):
+        super().__init__()
+        self.w, self.eps, self.dim = nn.Parameter(torch.randn(16)), eps, dim
+
+    def forward(self, x):
+        y = x * torch.rsqrt(x.pow(2).mean(self.dim, keepdim=True) + self.eps)
+        return self.w * y
+
+
+def norm(x, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def test_free_literal_binds_and_fixed_literal_does_not_match(registered):
+    seen = []
+
+    def rms(x, eps=1e-6):
+        seen.append(eps)
+        return x * torch.rsqrt(torch.mean(x * x, -1, keepdim=True) + eps)
+    registered("rms_free", norm, rms, free=("eps",))
+    make = lambda dt: (torch.randn(3, 8, 16, dtype=dt),)
+    m = Norm(eps=1e-5)
+    res = run("rms_free", capture(m, make(torch.float32)))
+    assert res.stats["rewritten"] == 1 and seen[-1] == 1e-5        # the replacement got the graph's eps
+    assert aten.pow.Tensor_Scalar not in targets(res.gm)
+    close(res.gm, m, make, torch.float32)
+    registered("rms_fixed", norm, rms)                               # eps fixed at 1e-6: no match
+    assert run("rms_fixed", capture(m, make(torch.float32))).stats["matched"] == 0
+    wrong_dim = Norm(eps=1e-6, dim=1)                                # the reduced dim is fixed
+    assert run("rms_free", capture(wrong_dim, make(torch.float32))).stats["matched"] == 0
+
+
+def test_asserts_never_block_a_match(registered):
+    class WithCast(nn.Module):   # .to() leaves an _assert_tensor_metadata on the intermediate
+        def forward(self, x):
+            s = torch.sigmoid(x).to(torch.float32)
+            return x * s
+    registered("silu_back", pattern, replacement)
+    m = WithCast()
+    make = lambda dt: (torch.randn(4, 16, dtype=dt),)
+    gm = capture(m, make(torch.float32))
+    assert aten._assert_tensor_metadata.default in targets(gm)
+    res = run("silu_back", gm)
+    assert res.stats["rewritten"] == 1
+    assert aten._assert_tensor_metadata.default not in targets(res.gm)
+    close(res.gm, m, make, torch.float32)
+
+
+def test_shapes_are_wildcards_and_bind_in_the_replacement(registered):
+    def flat_sum(x):
+        return x.reshape(x.shape[0], -1).sum(-1)
+
+    def flat_sum_2(x):                    # reads the matched shape as plain ints
+        b, *rest = x.shape
+        return x.sum(list(range(1, len(rest) + 1)))
+    registered("flat_sum", flat_sum, flat_sum_2, example_inputs=[(2, 3, 5)])
+
+    class M(nn.Module):
+        def forward(self, x):
+            return x.reshape(x.shape[0], -1).sum(-1) * 2
+    m = M()
+    make = lambda dt: (torch.randn(4, 6, 7, dtype=dt),)
+    res = run("flat_sum", capture(m, make(torch.float32)))
+    assert res.stats["rewritten"] == 1, res.stats
+    assert aten.view.default not in targets(res.gm)
+    assert not any(n.op == "call_function" and "sym_size" in str(n.target) for n in res.gm.graph.nodes)
+    close(res.gm, m, make, torch.float32)
+
+
+def test_replacement_that_changes_dtype_is_skipped(registered):
+    registered("bad_dtype", pattern, lambda x: F.silu(x).double())
+    m = Swish()
+    res = run("bad_dtype", capture(m, (torch.randn(2, 16),)))
+    assert res.stats["rewritten"] == 0 and res.stats["skipped"] == {"replacement_changes_dtype": 2}
+
+
+def test_check_and_max_rewrites(registered):
+    registered("only_big", pattern, replacement,
+               check=lambda m: None if m.val("x").shape[-1] > 16 else "too_narrow")
+    gm = capture(Swish(), (torch.randn(2, 16),))
+    res = run("only_big", clone(gm))
+    assert res.stats["skipped"] == {"too_narrow": 1} and res.stats["rewritten"] == 1
+    registered("silu_back", pattern, replacement)
+    res = run("silu_back", clone(gm), max_rewrites=1)
+    assert res.stats["rewritten"] == 1 and res.stats["skipped"] == {"max_rewrites_reached": 1}
+
+
+def test_in_a_pipeline_with_the_manager(registered):
+    from passlab.passes import CheckNumerics, PassManager
+    from passlab.passes.manager import VerifyGraph
+    registered("silu_back", pattern, replacement)
+    m = Swish()
+    make = lambda seed: (torch.randn(2, 16, generator=torch.Generator().manual_seed(seed)),)
+    pm = PassManager("cleanup,silu_back(max_rewrites=-1),fuse",
+                     instruments=[VerifyGraph(), CheckNumerics(m, make, "cpu", 1e-4)])
+    res = pm.run(capture(m, make(0)), PassContext(example_inputs=make(0)))
+    step = next(s for s in res.steps if s.name == "silu_back")
+    assert step.status == "ok" and step.numerics_ok and step.stats["rewritten"] == 2, step
+
+
+def test_bad_declarations_say_what_to_change():
+    with pytest.raises(RewriteError, match="free literal.*'eps'.*not parameters"):
+        Rewrite("x", pattern, replacement, free=("eps",))
+    with pytest.raises(RewriteError, match="at least one tensor parameter"):
+        Rewrite("x", lambda eps=1.0: eps, replacement)
+    with pytest.raises(RewriteError, match="example inputs"):
+        Rewrite("x", pattern, replacement, example_inputs=[(2,), (3,)])
+
+    def uses_eps_twice_removed(x, eps=1e-6):
+        return x * (2 * eps)          # eps folded into a Python number: cannot be matched
+    with pytest.raises(RewriteError, match="not an argument of any op"):
+        Rewrite("x", uses_eps_twice_removed, replacement, free=("eps",)).variants
