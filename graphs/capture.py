@@ -14,22 +14,30 @@ import warnings
 import torch
 import torch.fx
 
+from . import decompositions
+
 
 class CaptureError(RuntimeError):
     """The model could not be captured as a graph."""
 
 
-def capture(module: torch.nn.Module, example_inputs, *, decompose: bool = True) -> torch.fx.GraphModule:
+def capture(module: torch.nn.Module, example_inputs, example_kwargs: dict | None = None, *,
+            decompose: bool = True) -> torch.fx.GraphModule:
+    """The graph takes the flat pytree leaves of `(example_inputs,
+    example_kwargs)` positionally (`gm.meta["in_spec"]` is their structure) and
+    returns the flat leaves of the model's output (`gm.meta["out_spec"]`), a
+    single value where the model returns one tensor."""
     if not isinstance(module, torch.nn.Module):
         raise CaptureError(f"capture() needs a torch.nn.Module, got {type(module).__name__}")
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    kwargs = dict(example_kwargs or {})
     module.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            ep = torch.export.export(module, args, strict=False)
+            ep = torch.export.export(module, args, kwargs, strict=False)
             if decompose:
-                ep = ep.run_decompositions()
+                ep = decompositions.run(ep)   # core aten minus the ops kept whole (decompositions.py)
     except Exception as e:  # torch raises many types here; all mean "not capturable"
         raise CaptureError(describe_failure(module, e)) from e
     with warnings.catch_warnings():
@@ -73,6 +81,7 @@ def flatten_signature(gm: torch.fx.GraphModule) -> None:
     The output stays a single tensor where the model returns one."""
     out_spec = getattr(gm, "_out_spec", None)
     gm.meta["out_spec"] = out_spec
+    gm.meta["in_spec"] = getattr(gm, "_in_spec", None)
     gm.graph._codegen = torch.fx.graph.CodeGen()
     out = gm.graph.output_node()
     flat = out.args[0]
