@@ -3,14 +3,16 @@
 Like the Triton tutorials' benchmarks: each kernel's bytes moved (inputs read
 + outputs written once) over its median time, as a percentage of this
 machine's copy bandwidth measured the same way (`Tensor.copy_` of 64 MB into a
-preallocated buffer, read + write bytes). Kernels are called through their
-C entry point with preallocated outputs, so allocation and page faults are
-excluded on both sides; eager is shown for reference.
+preallocated buffer, read + write bytes). C++ kernels are called through
+their C entry point with preallocated outputs, so allocation and page faults
+are excluded on both sides; Triton kernels (`--device cuda`) through their
+runner, timed with CUDA events and an L2 flush; eager is shown for reference.
 
-    python -m passlab.tools.bench_kernels
+    python -m passlab.tools.bench_kernels [--device cuda] [--scale 0.25] [--budget 2]
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 
 import torch
@@ -23,17 +25,29 @@ from passlab.runtime.timing import measure_many
 
 from .table import render
 
+F32, BF16 = torch.float32, torch.bfloat16
+# label -> (fn, inputs as (shape, dtype), rows): "R" in a shape is `rows`, scaled by `--scale`
 CASES = {
-    "gelu+add fp32 4096x4096": (lambda x, y: F.gelu(x) + y, lambda: (torch.randn(4096, 4096), torch.randn(4096, 4096))),
-    "gelu bf16 4096x4096": (lambda x: F.gelu(x), lambda: (torch.randn(4096, 4096).bfloat16(),)),
-    "softmax fp32 16384x1024": (lambda x: torch.softmax(x, -1), lambda: (torch.randn(16384, 1024),)),
-    "softmax bf16 16384x1024": (lambda x: torch.softmax(x, -1), lambda: (torch.randn(16384, 1024).bfloat16(),)),
-    "layer_norm bf16 32768x512": (lambda x, w, b: F.layer_norm(x, (512,), w, b),
-                                  lambda: (torch.randn(32768, 512).bfloat16(), torch.randn(512).bfloat16(),
-                                           torch.randn(512).bfloat16())),
-    "rmsnorm fp32 32768x512": (lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w,
-                               lambda: (torch.randn(32768, 512), torch.randn(512))),
+    "gelu+add fp32": (lambda x, y: F.gelu(x) + y, [(("R", 4096), F32), (("R", 4096), F32)], 4096),
+    "gelu bf16": (lambda x: F.gelu(x), [(("R", 4096), BF16)], 4096),
+    "softmax fp32": (lambda x: torch.softmax(x, -1), [(("R", 1024), F32)], 16384),
+    "softmax bf16": (lambda x: torch.softmax(x, -1), [(("R", 1024), BF16)], 16384),
+    "layer_norm bf16": (lambda x, w, b: F.layer_norm(x, (512,), w, b),
+                        [(("R", 512), BF16), ((512,), BF16), ((512,), BF16)], 32768),
+    "rmsnorm fp32": (lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w,
+                     [(("R", 512), F32), ((512,), F32)], 32768),
 }
+
+
+def cases(scale: float = 1.0, device: str = "cpu") -> dict:
+    """name with its size -> (fn, inputs): each case's rows scaled by `scale`."""
+    out = {}
+    for label, (fn, specs, rows) in CASES.items():
+        r = max(1, int(rows * scale))
+        shapes = [tuple(r if s == "R" else s for s in shape) for shape, _ in specs]
+        ins = tuple(torch.randn(sh, device=device).to(dt) for sh, (_, dt) in zip(shapes, specs))
+        out[f"{label} {'x'.join(map(str, shapes[0]))}"] = (fn, ins)
+    return out
 
 
 def kernel_of(fn, *inputs) -> FusedKernel:
@@ -55,29 +69,55 @@ def raw_call(k: FusedKernel, inputs):
     return lambda: (f(args), keep)[1]
 
 
-def main() -> int:
+def measure(device: str = "cpu", scale: float = 1.0, budget_s: float = 2.0) -> dict:
+    """Every case's generated kernel and eager, and a copy, timed interleaved on `device`:
+    "cpu" (C++ kernels), "cuda" (Triton kernels) or "triton" (Triton kernels on CPU
+    tensors, under TRITON_INTERPRET=1). Bytes moved are inputs read + outputs written once."""
     torch.manual_seed(0)
-    src = torch.randn(16 * 1024 * 1024)
+    home = "cuda" if device == "cuda" else "cpu"
+    src = torch.randn(max(1024, int(16 * 1024 * 1024 * scale)), device=home)
     dst = torch.empty_like(src)
-    cases = {name: (fn, make()) for name, (fn, make) in CASES.items()}
-    kernels = {name: kernel_of(fn, *ins) for name, (fn, ins) in cases.items()}
-    codegen.build(list(kernels.values()), "cpu")
+    made = cases(scale, home)
+    kernels = {name: kernel_of(fn, *ins) for name, (fn, ins) in made.items()}
+    codegen.build(list(kernels.values()), device)
     fns = {"copy_": lambda: dst.copy_(src)}
-    for name, (fn, ins) in cases.items():
-        fns[name] = raw_call(kernels[name], ins)
+    for name, (fn, ins) in made.items():
+        if device == "cpu":
+            fns[name] = raw_call(kernels[name], ins)
+        else:
+            fns[name] = (lambda run=codegen.runner(kernels[name], device), ins=ins: run(*ins))
         fns["eager " + name] = (lambda fn=fn, ins=ins: fn(*ins))
-    t = measure_many(fns, [()], budget_s=2.0)
-    copy_bw = 2 * src.numel() * 4 / t["copy_"].median_s
+    t = measure_many(fns, [()], device=home, budget_s=budget_s)
+    copy_bw = 2 * src.numel() * src.element_size() / t["copy_"].median_s
     rows = []
-    for name in cases:
+    for name in made:
         moved = kernels[name].kernel.bytes_moved()
         tk, te = t[name], t["eager " + name]
-        rows.append([name, f"{tk.median_s * 1e3:.2f}", f"±{100 * tk.ci_rel:.1f}%", f"{moved / tk.median_s / 1e9:.1f}",
-                     f"{100 * moved / tk.median_s / copy_bw:.0f}%", f"{te.median_s * 1e3:.2f}",
-                     f"{te.median_s / tk.median_s:.2f}x"])
-    print(f"copy bandwidth (Tensor.copy_ of 64 MB, read+write): {copy_bw / 1e9:.1f} GB/s, "
-          f"{torch.get_num_threads()} threads")
-    print(render(["kernel", "ms", "CI", "GB/s", "% of copy BW", "eager ms (allocating)", "vs eager"], rows))
+        rows.append({"kernel": name, "median_s": tk.median_s, "ci_rel": tk.ci_rel, "n": tk.n,
+                     "bytes": moved, "gb_per_s": moved / tk.median_s / 1e9,
+                     "percent_of_copy": 100 * moved / tk.median_s / copy_bw,
+                     "eager_median_s": te.median_s, "vs_eager": te.median_s / tk.median_s})
+    return {"device": device, "scale": scale, "copy_gb_per_s": copy_bw / 1e9, "copy_bytes": 2 * src.numel() * src.element_size(),
+            "threads": torch.get_num_threads(), "timing_method": t["copy_"].method, "kernels": rows}
+
+
+def table(res: dict) -> str:
+    rows = [[r["kernel"], f"{r['median_s'] * 1e3:.3f}", f"±{100 * r['ci_rel']:.1f}%", f"{r['gb_per_s']:.1f}",
+             f"{r['percent_of_copy']:.0f}%", f"{r['eager_median_s'] * 1e3:.3f}", f"{r['vs_eager']:.2f}x"]
+            for r in res["kernels"]]
+    return render(["kernel", "ms", "CI", "GB/s", "% of copy BW", "eager ms (allocating)", "vs eager"], rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m passlab.tools.bench_kernels")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--scale", type=float, default=1.0, help="row-count factor of every case (default 1)")
+    ap.add_argument("--budget", type=float, default=2.0, help="timing budget per callable, seconds")
+    args = ap.parse_args(argv)
+    res = measure(args.device, args.scale, args.budget)
+    print(f"copy bandwidth (Tensor.copy_ of {res['copy_bytes'] // 2 >> 20} MB, read+write): "
+          f"{res['copy_gb_per_s']:.1f} GB/s, {res['threads']} threads, {res['timing_method']}")
+    print(table(res))
     return 0
 
 
