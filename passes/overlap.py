@@ -33,19 +33,37 @@ from .registry import register_pass
 
 
 def estimator(ctx, link: str, device: str, world: int) -> Estimator:
-    """World, link and device from the options, else the run's context. In a
-    launched run every rank takes rank 0's device profile: ranks that chose
-    different schedules from their own measurements would deadlock."""
-    import torch.distributed as dist
+    """World, link and device from the options, else the run's context. A
+    launched run fills `link` with the link exactly as it emulates it (latency
+    0 where none is applied); without one, plain loopback. In a launched run
+    every rank takes rank 0's device profile: ranks that chose different
+    schedules from their own measurements would deadlock."""
     w = world or max(ctx.world_size, 2)
-    link = link or ctx.options.get("link") or os.environ.get("PASSLAB_LINK") or "loopback"
     dev = device or ("cpu" if ctx.device.startswith("cpu") else ctx.device)
-    profile = simulator.device_profile(dev)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [profile]
+    return Estimator(run_profile(dev, ctx.dtype), simulator.get_link(link or "loopback"), w)
+
+
+_RUN_PROFILE: dict = {}
+
+
+def run_profile(device: str, dtype) -> dict:
+    """The device profile the overlap passes estimate with. In a launched CPU
+    run: this machine measured now by rank 0 at its thread count, the share of
+    one of the ranks on this host, broadcast so every rank has the same
+    numbers; measured once per process. Elsewhere `simulator.device_profile`."""
+    import torch.distributed as dist
+    if not (device == "cpu" and dist.is_initialized() and dist.get_world_size() > 1
+            and dist.get_backend() != "fake"):
+        return simulator.device_profile(device)
+    if device not in _RUN_PROFILE:
+        box = [None]
+        if dist.get_rank() == 0:
+            here = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+            prof = simulator.quick_cpu_profile(torch.get_num_threads(), dtypes=("float32", dtype))
+            box = [simulator.share(simulator.with_overheads(prof), here)]
         dist.broadcast_object_list(box, src=0)
-        profile = box[0]
-    return Estimator(profile, simulator.get_link(link), w)
+        _RUN_PROFILE[device] = box[0]
+    return _RUN_PROFILE[device]
 
 
 # ---------------------------------------------------------------- list scheduling
@@ -90,7 +108,8 @@ def schedule(graph: torch.fx.Graph, est: Estimator) -> list[torch.fx.Node]:
     ready_compute: list = []
     ready_waits: list[torch.fx.Node] = []
     ready_colls: set = set()
-    t = comm_free = 0.0
+    t = 0.0
+    stream = simulator.CommStream(est)
     finish: dict = {}
     order: list[torch.fx.Node] = []
 
@@ -110,8 +129,7 @@ def schedule(graph: torch.fx.Graph, est: Estimator) -> list[torch.fx.Node]:
         if next_coll < len(colls) and colls[next_coll] in ready_colls:
             n = colls[next_coll]
             next_coll += 1
-            start = max(t, comm_free)
-            comm_free = finish[n] = start + est.comm(n)
+            finish[n] = stream.issue(n, t)[1]
         else:
             done = [w for w in ready_waits if finish[w.args[0]] <= t]
             if done:

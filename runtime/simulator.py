@@ -81,10 +81,10 @@ def cached_cpu_profile() -> dict | None:
     return None
 
 
-def quick_cpu_profile(threads: int = 1, budget_s: float = 0.3) -> dict:
+def quick_cpu_profile(threads: int = 1, budget_s: float = 0.3, dtypes=("float32",)) -> dict:
     """This machine's rates right now at `threads` threads, under whatever else
-    runs on it (a 512x512 fp32 matmul and a 16 MB copy, `budget_s` each): for
-    predicting a run about to start on a shared machine."""
+    runs on it (a 512x512 matmul per dtype and a 16 MB copy, `budget_s` each):
+    for predicting a run about to start on a shared machine."""
     import os
     import time
     before = torch.get_num_threads()
@@ -99,16 +99,25 @@ def quick_cpu_profile(threads: int = 1, budget_s: float = 0.3) -> dict:
             times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
     try:
-        a, b = torch.randn(512, 512), torch.randn(512, 512)
+        rates = {}
+        for dt in dict.fromkeys(str(d).replace("torch.", "") for d in dtypes):
+            a, b = torch.randn(512, 512).to(getattr(torch, dt)), torch.randn(512, 512).to(getattr(torch, dt))
+            rates[dt] = 2 * 512 ** 3 / median(lambda: torch.mm(a, b))
         src = torch.randn(16 * 1024 * 1024)
         dst = torch.empty_like(src)
-        mm = median(lambda: torch.mm(a, b))
         cp = median(lambda: dst.copy_(src))
     finally:
         torch.set_num_threads(before)
     return {"device": "cpu", "copy_bytes_per_s": 2 * src.numel() * 4 / cp,
-            "matmul_flops_per_s": {"float32": 2 * 512 ** 3 / mm}, "threads": threads, "cores": os.cpu_count(),
+            "matmul_flops_per_s": rates, "threads": threads, "cores": os.cpu_count(),
             "source": f"measured now at {threads} thread(s) ({time.strftime('%H:%M:%S')} UTC)"}
+
+
+def with_overheads(profile: dict) -> dict:
+    """The fixed per-op and per-collective costs this machine's profiles lack."""
+    cpu = str(profile.get("device", "cpu")).startswith("cpu")
+    return {"op_overhead_s": CPU_OP_OVERHEAD_S if cpu else 5e-6,
+            "collective_overhead_s": CPU_COLLECTIVE_OVERHEAD_S if cpu else 10e-6, **profile}
 
 
 def share(profile: dict, ranks_here: int) -> dict:
@@ -131,10 +140,7 @@ def device_profile(name: str = "cpu", measure: bool = False) -> dict:
     if name in DEVICES:
         return dict(DEVICES[name])
     if name == "cpu-now":
-        prof = quick_cpu_profile()
-        prof.setdefault("op_overhead_s", CPU_OP_OVERHEAD_S)
-        prof.setdefault("collective_overhead_s", CPU_COLLECTIVE_OVERHEAD_S)
-        return prof
+        return with_overheads(quick_cpu_profile())
     if name.startswith("cpu") or name.startswith("cuda"):
         prof = cached_cpu_profile() if name.startswith("cpu") else None
         if prof is None and (measure or name.startswith("cuda")):
@@ -142,9 +148,7 @@ def device_profile(name: str = "cpu", measure: bool = False) -> dict:
             prof = get_profile(name)
         prof = dict(prof or NOMINAL_CPU)
         prof.setdefault("source", f"measured on this machine ({prof.get('measured_at', '?')})")
-        prof.setdefault("op_overhead_s", CPU_OP_OVERHEAD_S if name.startswith("cpu") else 5e-6)
-        prof.setdefault("collective_overhead_s", CPU_COLLECTIVE_OVERHEAD_S if name.startswith("cpu") else 10e-6)
-        return prof
+        return with_overheads(dict(prof, device=prof.get("device", name)))
     raise ValueError(f"unknown device {name!r} (known: cpu, {', '.join(sorted(DEVICES))})")
 
 
@@ -170,24 +174,63 @@ def collective_bytes(node: torch.fx.Node, kind: str) -> int:
     return max(ins, out) if kind in ("all_gather", "reduce_scatter") else ins or out
 
 
-def collective_time(kind: str, nbytes: int, world: int, link: Link, overhead_s: float = 0.0) -> float:
-    """Bandwidth-optimal schedules over W ranks:
-    ring all_reduce     2(W-1)/W * bytes/bw + 2(W-1) * latency
-    all_gather, reduce_scatter (W-1)/W * bytes/bw + (W-1) * latency  (bytes: the full buffer)
-    all_to_all          (W-1)/W * bytes/bw + (W-1) * latency  (pairwise exchange)
-    broadcast           bytes/bw + ceil(log2 W) * latency   (pipelined tree)"""
+def collective_parts(kind: str, nbytes: int, world: int, link: Link) -> tuple[float, float]:
+    """(latency seconds, seconds on the rank's uplink) of one collective over W
+    ranks, as gloo runs them (measured through the delay line, see the README):
+    ring all_reduce     2(W-1) latencies, 2(W-1)/W * bytes on the wire
+    all_gather, reduce_scatter (ring) (W-1) latencies, (W-1)/W * bytes (bytes: the full buffer)
+    all_to_all          2 latencies (a receive-ready notice, then the data; all peers at
+                        once), (W-1)/W * bytes
+    broadcast           ceil(log2 W) latencies, bytes (pipelined tree)"""
     if world <= 1:
-        return 0.0
+        return 0.0, 0.0
     w, bw, lat = world, link.bytes_per_s, link.latency_s
     if kind == "all_reduce":
-        t = 2 * (w - 1) / w * nbytes / bw + 2 * (w - 1) * lat
-    elif kind in ("all_gather", "reduce_scatter", "all_to_all"):
-        t = (w - 1) / w * nbytes / bw + (w - 1) * lat
-    elif kind == "broadcast":
-        t = nbytes / bw + math.ceil(math.log2(w)) * lat
-    else:
-        raise ValueError(f"no formula for collective {kind!r}")
-    return t + overhead_s
+        return 2 * (w - 1) * lat, 2 * (w - 1) / w * nbytes / bw
+    if kind in ("all_gather", "reduce_scatter"):
+        return (w - 1) * lat, (w - 1) / w * nbytes / bw
+    if kind == "all_to_all":
+        return 2 * lat, (w - 1) / w * nbytes / bw
+    if kind == "broadcast":
+        return math.ceil(math.log2(w)) * lat, nbytes / bw
+    raise ValueError(f"no formula for collective {kind!r}")
+
+
+def collective_time(kind: str, nbytes: int, world: int, link: Link, overhead_s: float = 0.0) -> float:
+    """The time of one collective alone on the link: its latencies, its wire
+    time and a fixed `overhead_s` (`collective_parts`)."""
+    if world <= 1:
+        return 0.0
+    lat, wire = collective_parts(kind, nbytes, world, link)
+    return lat + wire + overhead_s
+
+
+class CommStream:
+    """The collectives in flight on one rank, as the process group runs them:
+    `slots` worker threads (gloo's default: 2) each run one collective at a
+    time, in issue order; the wire time of the collectives in flight is
+    serialized on the rank's uplink; latency delays a collective (half before
+    its bytes move, half after) without occupying the link. So chunks in flight
+    pay one latency together, not one each."""
+
+    def __init__(self, est: "Estimator", slots: int = 2):
+        self.est, self.free = est, [0.0] * max(1, slots)
+        self.link_free = 0.0
+        self.last_end = 0.0
+
+    def issue(self, node, t: float) -> tuple[float, float]:
+        """(start, end) of collective `node` issued at time `t`."""
+        lat, wire = self.est.comm_parts(node)
+        slot = min(range(len(self.free)), key=self.free.__getitem__)
+        start = max(t, self.free[slot])
+        if lat == wire == 0.0:
+            return start, start
+        on_wire = max(start + lat / 2, self.link_free)
+        self.link_free = on_wire + wire
+        end = self.link_free + lat / 2
+        self.free[slot] = end
+        self.last_end = max(self.last_end, end)
+        return start, end
 
 
 def matmul_rate(profile: dict, dtype) -> float:
@@ -251,17 +294,23 @@ class Estimator:
     def compute(self, node) -> float:
         return compute_time(node, self.profile)
 
-    def comm(self, node) -> float:
+    def comm_parts(self, node) -> tuple[float, float]:
+        """(latency + fixed overhead, wire seconds) of a collective node; (0, 0) for others."""
         kind = collective_kind(node)
-        if kind in (None, "wait"):
-            return 0.0
-        return collective_time(kind, collective_bytes(node, kind), self.world, self.link,
-                               self.profile.get("collective_overhead_s", 0.0) if self.world > 1 else 0.0)
+        if kind in (None, "wait") or self.world <= 1:
+            return 0.0, 0.0
+        lat, wire = collective_parts(kind, collective_bytes(node, kind), self.world, self.link)
+        return lat + self.profile.get("collective_overhead_s", 0.0), wire
+
+    def comm(self, node) -> float:
+        """The collective's time alone on the link."""
+        return sum(self.comm_parts(node))
 
 
 def replay(nodes, est: Estimator) -> Simulation:
     """Run `nodes` (a program order) on the two streams."""
-    t = comm_free = 0.0
+    t = 0.0
+    stream = CommStream(est)
     done: dict[torch.fx.Node, float] = {}
     events: list[Event] = []
     for n in nodes:
@@ -272,11 +321,9 @@ def replay(nodes, est: Estimator) -> Simulation:
             t = max(t, end)
             continue
         if kind is not None:
-            start = max(t, comm_free)
-            dur = est.comm(n)
-            comm_free = done[n] = start + dur
-            if dur > 0:
-                events.append(Event(n.name, "comm", start, start + dur))
+            start, done[n] = stream.issue(n, t)
+            if done[n] > start:
+                events.append(Event(n.name, "comm", start, done[n]))
             t += est.profile.get("op_overhead_s", 0.0)
             continue
         dur = est.compute(n)
@@ -284,7 +331,7 @@ def replay(nodes, est: Estimator) -> Simulation:
             events.append(Event(n.name, "compute", t, t + dur))
         t += dur
     m = overlap_metrics(events)
-    end = max(t, comm_free)
+    end = max(t, stream.last_end)
     return Simulation(est.world, end, m["compute_s"] or 0.0, m["comm_s"] or 0.0, m["exposed_comm_s"] or 0.0, events)
 
 

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-BAD_ARGS, FAILED = 2, 1
+from .exits import BAD_ARGS, FAILED, INTERRUPTED, BadArguments, bad_args_errors  # noqa: F401 (shared)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,16 +82,6 @@ def main(argv=None) -> int:
         return FAILED
 
 
-class BadArguments(Exception):
-    pass
-
-
-def bad_args_errors():
-    from passlab.graphs import UnknownModelError
-    from passlab.passes import PipelineError, UnknownPassError
-    return (UnknownModelError, PipelineError, UnknownPassError)
-
-
 def cmd_list(args) -> int:
     from .table import render
     if args.what == "models":
@@ -118,7 +108,7 @@ def cmd_run(args) -> int:
     from .table import pass_table
     if args.world_size > 1:
         from . import distributed_run
-        return distributed_run.main(args)
+        return distributed_run.main(args, write_outputs)
     from .progress import Progress
     prog = Progress()
     say = prog.message

@@ -30,7 +30,7 @@ def rank_main(p: dict) -> dict:
     import torch.distributed as dist
     from passlab.graphs import capture, load
     from passlab.passes import PipelineFailed, parse
-    from passlab.runtime.distributed import stage
+    from passlab.runtime.distributed import applied_link, stage
 
     from . import record as records
     from .runner import context, make_manager
@@ -48,8 +48,16 @@ def rank_main(p: dict) -> dict:
     gm = capture(sample.module, sample.example_inputs)
     steps = parse(p["pipeline"])
     names = [str(s) for s in steps]
-    manager = make_manager(steps, sample, device, strict=p["strict"], tolerance=p["tolerance"],
-                           progress=lambda i, n, name: (stage(f"pass {name}"), say(f"[{i}/{n}] {name}")))
+    link_options(steps, applied_link() or "loopback", world)
+    disagreements: list[str] = []
+
+    def progress(i, n, name):
+        if disagreements:             # every rank saw the same gathered outcomes: all stop here
+            raise RanksDisagree(disagreements[0])
+        stage(f"pass {name}")
+        say(f"[{i}/{n}] {name}")
+    manager = make_manager(steps, sample, device, strict=p["strict"], tolerance=p["tolerance"], progress=progress)
+    agreeing(manager, disagreements)
     ctx = context(sample, device)
     ctx.world_size, ctx.rank = world, rank
     out = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "threads": torch.get_num_threads(),
@@ -86,6 +94,77 @@ def rank_main(p: dict) -> dict:
         out["step_keys"] = step_keys(result)
     stage("finished")
     return out
+
+
+# ---------------------------------------------------------------- ranks agree
+
+class RanksDisagree(RuntimeError):
+    """Two ranks hold different graphs after a pass: their collectives would not match."""
+
+
+def link_options(steps, link: str, world: int) -> None:
+    """The passes that estimate communication get the link exactly as the run
+    emulates it (and the world size), unless the pipeline gives their own."""
+    for s in steps:
+        for key, value in (("link", link), ("world", world)):
+            if key in s.pass_.options and key not in s.options:
+                s.options[key] = value
+
+
+def agree(what: str, error: str | None, fingerprint: str | None, disagreements: list) -> None:
+    """Every rank's outcome of `what`, exchanged; all ranks then act alike:
+    raise (the manager rolls the pass back everywhere) where any rank failed,
+    and record a disagreement (the pipeline stops everywhere) where the graphs differ."""
+    import torch.distributed as dist
+    outs = [None] * dist.get_world_size()
+    dist.all_gather_object(outs, (error, fingerprint))
+    failed = [(r, e) for r, (e, _) in enumerate(outs) if e is not None]
+    if failed:
+        r, e = failed[0]
+        raise RuntimeError(f"{what} failed on rank {r} (rolled back on every rank): {e}")
+    odd = [r for r, (_, fp) in enumerate(outs) if fp != outs[0][1]]
+    if odd:
+        msg = (f"ranks disagree after {what}: rank {odd[0]}'s graph differs from rank 0's "
+               f"(their collectives would not match)")
+        disagreements.append(msg)
+        raise RuntimeError(msg)
+
+
+def agreeing(manager, disagreements: list) -> None:
+    """Wrap every pass and the numerics check so that ranks agree on each outcome."""
+    import hashlib
+    from passlab.passes import CheckNumerics
+    from passlab.passes.api import Pass, as_result
+
+    class AgreedPass(Pass):
+        def __init__(self, inner):
+            self.inner, self.name, self.description, self.options = inner, inner.name, inner.description, inner.options
+
+        def run(self, gm, ctx):
+            res, error = None, None
+            try:
+                res = as_result(self.inner.run(gm, ctx), gm)
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+            code = hashlib.sha1(str(res.gm.graph).encode()).hexdigest() if res is not None else None
+            agree(f"pass {self.name}", error, code, disagreements)
+            return res
+
+    class AgreedNumerics(CheckNumerics):
+        def __init__(self, inner):
+            self.__dict__.update(inner.__dict__)
+
+        def after_pass(self, step, gm, ctx, record):
+            error = None
+            try:
+                super().after_pass(step, gm, ctx, record)
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+            agree(f"the numerics check of {step.name}", error, None, disagreements)
+
+    for step in manager.steps:
+        step.pass_ = AgreedPass(step.pass_)
+    manager.instruments = [AgreedNumerics(i) if isinstance(i, CheckNumerics) else i for i in manager.instruments]
 
 
 def distinct_graphs(result, device: str) -> dict:
@@ -249,7 +328,7 @@ def check_args(args, p: dict) -> None:
     from passlab.graphs import catalog, load
     from passlab.passes import parse
     from passlab.runtime.distributed import link
-    from .cli import BadArguments, bad_args_errors
+    from .exits import BadArguments, bad_args_errors
     try:
         parse(p["pipeline"])
         name = args.model
@@ -280,9 +359,14 @@ def link_config(args, dtype: str, threads: int):
     return link.resolve(args.link)
 
 
-def main(args) -> int:
+def main(args, write_outputs=None) -> int:
+    """`write_outputs(args, record, run)`: the CLI's writer of --json/--csv/--report
+    (given by the CLI, which this module does not import); None: --json only."""
     from passlab.runtime.distributed import DistributedRunFailed, default_backend, run_here, spawn
-    from .cli import FAILED, write_outputs
+    from . import record as records
+    from .exits import FAILED
+    if write_outputs is None:
+        write_outputs = lambda a, rec, run: records.write_json(rec, a.json) if a.json else None
     say = lambda msg: print(f"passlab: {msg}", file=sys.stderr, flush=True)
     p = payload_of(args)
     check_args(args, p)
@@ -301,8 +385,6 @@ def main(args) -> int:
         else:
             threads = max(1, (os.cpu_count() or 1) // args.world_size)
             cfg = link_config(args, args.dtype, threads)
-            if cfg is not None:        # the overlap passes schedule for the link the ranks will have
-                os.environ.setdefault("PASSLAB_LINK", f"rate={cfg.rate_bytes_per_s:.6g}B;latency={cfg.latency_s:.6g}s")
             say(f"launching {args.world_size} ranks ({backend}, {threads} thread(s) each)"
                 + (f", link {cfg.name}: {cfg.rate_bytes_per_s / 1e6:.3g} MB/s per rank, "
                    f"{cfg.latency_s * 1e6:.3g} us" if cfg else ", plain loopback"))
@@ -313,17 +395,18 @@ def main(args) -> int:
             info = {"launcher": "spawn", "backend": backend, "seconds": launched.seconds, "link": launched.link}
             if not launched.link.get("emulated"):
                 say(f"link NOT emulated: {launched.link.get('reason')}")
+            elif not launched.link.get("latency_emulated"):
+                say(f"latency NOT emulated ({launched.link.get('latency_reason')}): the passes modelled zero")
     except DistributedRunFailed as e:
         print(f"passlab: error: {e}", file=sys.stderr)
         if args.json:
-            from . import record as records
             records.write_json({"schema": 1, "model": args.model, "preset": args.preset, "status": "failed",
                                 "error": str(e), "world_size": args.world_size, "link": e.link,
                                 "failures": [vars(f) for f in e.failures]}, args.json)
         return FAILED
     rec = assemble(results, info, p)
     print(summary(rec))
-    write_outputs(args, rec, None)
+    unwritten = write_outputs(args, rec, None)
     if args.timeline and rec.get("timeline"):
         from passlab.runtime.distributed import write_chrome_trace
         write_chrome_trace(args.timeline, rec["timeline"])
@@ -332,7 +415,7 @@ def main(args) -> int:
     if failed:
         print(f"passlab: error: {failed[0]['failed']} (--strict)", file=sys.stderr)
         return FAILED
-    return 0
+    return FAILED if unwritten else 0
 
 
 def summary(rec: dict) -> str:
@@ -340,10 +423,14 @@ def summary(rec: dict) -> str:
     lines = [pass_table(rec), ""]
     link = rec.get("link", {})
     if link.get("emulated"):
-        lines.append(f"link {link['name']}: {link['rate_bytes_per_s'] / 1e6:.3g} MB/s per rank "
-                     f"(tc {link['qdisc']} in netns {link['namespace']}); latency "
-                     + (f"{link['latency_s'] * 1e6:.3g} us" if link.get("latency_emulated")
-                        else f"not emulated ({link.get('latency_reason', 'zero')})"))
+        probe = link.get("probe") or {}
+        measured = probe.get("measured_one_way_s")
+        lines.append(f"link {link['name']}: {link['rate_bytes_per_s'] / 1e6:.3g} MB/s per rank ({link['method']}); "
+                     "one-way latency " + (f"{link['latency_s'] * 1e6:.4g} us configured, "
+                                           + (f"{measured * 1e6:.4g} us measured" if measured is not None
+                                              else "not measured") if link.get("latency_emulated")
+                                           else f"not emulated ({link.get('latency_reason', 'zero')})")
+                     + f"; the passes estimated with {link.get('applied')}")
     else:
         lines.append(f"link: not emulated ({link.get('reason')})")
     rows = []

@@ -77,10 +77,7 @@ def predict(model: str, *, preset: str = "tiny", world: int = 8, link: str = "ib
             dist.destroy_process_group()
     profile = simulator.device_profile(device, measure=True) if isinstance(device, str) else dict(device)
     if profile.get("device", "").startswith("cpu"):
-        profile = simulator.share(profile, ranks_per_host)
-        from passlab.runtime.simulator import CPU_COLLECTIVE_OVERHEAD_S, CPU_OP_OVERHEAD_S
-        profile.setdefault("op_overhead_s", CPU_OP_OVERHEAD_S)
-        profile.setdefault("collective_overhead_s", CPU_COLLECTIVE_OVERHEAD_S)
+        profile = simulator.share(simulator.with_overheads(profile), ranks_per_host)
     est = simulator.Estimator(profile, simulator.get_link(link), world)
     options = {"link": link, "device": device if isinstance(device, str) else "cpu", "world": world}
     from passlab.passes import parse
@@ -203,7 +200,7 @@ def bench_table(b: dict) -> str:
 
 
 def command(args) -> int:
-    from .cli import BadArguments, bad_args_errors
+    from .exits import BadArguments, bad_args_errors
     if args.bench:
         from passlab.passes.pipeline import split_items
         b = bench(args.model, args.preset, args.world_size, args.link, reps=args.reps,

@@ -101,6 +101,8 @@ def spawn(target: str, payload, world_size: int, *, timeout: float = 300.0, link
                        PASSLAB_DIST_BACKEND=backend, PASSLAB_DIST_TIMEOUT=str(timeout),
                        PASSLAB_THREADS=str(threads), OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                        PASSLAB_PARENT_PID=str(os.getpid()))
+            applied = ns.applied()
+            env["PASSLAB_DIST_LINK"] = applied.spec() if applied else ""
             if ns.info.get("latency_emulated") and world_size > 1:
                 env["PASSLAB_PROBE_LATENCY"] = repr(ns.link.latency_s)
             for r in range(world_size):
@@ -117,7 +119,6 @@ def spawn(target: str, payload, world_size: int, *, timeout: float = 300.0, link
             if read(work, "probe.pkl.done"):
                 with open(os.path.join(work, "probe.pkl"), "rb") as f:
                     probe = pickle.load(f)
-            applied = ns.applied()
             info = dict(ns.info, applied=applied.spec() if applied else None, removed_stale=ns.removed_stale)
             if probe:
                 info["probe"] = probe
@@ -231,6 +232,12 @@ def indent(text: str) -> str:
 
 
 # ---------------------------------------------------------------- inside a rank
+
+def applied_link() -> str | None:
+    """Inside a spawned rank: the link as the run emulates it ('rate=..;latency=..',
+    latency 0 where none is applied), or None where nothing is emulated."""
+    return os.environ.get("PASSLAB_DIST_LINK") or None
+
 
 def stage(text: str) -> None:
     """Note what this rank is doing, so a timeout can say where it hung."""
