@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench sysdeps clean
+.PHONY: demo test test-all bench gpu-check sysdeps clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -35,6 +35,16 @@ test-all: $(STAMP) sysdeps
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m passlab.tools.bench --write-readme
+
+# On a CUDA machine with torch and triton preinstalled and no network: the image's python3,
+# an editable install that fetches nothing (where pip cannot build it, `passlab` is put on
+# PYTHONPATH through a link), then the GPU check (within 8 minutes on an H200).
+GPU_PY ?= python3
+GPU_OUT ?= out/gpu-check
+gpu-check:
+	$(GPU_PY) -m pip install -q --no-deps --no-build-isolation --no-index -e . || \
+	  { mkdir -p /tmp/passlab-path && ln -sfn "$$PWD" /tmp/passlab-path/passlab; }
+	PYTHONPATH=/tmp/passlab-path:$$PYTHONPATH $(GPU_PY) -m passlab.tools.gpu_check --out $(GPU_OUT) $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) out .passlab-cache

@@ -142,10 +142,10 @@ def test_cuda_timing_and_energy_counter():
     assert j is not None and j > 0
 
 
-def test_gpu_check_dry_run(tmp_path, monkeypatch):
+def test_gpu_check_dry_run(tmp_path):
     """The GPU check's rehearsal: same parts and code paths, on CPU, Triton printer interpreted."""
     out = tmp_path / "out"
-    env = dict(os.environ, PASSLAB_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ)          # the session's private cache (conftest), with its fixed CPU profile
     env.pop("PASSLAB_DTYPE", None)
     proc = subprocess.run([sys.executable, "-m", "passlab.tools.gpu_check", "--cpu-dry-run", "--out", str(out),
                            "--parts", "bench,kernels", "--models", "mlp,no_such_model", "--no-compile-peer"],
