@@ -38,6 +38,14 @@ class PipelineFailed(RuntimeError):
         self.records = records
 
 
+class PipelineInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a pipeline; `records` holds (baseline, the steps done so far)."""
+
+    def __init__(self, records):
+        super().__init__()
+        self.records = records
+
+
 @dataclass
 class StepRecord:
     name: str
@@ -165,9 +173,12 @@ class PassManager:
                 baseline.numerics_ok = baseline.max_error <= inst.tolerance
         records: list[StepRecord] = []
         for i, step in enumerate(self.steps):
-            if self.progress:
-                self.progress(i, len(self.steps), step.name)
-            gm, rec = self.run_one(step, gm, ctx, records[-1] if records else baseline)
+            try:
+                if self.progress:
+                    self.progress(i, len(self.steps), step.name)
+                gm, rec = self.run_one(step, gm, ctx, records[-1] if records else baseline)
+            except KeyboardInterrupt:
+                raise PipelineInterrupted((baseline, records)) from None
             records.append(rec)
             if rec.status != "ok" and self.strict:
                 rec.status = "failed"

@@ -125,7 +125,16 @@ def parse_items(text: str | list | None) -> list[tuple[str, list[Step]]]:
 
 
 def available_default() -> str:
-    """The default pipeline, less the passes not registered in this build."""
-    from .registry import list_passes
+    """The default pipeline, less the passes not registered in this build
+    (`missing_default` says which and why)."""
+    missing = missing_default()
+    return ",".join(n for n in split_items(DEFAULT_PIPELINE) if n not in missing)
+
+
+def missing_default() -> dict[str, str]:
+    """Default passes not registered in this build -> why (the import errors of
+    pass modules and plugins, see registry.LOAD_ERRORS)."""
+    from .registry import LOAD_ERRORS, list_passes
     known = list_passes()
-    return ",".join(n for n in split_items(DEFAULT_PIPELINE) if n in known)
+    why = "; ".join(f"{m}: {e}" for m, e in LOAD_ERRORS.items()) or "no pass module registers it"
+    return {n: why for n in split_items(DEFAULT_PIPELINE) if n not in known}

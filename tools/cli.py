@@ -1,13 +1,17 @@
 """`passlab` command line: list, show, run, new-pass.
 
 Exit codes: 0 done (also when a pass was rolled back, unless --strict);
-1 the run failed; 2 bad arguments (unknown model or pass, bad option).
+1 the run failed (or an output could not be written); 2 bad arguments
+(unknown model, pass or device, bad option, an output path that cannot be
+written: all found before anything is measured); 130 interrupted (Ctrl-C),
+after writing what was measured so far.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 
 from .exits import BAD_ARGS, FAILED, INTERRUPTED, BadArguments, bad_args_errors  # noqa: F401 (shared)
 
@@ -69,17 +73,17 @@ EXTRA_COMMANDS = []  # other tools modules add subcommands here: fn(subparsers)
 
 
 def main(argv=None) -> int:
-    load_extra_commands()
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        load_extra_commands()
+        parser = build_parser()
+        args = parser.parse_args(argv)
         return COMMANDS[args.cmd](args)
     except BadArguments as e:
         print(f"passlab: error: {e}", file=sys.stderr)
         return BAD_ARGS
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:   # a command with something measured writes it first (cmd_run)
         print("passlab: interrupted", file=sys.stderr)
-        return FAILED
+        return INTERRUPTED
 
 
 def cmd_list(args) -> int:
@@ -94,8 +98,53 @@ def cmd_list(args) -> int:
     return 0
 
 
+def check_device(device: str, present: bool = True) -> None:
+    """--device: cpu, or cuda[:N] (`present`: where a CUDA device exists)."""
+    import torch
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise BadArguments(f"unknown --device {device!r}: use cpu or cuda (cuda:N for one GPU)")
+    if present and kind == "cuda" and not torch.cuda.is_available():
+        raise BadArguments(f"--device {device} asked for, but no CUDA device is available here; use --device cpu")
+
+
+def unwritable(path: str, folder: bool = False) -> str | None:
+    """Why `path` (a file, or with `folder` a directory to write into) cannot
+    be written, found by creating its folder and a scratch file there."""
+    where = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    if not folder and os.path.isdir(path):
+        return "it is a directory"
+    up = where
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):
+        return f"{up} is a file, not a folder"
+    try:
+        os.makedirs(where, exist_ok=True)
+        fd, scratch = tempfile.mkstemp(dir=where, prefix=".passlab-check-")
+        os.close(fd)
+        os.unlink(scratch)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def check_outputs(args) -> None:
+    """Every asked-for output path is writable, before anything is measured."""
+    for flag, path, folder in (("--json", args.json, False), ("--csv", args.csv, False),
+                               ("--report", args.report, True), ("--timeline", getattr(args, "timeline", None),
+                                                                 False)):
+        why = path and unwritable(path, folder)
+        if why:
+            raise BadArguments(f"cannot write {flag} {path}: {why}")
+
+
 def cmd_show(args) -> int:
     from . import show
+    check_device(args.device, present=False)
     try:
         return show.main(args)
     except bad_args_errors() as e:
@@ -103,13 +152,19 @@ def cmd_show(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import record as records
-    from .runner import RunFailed, run
+    from .runner import RunFailed, RunInterrupted, run
     from .table import pass_table
+    check_device(args.device)
+    check_outputs(args)
     if args.world_size > 1:
         from . import distributed_run
         return distributed_run.main(args, write_outputs)
+    from passlab.passes.pipeline import missing_default
     from .progress import Progress
+    missing = missing_default() if args.pipeline is None else {}
+    if missing:
+        print(f"passlab: warning: the default pipeline runs without {', '.join(missing)}: "
+              f"{next(iter(missing.values()))}", file=sys.stderr)
     prog = Progress()
     say = prog.message
     budget = args.budget if args.budget is not None else (1.0 if args.preset == "tiny" else 3.0)
@@ -119,37 +174,50 @@ def cmd_run(args) -> int:
                 ablate=args.ablate, shapley=args.shapley, peers=args.peers, progress=say, bar=prog.bar)
     except bad_args_errors() as e:
         raise BadArguments(e) from e
-    except RunFailed as e:
+    except (RunFailed, RunInterrupted) as e:
+        if e.record is None:
+            raise
+        e.record.setdefault("missing_default_passes", missing)
         print(pass_table(e.record))
-        write_outputs(args, e.record, getattr(e, "run", None))
+        failed = write_outputs(args, e.record, e.run)
+        if isinstance(e, RunInterrupted):
+            print(f"passlab: interrupted {e.record['interrupted']}; the outputs hold what was measured",
+                  file=sys.stderr)
+            return INTERRUPTED
         print(f"passlab: error: {e} (--strict)", file=sys.stderr)
         return FAILED
     except Exception as e:
         print(f"passlab: error: {type(e).__name__}: {e}", file=sys.stderr)
         return FAILED
     print(pass_table(r.record))
-    write_outputs(args, r.record, r)
-    return 0
+    for node, what in (r.record.get("aten_fallbacks") or {}).items():
+        print(f"passlab: note: {node} runs the {what}", file=sys.stderr)
+    return FAILED if write_outputs(args, r.record, r) else 0
 
 
-def write_outputs(args, rec: dict, run) -> None:
+def write_outputs(args, rec: dict, run) -> list[str]:
+    """Write every asked-for output (each atomically); one that fails does not
+    stop the others. Returns the paths that could not be written."""
     from . import record as records
-    written = []
-    if args.json:
-        records.write_json(rec, args.json)
-        written.append(args.json)
-    if args.csv:
-        records.write_csv(rec, args.csv)
-        written.append(args.csv)
-    if args.report:
+
+    def report(path):
+        from . import report
+        return report.write(rec, run, path)
+
+    failed = []
+    for path, write in ((args.json, lambda p: records.write_json(rec, p)),
+                        (args.csv, lambda p: records.write_csv(rec, p)), (args.report, report)):
+        if not path:
+            continue
         try:
-            from . import report
-            path = report.write(rec, run, args.report)
-            written.append(path)
-        except Exception as e:  # the report must never lose the record
-            print(f"passlab: could not write the report: {type(e).__name__}: {e}", file=sys.stderr)
-    for w in written:
-        print(f"passlab: wrote {os.path.abspath(w)}", file=sys.stderr)
+            out = write(path) or path
+        except Exception as e:   # the others must still be written
+            print(f"passlab: error: could not write {os.path.abspath(path)}: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            failed.append(path)
+            continue
+        print(f"passlab: wrote {os.path.abspath(out)}", file=sys.stderr)
+    return failed
 
 
 def cmd_new_pass(args) -> int:

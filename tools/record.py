@@ -93,23 +93,28 @@ def clean(x):
 
 
 def write_json(record: dict, path: str) -> None:
+    """Atomically: a reader (or a Ctrl-C) never sees half a record."""
+    from passlab.runtime.codegen import atomic_write
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(clean(record), f, indent=1)
+    atomic_write(path, json.dumps(clean(record), indent=1))
 
 
 def write_csv(record: dict, path: str) -> None:
+    """Atomically, like write_json."""
     import csv
+    import io
+    from passlab.runtime.codegen import atomic_write
     cols = ["pass", "status", "changed", "throughput", "ci_low", "ci_high", "unit", "speedup_vs_prev",
             "cumulative_speedup", "launches", "bytes", "flops", "peak_memory_bytes", "max_error",
             "numerics_ok", "pass_seconds", "error"]
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(cols)
+    b = record["baseline"]
+    w.writerow(["baseline", "ok", "", b.get("throughput"), b.get("ci_low"), b.get("ci_high"), b.get("unit"),
+                "", 1.0, b.get("launches"), b.get("bytes"), b.get("flops"), b.get("peak_memory_bytes"),
+                b.get("max_error"), "", "", ""])
+    for s in record["steps"]:
+        w.writerow([clean(s.get(c)) for c in cols])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        b = record["baseline"]
-        w.writerow(["baseline", "ok", "", b.get("throughput"), b.get("ci_low"), b.get("ci_high"), b.get("unit"),
-                    "", 1.0, b.get("launches"), b.get("bytes"), b.get("flops"), b.get("peak_memory_bytes"),
-                    b.get("max_error"), "", "", ""])
-        for s in record["steps"]:
-            w.writerow([clean(s.get(c)) for c in cols])
+    atomic_write(path, f.getvalue())

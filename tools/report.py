@@ -18,7 +18,7 @@ import os
 import re
 
 from . import draw
-from .record import clean
+from .record import clean, write_json
 
 ASSETS = os.path.join(os.path.dirname(__file__), "report_assets")
 GRAPH_MAX_NODES = 160     # boxes per drawing before it collapses by module depth
@@ -582,8 +582,7 @@ def write(record: dict, run, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "index.html")
     text = page(record, run)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    with open(os.path.join(out_dir, "run.json"), "w") as f:
-        json.dump(clean(record), f, indent=1)
+    from passlab.runtime.codegen import atomic_write
+    atomic_write(path, text)
+    write_json(record, os.path.join(out_dir, "run.json"))
     return path

@@ -14,8 +14,8 @@ import torch
 from passlab.graphs import Sample, capture, load
 from passlab.passes import (CheckNumerics, PassContext, PassManager, PipelineFailed, PipelineResult,
                             TOLERANCE, parse)
-from passlab.passes.pipeline import available_default
-from passlab.passes.manager import Snapshot, Statistics, VerifyGraph
+from passlab.passes.pipeline import available_default, missing_default
+from passlab.passes.manager import PipelineInterrupted, Snapshot, Statistics, VerifyGraph
 
 from . import record as records
 
@@ -24,6 +24,15 @@ class RunFailed(RuntimeError):
     def __init__(self, msg, record, run=None):
         super().__init__(msg)
         self.record, self.run = record, run   # run: the snapshots so far, for the report
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: `record` holds what was measured before it (None
+    when no pass had run yet), `run` the snapshots so far."""
+
+    def __init__(self, record=None, run=None):
+        super().__init__()
+        self.record, self.run = record, run
 
 
 @dataclass
@@ -56,6 +65,7 @@ def run(model: str | Sample, *, preset: str = "tiny", pipeline=None, device: str
     say = progress or (lambda msg: None)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but no CUDA device is available here; use --device cpu")
+    missing = missing_default() if pipeline is None else {}
     if pipeline is None:
         pipeline = available_default()
     steps = parse(pipeline)
@@ -67,21 +77,34 @@ def run(model: str | Sample, *, preset: str = "tiny", pipeline=None, device: str
     names = [str(s) for s in steps]
     try:
         result = manager.run(gm, context(sample, device))
-    except PipelineFailed as e:
+    except (PipelineFailed, PipelineInterrupted) as e:
         baseline, recs = e.records
         rec = records.build(model=sample.name, preset=sample.preset, device=device, pipeline=names,
                             baseline=baseline, steps=recs)
         last = recs[-1].snapshot if recs and recs[-1].snapshot is not None else baseline.snapshot
-        raise RunFailed(str(e), rec, Run(rec, PipelineResult(last, baseline, recs), sample, last)) from e
+        partial = Run(rec, PipelineResult(last, baseline, recs), sample, last)
+        if isinstance(e, PipelineInterrupted):
+            rec["interrupted"] = f"during the pipeline, after {len(recs)} of {len(steps)} passes"
+            raise RunInterrupted(rec, partial) from None
+        raise RunFailed(str(e), rec, partial) from e
     measured, extra = {}, {}
     if measure or ablate or shapley or peers:
         from . import attribution
-        measured, extra = attribution.measure_run(sample, result, steps, device=device, budget_s=budget_s,
-                                                  ablate=ablate, shapley=shapley, peers=peers, say=say,
-                                                  pipeline=pipeline, bar=bar)
+        try:
+            measured, extra = attribution.measure_run(sample, result, steps, device=device, budget_s=budget_s,
+                                                      ablate=ablate, shapley=shapley, peers=peers, say=say,
+                                                      pipeline=pipeline, bar=bar)
+        except KeyboardInterrupt:
+            rec = records.build(model=sample.name, preset=sample.preset, device=device, pipeline=names,
+                                baseline=result.baseline, steps=result.steps)
+            rec["interrupted"] = "during measurement: every pass ran, no timings"
+            raise RunInterrupted(rec, Run(rec, result, sample, result.gm)) from None
     rec = records.build(model=sample.name, preset=sample.preset, device=device, pipeline=names,
                         baseline=result.baseline, steps=result.steps, measured=measured, extra=extra)
     rec["pipeline_text"] = pipeline
     rec["dtype"] = str(sample.dtype).replace("torch.", "")
     rec["description"] = sample.description
+    rec["missing_default_passes"] = missing          # default passes whose module failed to import
+    rec["aten_fallbacks"] = {n.name: n.target.fallback(n) for n in result.gm.graph.nodes   # what runs ATen instead
+                             if n.op == "call_function" and hasattr(n.target, "fallback") and n.target.fallback(n)}
     return Run(rec, result, sample, result.gm)

@@ -147,8 +147,11 @@ class GemmEpilogue:
 
     Runs the Triton kernel on CUDA tensors and the ATen reference elsewhere
     (fake tensors, CPU), so a graph made for CUDA still runs and propagates
-    metadata anywhere. Not a `FusedKernel`: the pointwise code generators do
-    not print it; it carries its own template."""
+    metadata anywhere. That fallback is not hidden: off CUDA its cost counts
+    the reference's ATen launches (GEMM, activation, residual add), and
+    `fallback(node)` says what runs instead (the run record lists it). Not a
+    `FusedKernel`: the pointwise code generators do not print it; it carries
+    its own template."""
 
     is_gemm_template = True
 
@@ -171,11 +174,22 @@ class GemmEpilogue:
         """The Triton template (every epilogue is a constexpr branch of one kernel)."""
         return f"# {self.name}: act={self.act} bias={self.has_bias} residual={self.has_residual}\n" + template_source()
 
+    def fallback(self, node) -> str | None:
+        """What runs instead of the Triton kernel where the node's tensors are
+        not on CUDA (None: the kernel runs)."""
+        dev = node.args[0].meta["val"].device.type
+        if dev == "cuda":
+            return None
+        ops = ["addmm" if self.has_bias else "mm"] + ([self.act] if self.act != "none" else []) + \
+            (["add"] if self.has_residual else [])
+        return f"ATen reference on {dev} ({', '.join(ops)}: {len(ops)} launches), not the Triton kernel"
+
     def cost(self, node):
         from passlab.runtime.costmodel import Cost, nbytes
         a, b = (x.meta["val"] for x in node.args[:2])
         moved = nbytes(node.meta.get("val")) + sum(nbytes(x.meta.get("val")) for x in node.all_input_nodes)
-        return Cost(2 * a.shape[0] * a.shape[1] * b.shape[1], moved, 1)
+        launches = 1 if self.fallback(node) is None else 1 + (self.act != "none") + self.has_residual
+        return Cost(2 * a.shape[0] * a.shape[1] * b.shape[1], moved, launches)
 
     def describe(self) -> str:
         return f"== {self.name}: Triton GEMM template, epilogue {' -> '.join(self.ops[1:]) or 'none'}"
