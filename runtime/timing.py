@@ -2,10 +2,16 @@
 
 CPU: `perf_counter_ns` around each call, a fixed, reported thread count.
 GPU: CUDA events around each call, an L2 flush between repetitions, optional
-CUDA-graph capture. Several callables are timed *interleaved*, round-robin, so
-that machine noise (a shared 2-core VM) hits them alike and their ratios stay
-honest. Repetitions go on until every CI is within `target_ci` of its median
-or the time budget runs out.
+CUDA-graph capture. Several callables are timed *interleaved* in paired
+rounds: every round times every contender (a ~50 ms chunk each, the order
+rotated from round to round), and no contender leaves the rotation before all
+are done, so machine noise (a shared 2-core VM) hits them alike and any two of
+them can be compared round by round. Rounds go on until every median's 95% CI
+is within `target_ci` (or each contender's time budget is spent).
+
+`speedup(new, ref)` is the ratio of medians with a 95% CI from a paired
+bootstrap over rounds: a resampled round brings both contenders' samples of
+that round, so what the two shared (a noisy second) stays shared.
 """
 from __future__ import annotations
 
@@ -17,9 +23,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 Z95 = 1.96
+BOOTSTRAP = 400
 
 
 @dataclass
@@ -31,6 +39,7 @@ class Timing:
     method: str
     threads: int
     samples_s: list[float] = field(default_factory=list, repr=False)
+    rounds: list[int] = field(default_factory=list, repr=False)   # the round of each sample
 
     @property
     def ci_rel(self) -> float:
@@ -39,6 +48,7 @@ class Timing:
     def as_dict(self) -> dict:
         d = asdict(self)
         d.pop("samples_s")
+        d.pop("rounds")
         return d
 
 
@@ -101,20 +111,25 @@ def measure_many(fns: dict[str, Callable], input_sets: list[tuple], *, device: s
                  budget_s: float = 2.0, target_ci: float = 0.02, min_reps: int = 7,
                  max_reps: int = 10000, warmup: int = 2,
                  progress: Callable[[str], None] | None = None) -> dict[str, Timing]:
-    """Time every callable on rotating input sets, interleaved, until each
-    median's 95% CI is within `target_ci` or `budget_s` per callable is spent."""
+    """Time every callable on rotating input sets in paired rounds until each is
+    done: its median's 95% CI within `target_ci`, or `budget_s` of its own time
+    spent, or `max_reps` samples. A done contender stays in the rotation until
+    all are done, so every round holds samples of every contender."""
     clock = CudaClock() if device.startswith("cuda") else CpuClock()
     threads = torch.get_num_threads()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    rounds: dict[str, list[int]] = {k: [] for k in names}
     with torch.no_grad():
         for k, fn in fns.items():
             for i in range(warmup):
                 fn(*input_sets[i % len(input_sets)])
-        spent = {k: 0.0 for k in fns}
-        active = set(fns)
+        spent = {k: 0.0 for k in names}
+        done: set[str] = set()
         rnd = 0
-        while active:
-            for k in list(active):
+        while len(done) < len(names):
+            shift = rnd % len(names)
+            for k in names[shift:] + names[:shift]:
                 fn = fns[k]
                 # a chunk of ~50 ms per callable per round keeps the rounds fine-grained
                 one = samples[k][-1] if samples[k] else 0.0
@@ -122,20 +137,50 @@ def measure_many(fns: dict[str, Callable], input_sets: list[tuple], *, device: s
                 for r in range(reps):
                     t = clock.time(fn, input_sets[(rnd + r) % len(input_sets)])
                     samples[k].append(t)
+                    rounds[k].append(rnd)
                     spent[k] += t
                 n = len(samples[k])
-                if n >= min_reps:
+                if k not in done and n >= min_reps:
                     med, lo, hi = median_ci(samples[k])
                     if (hi - lo) / 2 <= target_ci * med or spent[k] >= budget_s or n >= max_reps:
-                        active.discard(k)
+                        done.add(k)
             rnd += 1
             if progress:
-                progress(f"timing: {len(fns) - len(active)}/{len(fns)} done")
+                progress(f"timing: {len(done)}/{len(names)} done")
     out = {}
     for k, xs in samples.items():
         med, lo, hi = median_ci(xs)
-        out[k] = Timing(med, lo, hi, len(xs), clock.method, threads, xs)
+        out[k] = Timing(med, lo, hi, len(xs), clock.method, threads, xs, rounds[k])
     return out
+
+
+def speedup(new: Timing, ref: Timing, *, reps: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float, float]:
+    """ref's median time over new's (> 1: `new` is faster) and its 95% CI.
+
+    The CI is a paired bootstrap over the rounds both were timed in: each
+    resample draws rounds with replacement and takes both contenders' samples
+    of those rounds. Without round labels (timings from separate runs) the
+    samples are resampled independently."""
+    point = ref.median_s / new.median_s
+    a, b = np.asarray(new.samples_s), np.asarray(ref.samples_s)
+    if len(a) < 2 or len(b) < 2:
+        return point, point, point
+    rng = np.random.default_rng(seed)
+    common = sorted(set(new.rounds) & set(ref.rounds)) if new.rounds and ref.rounds else []
+    ratios = np.empty(reps)
+    if len(common) >= 3:
+        ra, rb = np.asarray(new.rounds), np.asarray(ref.rounds)
+        by_a = [a[ra == r] for r in common]
+        by_b = [b[rb == r] for r in common]
+        for i in range(reps):
+            pick = rng.integers(0, len(common), len(common))
+            ratios[i] = np.median(np.concatenate([by_b[j] for j in pick])) / \
+                np.median(np.concatenate([by_a[j] for j in pick]))
+    else:
+        for i in range(reps):
+            ratios[i] = np.median(rng.choice(b, len(b))) / np.median(rng.choice(a, len(a)))
+    lo, hi = np.quantile(ratios, [0.025, 0.975])
+    return point, float(min(lo, point)), float(max(hi, point))
 
 
 def measure(fn: Callable, input_sets: list[tuple], **kw) -> Timing:

@@ -7,13 +7,15 @@ import sys
 import pytest
 import torch
 
-from passlab.runtime.timing import measure_many, median_ci
-from passlab.tools.attribution import shapley_values
+from passlab.passes import register_pass, unregister_pass
+from passlab.runtime.timing import Timing, measure_many, median_ci, speedup
+from passlab.tools.attribution import FREEZING, shapley_values
 from passlab.tools.runner import run
 
 STEP_FIELDS = {"pass", "changed", "status", "error", "throughput", "ci_low", "ci_high", "unit", "speedup_vs_prev",
                "cumulative_speedup", "launches", "bytes", "flops", "peak_memory_bytes", "max_error", "numerics_ok",
-               "pass_seconds", "stats", "overlap_efficiency", "energy_j_per_unit"}
+               "pass_seconds", "stats", "overlap_efficiency", "energy_j_per_unit", "speedup_vs_eager",
+               "speedup_vs_eager_ci", "speedup_vs_prev_ci"}
 
 
 def has_measurement(d) -> bool:
@@ -62,6 +64,86 @@ def test_interleaved_timing_orders_a_slow_and_a_fast_function():
     t = measure_many(fns, [(a,)], budget_s=0.2, min_reps=5)
     assert t["slow"].median_s > t["fast"].median_s
     assert all(tm.n >= 5 and tm.ci_low_s <= tm.median_s <= tm.ci_high_s for tm in t.values())
+
+
+def test_every_contender_stays_in_the_rotation_until_all_are_done():
+    a = torch.randn(128, 128)
+    calls = {"steady": 0}
+
+    def steady(x):          # converges at once: identical work every call
+        calls["steady"] += 1
+        return x + 1
+
+    slow = lambda x: x @ x @ x
+    t = measure_many({"steady": steady, "slow": slow}, [(a,)], budget_s=0.2, min_reps=5, target_ci=1e-9)
+    # the slow one never meets a 1e-9 CI: it runs out its budget, and the steady one is timed in every round
+    assert set(t["steady"].rounds) == set(t["slow"].rounds) and len(set(t["slow"].rounds)) >= 2
+    assert len(t["steady"].rounds) == t["steady"].n
+
+
+def test_speedup_is_the_ratio_of_medians_with_a_paired_ci():
+    rounds = [r for r in range(40) for _ in range(3)]
+    noise = [1.0 + 0.3 * ((r * 7) % 5) for r in rounds]        # a round-wide disturbance hits both alike
+    ref = Timing(0, 0, 0, len(rounds), "t", 1, [2e-3 * k for k in noise], rounds)
+    new = Timing(0, 0, 0, len(rounds), "t", 1, [1e-3 * k for k in noise], rounds)
+    for tm in (ref, new):
+        tm.median_s, tm.ci_low_s, tm.ci_high_s = median_ci(tm.samples_s)
+    point, lo, hi = speedup(new, ref)
+    assert point == pytest.approx(2.0) and lo <= point <= hi
+    assert hi - lo < 0.3                       # paired: the shared noise does not widen the ratio's CI much
+    unpaired = speedup(Timing(new.median_s, 0, 0, new.n, "t", 1, new.samples_s),
+                       Timing(ref.median_s, 0, 0, ref.n, "t", 1, ref.samples_s))
+    assert unpaired[0] == pytest.approx(2.0) and unpaired[1] <= 2.0 <= unpaired[2]
+
+
+def test_record_measures_eager_and_every_ratio_to_it_is_consistent():
+    r = run("mlp", pipeline="cse,dce", budget_s=0.05)
+    rec = r.record
+    eager = rec["eager"]
+    assert has_measurement(eager) and eager["speedup_vs_eager"] == 1.0
+    b = rec["baseline"]
+    for d in [b] + rec["steps"]:
+        assert d["speedup_vs_eager"] == pytest.approx(d["throughput"] / eager["throughput"])
+        lo, hi = d["speedup_vs_eager_ci"]
+        assert lo <= d["speedup_vs_eager"] <= hi
+    for prev, s in zip([b] + rec["steps"], rec["steps"]):
+        assert s["speedup_vs_prev"] == pytest.approx(s["throughput"] / prev["throughput"])
+        lo, hi = s["speedup_vs_prev_ci"]
+        assert lo <= s["speedup_vs_prev"] <= hi
+    assert rec["final_speedup_vs_eager"] == rec["steps"][-1]["speedup_vs_eager"]
+    assert rec["final_speedup_vs_eager_ci"] == rec["steps"][-1]["speedup_vs_eager_ci"]
+    assert rec["setup_seconds"] >= rec["capture_seconds"] > 0
+    from passlab.tools.table import pass_table
+    lines = pass_table(rec).splitlines()
+    assert lines[2].startswith("eager") and lines[3].startswith("capture") and "vs eager" in lines[0]
+
+
+def test_peers_are_eager_and_both_torch_compiles_with_compile_time():
+    r = run("mlp", pipeline="dce", budget_s=0.05, peers=True)
+    peers = r.record["peers"]
+    assert set(peers) == {"eager", "torch.compile", FREEZING}
+    assert "freezing" in peers[FREEZING]["settings"] and "no freezing" in peers["torch.compile"]["settings"]
+    for name in ("torch.compile", FREEZING):
+        p = peers[name]
+        assert p.get("error") is None, p
+        assert p["compile_s"] > 0 and has_measurement(p)
+        assert p["speedup_vs_eager"] == pytest.approx(p["throughput"] / r.record["eager"]["throughput"])
+    import torch._inductor.config as inductor_config
+    assert inductor_config.freezing is False        # the freezing peer's option did not leak
+
+
+def test_subsets_record_the_passes_rolled_back_inside_them():
+    @register_pass("t_attr_raises")
+    def raises(gm, ctx):
+        raise RuntimeError("broken on purpose")
+    try:
+        r = run("mlp", pipeline="dce,t_attr_raises", budget_s=0.02, ablate=True)
+    finally:
+        unregister_pass("t_attr_raises")
+    rb = r.record["subset_rollbacks"]
+    assert set(rb) == {"t_attr_raises", "dce+t_attr_raises"}
+    assert all(x == [{"pass": "t_attr_raises", "status": "rolled_back",
+                      "error": "RuntimeError: broken on purpose"}] for x in rb.values())
 
 
 def test_run_record_has_every_field_with_shapley_and_ablation():

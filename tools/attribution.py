@@ -1,9 +1,13 @@
 """Measurement and attribution: what each pass contributes.
 
-All graphs of a run — the captured baseline, the graph after each pass, the
-peers (eager, torch.compile) and, on request, the graphs of pass subsets for
-leave-one-out and Shapley — are timed *in one interleaved batch*, so their
-ratios are measured under the same machine conditions.
+All graphs of a run — PyTorch eager (always: it is the reference), the
+captured baseline, the graph after each pass, the peers (torch.compile default
+and with freezing) and, on request, the graphs of pass subsets for
+leave-one-out and Shapley — are timed *in one interleaved batch* (paired
+rounds), so their ratios are measured under the same machine conditions; each
+ratio to eager and to the previous step comes with its paired-bootstrap CI.
+Capture is a step of its own: the baseline's `speedup_vs_eager` is what
+capturing the model cost (or gained).
 
 Contribution is attributed in log-throughput: Shapley values over the
 pipeline's items (an alias such as `cleanup` is one item), exact for up to 8
@@ -19,6 +23,7 @@ import time
 from typing import Callable
 
 import torch
+import torch.utils._pytree as pytree
 
 from passlab.graphs import Sample
 from passlab.passes import CheckNumerics, PassContext, PassManager, TOLERANCE
@@ -53,12 +58,13 @@ def measure_run(sample: Sample, result, steps, *, device: str = "cpu", budget_s:
             graphs[prev] = rec.snapshot
         key_of_step[i] = prev
 
-    subsets = {}
+    subsets, subset_rollbacks = {}, {}
     players = None
     if ablate or shapley:
         players = [name for name, _ in parse_items(pipeline)] if pipeline is not None else [str(s) for s in steps]
         player_steps = [st for _, st in parse_items(pipeline)] if pipeline is not None else [[s] for s in steps]
-        subsets = subset_graphs(sample, result, player_steps, device, ablate=ablate, shapley=shapley, say=say)
+        subsets, subset_rollbacks = subset_graphs(sample, result, player_steps, device, ablate=ablate,
+                                                  shapley=shapley, say=say)
 
     fns, dedup = {}, {}
     for key, gm in list(graphs.items()) + [(f"subset{k}", g) for k, g in subsets.items()]:
@@ -70,6 +76,7 @@ def measure_run(sample: Sample, result, steps, *, device: str = "cpu", budget_s:
     alias = {key: dedup[signature(gm)] for key, gm in list(graphs.items()) +
              [(f"subset{k}", g) for k, g in subsets.items()]}
 
+    fns[EAGER] = sample.reference
     peer_info = {}
     if peers:
         peer_info, peer_fns = make_peers(sample, inputs[0], device, say)
@@ -83,12 +90,12 @@ def measure_run(sample: Sample, result, steps, *, device: str = "cpu", budget_s:
     base_bytes = costmodel.materialized_bytes(graphs["baseline"])
     energy = timing.EnergyMeter(device)
 
-    def numbers(key: str, gm=None) -> dict:
+    def numbers(key: str, gm=None, prev: str | None = None) -> dict:
         tm = t[alias.get(key, key)]
-        units = sample.units_per_forward
-        d = {"throughput": units / tm.median_s, "ci_low": units / tm.ci_high_s, "ci_high": units / tm.ci_low_s,
-             "unit": f"{sample.unit}/s", "median_s": tm.median_s, "n": tm.n, "threads": tm.threads,
-             "timing_method": tm.method}
+        d = throughput(tm, sample)
+        d["speedup_vs_eager"], *d["speedup_vs_eager_ci"] = timing.speedup(tm, t[EAGER])
+        if prev is not None:
+            d["speedup_vs_prev_ci"] = list(timing.speedup(tm, t[alias.get(prev, prev)])[1:])
         if gm is not None:
             bound = costmodel.roofline_bound_s(gm, profile, sample.dtype)
             d["bound_s"], d["percent_of_bound"] = bound, 100 * bound / tm.median_s
@@ -105,10 +112,11 @@ def measure_run(sample: Sample, result, steps, *, device: str = "cpu", budget_s:
             mem_cache[k] += (None if ej is None else ej / sample.units_per_forward,)
     measured["baseline"]["peak_memory_bytes"], measured["baseline"]["memory_method"], \
         measured["baseline"]["energy_j_per_unit"] = mem_cache["baseline"]
+    measured["eager"] = {**numbers(EAGER), "settings": EAGER_SETTINGS}
     for i in range(len(result.steps)):
         key = key_of_step[i]
         gm = graphs[key]
-        measured[i] = numbers(key, gm)
+        measured[i] = numbers(key, gm, prev=key_of_step.get(i - 1, "baseline"))
         measured[i]["peak_memory_bytes"], measured[i]["memory_method"], measured[i]["energy_j_per_unit"] = \
             mem_cache[alias[key]]
 
@@ -117,6 +125,8 @@ def measure_run(sample: Sample, result, steps, *, device: str = "cpu", budget_s:
         extra["peers"] = {name: ({**numbers(name), **info} if name in fns else info)
                           for name, info in peer_info.items()}
     if players:
+        extra["subset_rollbacks"] = {"+".join(players[i] for i in k) or "(none)": bad
+                                     for k, bad in subset_rollbacks.items() if bad}
         v = {k: math.log(numbers(f"subset{k}")["throughput"]) for k in subsets}
         n = len(players)
         full = tuple(range(n))
@@ -135,7 +145,8 @@ def measure_run(sample: Sample, result, steps, *, device: str = "cpu", budget_s:
 
 
 def subset_graphs(sample, result, player_steps, device, *, ablate, shapley, say):
-    """The graph after each needed subset of players (kept in pipeline order)."""
+    """The graph after each needed subset of players (kept in pipeline order),
+    and for each subset the passes rolled back or failed inside it."""
     n = len(player_steps)
     need: set[tuple] = {(), tuple(range(n))}
     if ablate:
@@ -148,15 +159,18 @@ def subset_graphs(sample, result, player_steps, device, *, ablate, shapley, say)
             need |= {c for p in permutations(n) for c in prefixes(p)}
             need |= {(i,) for i in range(n)}
     tol = TOLERANCE.get(sample.dtype, 1e-4)
-    check = CheckNumerics(sample.module, sample.make_inputs, device, tol)
-    ctx = PassContext(device=device, dtype=sample.dtype, example_inputs=sample.example_inputs, sample=sample)
-    out = {}
+    check = CheckNumerics(sample.reference, sample.make_inputs, device, tol)
+    ctx = PassContext(device=device, dtype=sample.dtype, example_inputs=sample.flat_inputs, sample=sample)
+    out, rolled_back = {}, {}
     for k, subset in enumerate(sorted(need, key=len)):
         steps = [s for i in subset for s in player_steps[i]]
         say(f"subset {k + 1}/{len(need)}: {'+'.join(str(i) for i in subset) or 'none'}")
         pm = PassManager(steps, instruments=[VerifyGraph(), check, Statistics()])
-        out[subset] = pm.run(result.baseline.snapshot, ctx).gm
-    return out
+        res = pm.run(result.baseline.snapshot, ctx)
+        out[subset] = res.gm
+        rolled_back[subset] = [{"pass": r.name, "status": r.status, "error": r.error}
+                               for r in res.steps if r.status != "ok"]
+    return out, rolled_back
 
 
 def permutations(n: int, count: int | None = None, seed: int = 0):
@@ -191,22 +205,54 @@ def shapley_values(v: dict[tuple, float], n: int) -> tuple[list[float], int | No
     return [x / len(perms) for x in phi], len(perms)
 
 
+EAGER = "eager"
+EAGER_SETTINGS = "the module itself, module.eval(), under torch.no_grad()"
+COMPILE, FREEZING = "torch.compile", "torch.compile(freezing)"
+PEER_SETTINGS = {COMPILE: ("torch.compile(model) defaults (inductor, mode=None, no freezing)", None),
+                 FREEZING: ('torch.compile(model, options={"freezing": True}) (inductor; weights folded '
+                            'as constants, the usual CPU inference setting)', {"freezing": True})}
+
+
+def throughput(tm: timing.Timing, sample: Sample) -> dict:
+    """A timing as throughput in the sample's unit, with its CI and how it was measured."""
+    units = sample.units_per_forward
+    return {"throughput": units / tm.median_s, "ci_low": units / tm.ci_high_s, "ci_high": units / tm.ci_low_s,
+            "unit": f"{sample.unit}/s", "median_s": tm.median_s, "n": tm.n, "threads": tm.threads,
+            "timing_method": tm.method}
+
+
+def model_call(sample: Sample, fn: Callable) -> Callable:
+    """`fn` (a compiled copy of the model, or what passlab.optimize returned)
+    called on flat graph inputs the way `sample.reference` calls the model:
+    as the model's own (args, kwargs)."""
+    if not sample.example_kwargs and all(isinstance(x, torch.Tensor) for x in sample.example_inputs):
+        return fn
+    spec = sample.in_spec
+
+    def call(*flat):
+        args, kwargs = pytree.tree_unflatten(list(flat), spec)
+        return fn(*args, **kwargs)
+    return call
+
+
 def make_peers(sample: Sample, x: tuple, device: str, say) -> tuple[dict, dict]:
-    """PyTorch eager and torch.compile (default settings), with compile time."""
-    info, fns = {}, {}
-    eager = sample.module
-    info["eager"] = {"settings": "torch.no_grad(), module.eval()"}
-    fns["eager"] = eager
-    say("compiling the torch.compile peer (default settings)")
-    try:
-        torch._dynamo.reset()
-        compiled = torch.compile(sample.module)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            compiled(*x)
-        info["torch.compile"] = {"settings": "torch.compile(model) defaults (inductor, mode=None, no freezing)",
-                                 "compile_s": time.perf_counter() - t0}
-        fns["torch.compile"] = compiled
-    except Exception as e:  # a peer that cannot compile is reported, not fatal
-        info["torch.compile"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    return info, {k: v for k, v in fns.items()}
+    """PyTorch eager, torch.compile with default settings and torch.compile
+    with freezing, each compiled here (its compile time is its first call).
+
+    `options={"freezing": True}` patches inductor's config for that one
+    compile only: the later default compile does not freeze."""
+    info, fns = {EAGER: {"settings": EAGER_SETTINGS, "compile_s": 0.0}}, {EAGER: sample.reference}
+    torch._dynamo.reset()
+    for name, (settings, options) in PEER_SETTINGS.items():
+        say(f"compiling the {name} peer")
+        try:
+            compiled = model_call(sample, torch.compile(sample.module, options=options))
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                compiled(*x)
+            info[name] = {"settings": settings, "compile_s": time.perf_counter() - t0}
+            fns[name] = compiled
+        except Exception as e:  # a peer that cannot compile is reported, not fatal
+            info[name] = {"settings": settings,
+                          "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    return info, fns

@@ -1,4 +1,13 @@
-"""The run record (schema version 1, see CONTRACT.md): one JSON document per run."""
+"""The run record (schema version 1, see CONTRACT.md): one JSON document per run.
+
+Eager is the reference. A measured run times PyTorch eager in the same
+interleaved batch as every step; `eager` holds its numbers, the baseline (the
+captured graph: capture is a step of its own, its cost can be negative) and
+every step carry `speedup_vs_eager` with its 95% CI (`speedup_vs_eager_ci`,
+paired bootstrap over timing rounds) and `speedup_vs_prev_ci`, and
+`final_speedup_vs_eager` is the last step's. `final_speedup` stays the last
+step over the captured baseline.
+"""
 from __future__ import annotations
 
 import datetime
@@ -44,7 +53,9 @@ def step_entry(rec, measured: dict | None, prev_tp: float | None, base_tp: float
               "peak_memory_bytes": m.get("peak_memory_bytes"),
               "overlap_efficiency": m.get("overlap_efficiency"),
               "energy_j_per_unit": m.get("energy_j_per_unit"),
-              "nodes": rec.nodes, "options": rec.options})
+              "nodes": rec.nodes, "options": rec.options,
+              "speedup_vs_eager": m.get("speedup_vs_eager"), "speedup_vs_eager_ci": m.get("speedup_vs_eager_ci"),
+              "speedup_vs_prev_ci": m.get("speedup_vs_prev_ci")})
     for k in ("median_s", "n", "percent_of_bound", "bound_s", "time_s", "intermediate_bytes_saved"):
         if k in m:
             d[k] = m[k]
@@ -52,8 +63,11 @@ def step_entry(rec, measured: dict | None, prev_tp: float | None, base_tp: float
 
 
 def build(*, model: str, preset: str, device: str, pipeline: list[str], baseline, steps,
-          measured: dict | None = None, extra: dict | None = None) -> dict:
-    """`measured` maps "baseline" and each step index to its timing dict."""
+          measured: dict | None = None, extra: dict | None = None, capture_seconds: float | None = None,
+          setup_seconds: float | None = None) -> dict:
+    """`measured` maps "eager", "baseline" and each step index to its timing dict;
+    `setup_seconds`: wall time from the start of capture to the optimized graph
+    (passes and their checks), what a user waits for."""
     measured = measured or {}
     mb = measured.get("baseline") or {}
     base_tp = mb.get("throughput")
@@ -63,16 +77,23 @@ def build(*, model: str, preset: str, device: str, pipeline: list[str], baseline
         out_steps.append(entry)
         prev = entry["throughput"] or prev
     last = out_steps[-1]["throughput"] if out_steps else base_tp
+    last_m = (measured.get(len(steps) - 1) if steps else mb) or {}
     record = {
         "schema": SCHEMA, "model": model, "preset": preset, "device": device, "machine": machine(),
         "pipeline": pipeline,
         "baseline": {"throughput": base_tp, "ci_low": mb.get("ci_low"), "ci_high": mb.get("ci_high"),
                      "launches": baseline.launches, "bytes": baseline.bytes, "flops": baseline.flops,
                      "nodes": baseline.nodes, "unit": mb.get("unit"), "max_error": baseline.max_error,
+                     "speedup_vs_eager": mb.get("speedup_vs_eager"), "speedup_vs_eager_ci": mb.get("speedup_vs_eager_ci"),
                      **{k: mb[k] for k in ("median_s", "n", "peak_memory_bytes", "percent_of_bound", "bound_s")
                         if k in mb}},
+        "eager": measured.get("eager"),
         "steps": out_steps,
         "final_speedup": (last / base_tp) if last and base_tp else None,
+        "final_speedup_vs_eager": last_m.get("speedup_vs_eager"),
+        "final_speedup_vs_eager_ci": last_m.get("speedup_vs_eager_ci"),
+        "capture_seconds": capture_seconds,
+        "setup_seconds": setup_seconds,
         "shapley": None, "interaction": None, "ablation": None, "peers": None,
     }
     record.update(extra or {})

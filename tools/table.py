@@ -30,28 +30,44 @@ def render(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def pass_table(record: dict) -> str:
+    """One row per step, starting at eager: `eager` (the reference), `capture`
+    (the captured graph before any pass: capture's own cost), then each pass.
+    `vs prev` is each row over the row above, `vs eager` over eager, with its
+    95% CI (paired bootstrap over the timing rounds)."""
     measured = record["baseline"].get("throughput") is not None
+    eager = record.get("eager") or {}
     headers = ["pass", "status", "changed", "nodes", "launches", "bytes", "max err", "pass s"]
     if measured:
-        headers += [record["baseline"].get("unit") or "units/s", "±95%", "vs prev", "cumul."]
+        headers += [record["baseline"].get("unit") or "units/s", "±95%", "vs prev", "vs eager", "95% CI"]
     b = record["baseline"]
-    rows = [["baseline", "-", "-", fmt(b.get("nodes")), fmt(b["launches"]), human_bytes(b["bytes"]),
-             fmt(b.get("max_error"), ".1e"), "-"]]
+    rows = []
+    if measured and eager.get("throughput"):
+        rows.append(["eager", "-", "-", "-", "-", "-", "-", "-", fmt(eager["throughput"], ",.0f"), ci(eager),
+                     "-", "1.00x", "-"])
+    rows.append(["capture", "-", "-", fmt(b.get("nodes")), fmt(b["launches"]), human_bytes(b["bytes"]),
+                 fmt(b.get("max_error"), ".1e"), fmt(record.get("capture_seconds"), ".2f")])
     if measured:
-        rows[0] += [fmt(b["throughput"], ",.0f"), ci(b), "-", "1.00x"]
+        rows[-1] += [fmt(b["throughput"], ",.0f"), ci(b), speed(b.get("speedup_vs_eager")),
+                     speed(b.get("speedup_vs_eager")), ratio_ci(b.get("speedup_vs_eager_ci"))]
     for s in record["steps"]:
         r = [s["pass"], s["status"], fmt(s["changed"]), fmt(s.get("nodes")), fmt(s["launches"]),
              human_bytes(s["bytes"]), fmt(s["max_error"], ".1e"), fmt(s["pass_seconds"], ".2f")]
         if measured:
             r += [fmt(s.get("throughput"), ",.0f"), ci(s), speed(s.get("speedup_vs_prev")),
-                  speed(s.get("cumulative_speedup"))]
+                  speed(s.get("speedup_vs_eager")), ratio_ci(s.get("speedup_vs_eager_ci"))]
         r.append(stats_summary(s.get("stats") or {}))
         rows.append(r)
     out = render(headers + ["stats"], [r if len(r) == len(headers) + 1 else r + [""] for r in rows])
+    if record.get("setup_seconds") is not None:
+        out += f"\nsetup (capture + passes and their checks): {record['setup_seconds']:.2f} s"
     errors = [f"  {s['pass']}: {s['error']}" for s in record["steps"] if s.get("error")]
     if errors:
         out += "\nrolled back:\n" + "\n".join(errors)
     return out
+
+
+def ratio_ci(lo_hi) -> str:
+    return "-" if not lo_hi or None in lo_hi else f"{lo_hi[0]:.2f}-{lo_hi[1]:.2f}"
 
 
 def ci(d) -> str:
