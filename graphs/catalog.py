@@ -2,7 +2,8 @@
 
 A model is a built-in sample (`transformer`), a Hugging Face architecture built
 from a small config with random weights (`hf:gpt2`), or any user file
-(`path/to/model.py:function` returning `(module, example_inputs)`).
+(`path/to/model.py:function` returning `(module, example_inputs)` or
+`(module, example_inputs, example_kwargs)`).
 """
 from __future__ import annotations
 
@@ -77,7 +78,9 @@ def _hf_archs():
 
 
 def load_file(spec: str, preset: str, dtype: torch.dtype, device: str) -> Sample:
-    """`path/to/file.py:function` -> Sample; the function returns (module, example_inputs)."""
+    """`path/to/file.py:function` -> Sample; the function returns
+    `(module, example_inputs)` or `(module, example_inputs, example_kwargs)`.
+    An HF model's `config.vocab_size` bounds the fresh token ids."""
     path, _, fn = spec.rpartition(":")
     if not os.path.exists(path):
         raise UnknownModelError(f"model file {path!r} does not exist")
@@ -89,12 +92,18 @@ def load_file(spec: str, preset: str, dtype: torch.dtype, device: str) -> Sample
         fns = [k for k, v in vars(m).items() if callable(v) and not k.startswith("_")]
         raise UnknownModelError(f"{path} has no function {fn!r}; it defines: {', '.join(fns)}")
     result = getattr(m, fn)()
-    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
-        raise UnknownModelError(f"{spec} must return (module, example_inputs), got {type(result).__name__}")
-    module, inputs = result
+    if not (isinstance(result, tuple) and len(result) in (2, 3) and isinstance(result[0], torch.nn.Module)
+            and (len(result) == 2 or isinstance(result[2], dict))):
+        got = type(result).__name__ + (f" of {len(result)}" if isinstance(result, tuple) else "")
+        raise UnknownModelError(f"{spec} must return (module, example_inputs) or "
+                                f"(module, example_inputs, example_kwargs: dict), got {got}")
+    module, inputs, kwargs = result if len(result) == 3 else (*result, {})
     inputs = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
-    floats = [t.dtype for t in inputs if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
-    return Sample(spec, module.eval().to(device), tuple(t.to(device) if isinstance(t, torch.Tensor) else t
-                                                          for t in inputs),
+    inputs, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), (inputs, kwargs))
+    floats = [t.dtype for t in pytree.tree_leaves((inputs, kwargs))
+              if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
+    vocab = getattr(getattr(module, "config", None), "vocab_size", None)
+    return Sample(spec, module.eval().to(device), inputs, example_kwargs=kwargs,
                   dtype=floats[0] if floats else torch.float32, device=device, preset=preset,
+                  vocab_size=vocab if isinstance(vocab, int) else None,
                   description=f"user model {fn}() from {path}")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.utils._pytree as pytree
 
 
 @dataclass
@@ -13,9 +14,16 @@ class Sample:
     """A runnable model with example inputs.
 
     `unit` / `units_per_forward` turn a forward's time into throughput
-    (tokens/s, images/s); `make_inputs(seed)` gives fresh random inputs of the
-    same shapes and dtypes, which the numerics check needs so that a pass cannot
-    overfit the example inputs.
+    (tokens/s, images/s). The model is called as
+    `module(*example_inputs, **example_kwargs)`; any pytree of tensors and
+    constants is allowed. The captured graph takes the flat leaves of
+    `(example_inputs, example_kwargs)` instead (`flat_inputs`), and
+    `reference(*flat)` calls the model that way.
+
+    `make_inputs(seed)` gives fresh random graph inputs (flat) of the same
+    shapes and dtypes, which the numerics check needs so that a pass cannot
+    overfit the example inputs; `make_call(seed)` gives them as the model's
+    own `(args, kwargs)`. `vocab_size`, where declared, bounds fresh token ids.
     """
 
     name: str
@@ -28,29 +36,76 @@ class Sample:
     preset: str = "tiny"
     description: str = ""
     input_factory: Callable[[int], tuple] | None = field(default=None, repr=False)
+    example_kwargs: dict = field(default_factory=dict)
+    vocab_size: int | None = None
+
+    def __post_init__(self):
+        self.example_inputs = tuple(self.example_inputs)
+        self.example_kwargs = dict(self.example_kwargs or {})
+
+    @property
+    def in_spec(self) -> pytree.TreeSpec:
+        """The pytree structure of the model's `(args, kwargs)`."""
+        return pytree.tree_flatten((self.example_inputs, self.example_kwargs))[1]
+
+    @property
+    def flat_inputs(self) -> tuple:
+        """The example inputs as the captured graph takes them."""
+        return tuple(pytree.tree_leaves((self.example_inputs, self.example_kwargs)))
+
+    def make_call(self, seed: int) -> tuple[tuple, dict]:
+        """Fresh `(args, kwargs)` for the model itself."""
+        if self.input_factory is not None:
+            return tuple(self.input_factory(seed)), {}
+        return random_like((self.example_inputs, self.example_kwargs), seed, vocab_size=self.vocab_size)
 
     def make_inputs(self, seed: int) -> tuple:
+        """Fresh flat inputs for the captured graph (the model's positional
+        inputs themselves where it takes only tensors, positionally)."""
         if self.input_factory is not None:
             return self.input_factory(seed)
-        return random_like(self.example_inputs, seed)
+        return tuple(pytree.tree_leaves(self.make_call(seed)))
+
+    def reference(self, *flat):
+        """The model called on flat graph inputs (as `make_inputs` gives them)."""
+        if not self.example_kwargs and len(flat) == len(self.example_inputs) and \
+                all(isinstance(x, torch.Tensor) for x in self.example_inputs):
+            return self.module(*flat)
+        args, kwargs = pytree.tree_unflatten(list(flat), self.in_spec)
+        return self.module(*args, **kwargs)
 
 
-def random_like(inputs, seed: int):
-    """Fresh inputs shaped like `inputs`: floats ~ N(0,1), integers within the
-    example's range, bools copied (masks usually carry structure)."""
+def random_like(inputs, seed: int, *, vocab_size: int | None = None):
+    """Fresh inputs shaped like `inputs` (any pytree; non-tensors are kept):
+
+    - floats ~ N(0,1), except 0/1 masks (below);
+    - masks carry structure: bools are copied, and a tensor whose values are
+      all 0/1 stays in {0, 1} (all ones, e.g. an attention mask, stays all ones;
+      all zeros stays all zeros);
+    - other integers (token ids, indices) stay within the example's
+      [min, max], so indices stay valid; with `vocab_size`, ids range over
+      [min, vocab_size) instead.
+    """
     g = torch.Generator().manual_seed(seed)
 
     def one(x):
         if not isinstance(x, torch.Tensor):
             return x
+        if x.dtype == torch.bool or x.numel() == 0 or x.is_complex():
+            return x.clone()
+        is_mask = bool(((x == 0) | (x == 1)).all())
+        if is_mask and (x.dtype.is_floating_point or x.numel() > 1):
+            if bool((x == x.flatten()[0]).all()):     # all ones / all zeros: keep as is
+                return x.clone()
+            return torch.randint(0, 2, x.shape, generator=g).to(dtype=x.dtype, device=x.device)
         if x.dtype.is_floating_point:
             return torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.dtype).to(x.device)
-        if x.dtype == torch.bool or x.numel() == 0:
-            return x.clone()
         lo, hi = int(x.min()), int(x.max())
+        if vocab_size is not None and vocab_size > hi:
+            hi = vocab_size - 1
         return torch.randint(lo, hi + 1, x.shape, generator=g, dtype=x.dtype).to(x.device)
 
-    return tuple(one(x) for x in inputs)
+    return pytree.tree_map(one, inputs)
 
 
 def has_native_bf16() -> bool:

@@ -8,13 +8,15 @@ the passes themselves know nothing of them.
 """
 from __future__ import annotations
 
+import copy
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 
 from passlab.graphs import check_metadata, clone
 from passlab.runtime import costmodel
@@ -64,16 +66,25 @@ class StepRecord:
     snapshot: torch.fx.GraphModule | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
-        d = asdict(self, dict_factory=lambda kv: {k: v for k, v in kv if k != "snapshot"})
+        # not dataclasses.asdict: it deep-copies every field first, the snapshot
+        # GraphModule (weights included) too
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "snapshot"}
         d["pass"] = d.pop("name")
         return d
 
 
 # ---------------------------------------------------------------- instruments
 
+def output_tensors(x) -> list[torch.Tensor]:
+    """The tensors of any output pytree (tuples, dicts, HF ModelOutput, None), in order."""
+    return [t for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]
+
+
 def relative_error(out, ref) -> float:
-    """max |out - ref| / max |ref| over all outputs; exact match for non-floats."""
-    outs, refs = costmodel.tensors(out), costmodel.tensors(ref)
+    """max |out - ref| / max |ref| over all outputs; exact match for non-floats.
+    `out` and `ref` may be any pytrees: a graph's flat outputs compare with a
+    model's ModelOutput / dict / nested tuple leaf by leaf."""
+    outs, refs = output_tensors(out), output_tensors(ref)
     if len(outs) != len(refs):
         return float("inf")
     worst = 0.0
@@ -106,7 +117,11 @@ class VerifyGraph:
 
 
 class CheckNumerics:
-    """Runs the graph on fresh random inputs and compares with the eager reference."""
+    """Runs the graph on fresh random inputs and compares with the eager reference.
+
+    `make_inputs(seed)` gives the graph's flat inputs; `reference(*flat)` is the
+    model called on them (`Sample.reference`, which re-nests them into the
+    model's own args and kwargs)."""
 
     def __init__(self, reference: Callable, make_inputs: Callable[[int], tuple], device: str,
                  tolerance: float, seed: int = 1234):

@@ -1,61 +1,415 @@
 """The two doors into passlab for users.
 
-`passlab.optimize(model, example_inputs, pipeline=..., device=...)` returns a
-callable with the model's signature whose `.record` holds the per-pass record;
+`passlab.optimize(model, example_inputs, example_kwargs=..., pipeline=...,
+device=...)` returns an `Optimized`: callable like the model, with the model's
+output types (tensors, tuples, dicts, HF ModelOutput, None), and a `.record`.
 `torch.compile(model, backend="passlab")` reaches `dynamo_backend` through
 torch's `torch_dynamo_backends` entry-point group.
+
+Both specialize: one capture + pipeline per input signature (pytree structure,
+shapes, dtypes, devices, strides, constant values), cached LRU
+(`CACHE_SIZE`). A call whose signature is new is re-specialized, or refused
+with `on_new_input="error"`; a change of device is always refused. Nothing
+is ever run on inputs it was not specialized for.
+
+The measured guard (`guard="measure"`, the default): after the pipeline the
+final graph is timed against eager and the captured graph at the model's own
+shapes, interleaved, and the fastest of the three is what runs
+(`record["guard"]`). When the final graph does not clearly win, passes are
+left out one at a time (within `GUARD_BUDGET_S`), and a pass whose absence
+makes the *end result* faster beyond its CI is dropped (`rolled_back`,
+"slower: -x%").
 """
 from __future__ import annotations
 
 import os
+import time
 import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
 
-from passlab.graphs import Sample, capture
+from passlab.graphs import Sample, capture, clone
 from passlab.passes import parse
 from passlab.passes.pipeline import available_default
+from passlab.runtime import timing
 from passlab.runtime.executor import compile_graph
 
 from . import record as records
 from .runner import context, make_manager
 
+CACHE_SIZE = 8           # specializations kept per optimized model (LRU)
+GUARD_BUDGET_S = 2.0     # leave-one-out reruns of the pipeline, wall time
+GUARD_TIMING_S = 0.25    # timing budget per contender per measurement
+GUARDS = ("measure", "off")
+ON_NEW_INPUT = ("specialize", "error")
+
+
+class InputMismatch(TypeError):
+    """A call's inputs do not match any specialization, and none may be made."""
+
+
+# ---------------------------------------------------------------- signatures
+
+def fast_key(args) -> tuple:
+    """The signature of an all-positional-tensor call: one tuple compare per call.
+    Raises AttributeError where an argument is not a tensor."""
+    return tuple([(a.shape, a.dtype, a.device, a.stride()) for a in args])
+
+
+def leaf_key(x):
+    if isinstance(x, torch.Tensor):
+        return (x.shape, x.dtype, x.device, x.stride())
+    try:
+        hash(x)
+        return (type(x), x)
+    except TypeError:
+        return (type(x), repr(x))
+
+
+def call_key(args: tuple, kwargs: dict) -> tuple:
+    """The signature of any call; equal to `fast_key` for all-positional-tensor calls."""
+    if not kwargs:
+        try:
+            return fast_key(args)
+        except AttributeError:
+            pass
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    return (spec, tuple(leaf_key(x) for x in leaves))
+
+
+def describe_leaf(k) -> str:
+    if len(k) == 4 and isinstance(k[1], torch.dtype):
+        shape, dtype, device, stride = k
+        s = f"{str(dtype).replace('torch.', '')}{list(shape)}"
+        if device.type != "cpu":
+            s += f"@{device}"
+        if tuple(stride) != tuple(torch.empty(shape, device="meta").stride()):
+            s += f" stride {tuple(stride)}"
+        return s
+    return repr(k[1])
+
+
+class Described(str):
+    def __repr__(self):
+        return str(self)
+
+
+def describe(key: tuple) -> str:
+    """A call signature for people: `(float32[4, 16], {'mask': int64[4, 8]})`."""
+    if key and isinstance(key[0], pytree.TreeSpec):
+        spec, leaves = key
+        args, kwargs = pytree.tree_unflatten([Described(describe_leaf(k)) for k in leaves], spec)
+        return "(" + ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]) + ")"
+    return "(" + ", ".join(describe_leaf(k) for k in key) + ")"
+
+
+def key_devices(key: tuple) -> set[str]:
+    leaves = key[1] if key and isinstance(key[0], pytree.TreeSpec) else key
+    return {k[2].type for k in leaves if len(k) == 4 and isinstance(k[1], torch.dtype)}
+
+
+def unflattener(spec) -> Callable[[Any], Any]:
+    """`tree_unflatten(leaves, spec)` with the tree walk done once, up front:
+    the per-call cost is the containers' constructors only."""
+    if spec is None or spec.is_leaf():
+        return lambda out: out
+    node = pytree.SUPPORTED_NODES[spec.type].unflatten_fn
+    ctx = spec.context
+    parts, start = [], 0
+    for child in spec.children():
+        n = child.num_leaves
+        if child.is_leaf():
+            parts.append((start, None))
+        else:
+            parts.append((start, start + n, unflattener(child)))
+        start += n
+    if all(p[1] is None for p in parts) and spec.type in (tuple, list):
+        typ = spec.type
+        return lambda out: typ(out)
+    if all(p[1] is None for p in parts):
+        return lambda out: node(list(out), ctx)
+
+    def run(out):
+        return node([out[p[0]] if p[1] is None else p[2](out[p[0]:p[1]]) for p in parts], ctx)
+    return run
+
+
+# ---------------------------------------------------------------- one specialization
+
+@dataclass
+class Specialization:
+    key: tuple
+    gm: torch.fx.GraphModule           # the graph that runs (final, captured; or final where eager runs)
+    result: Any                        # the PipelineResult
+    record: dict
+    fast: Callable                     # (*args) for all-positional-tensor calls
+    call: Callable                     # (args, kwargs) for any call
+    summary: dict = field(default_factory=dict)
+
+
+def graph_runner(gm, device: str, out_spec) -> Callable:
+    fn = compile_graph(gm, device)
+    unflat = unflattener(out_spec)
+    if out_spec is None or out_spec.is_leaf():
+        return fn
+    return lambda *flat: unflat(fn(*flat))
+
+
+def specialize(model: torch.nn.Module, args: tuple, kwargs: dict, *, name: str, pipeline, device: str,
+               strict: bool, tolerance: float | None, check_numerics: bool, guard: str) -> Specialization:
+    t0 = time.perf_counter()
+    leaves = pytree.tree_leaves((args, kwargs))
+    floats = [t.dtype for t in leaves if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    sample = Sample(name, model, args, example_kwargs=kwargs, dtype=floats[0] if floats else torch.float32,
+                    device=device, preset="user", vocab_size=vocab if isinstance(vocab, int) else None)
+    steps = parse(available_default() if pipeline is None else pipeline)
+    gm = capture(model, args, kwargs)
+    capture_s = time.perf_counter() - t0
+    manager = make_manager(steps, sample, device, strict=strict, tolerance=tolerance,
+                           check_numerics=check_numerics)
+    result = manager.run(clone(gm), context(sample, device))
+    out_spec = gm.meta.get("out_spec")
+    run_final = graph_runner(result.gm, device, out_spec)
+    chosen, guard_rec = "final", None
+    if guard == "measure":
+        chosen, guard_rec, result, run_final = measured_guard(
+            sample, gm, result, steps, run_final, out_spec, device=device, strict=strict,
+            tolerance=tolerance, check_numerics=check_numerics)
+    setup_s = time.perf_counter() - t0
+    key = call_key(args, kwargs)
+    rec = records.build(model=name, preset="user", device=device, pipeline=[str(s) for s in steps],
+                        baseline=result.baseline, steps=result.steps, capture_seconds=capture_s,
+                        setup_seconds=setup_s)
+    rec["signature"] = describe(key)
+    rec["guard"] = guard_rec or {"mode": "off", "chosen": "final"}
+    if chosen == "eager":
+        def fast(*a):
+            return model(*a)
+
+        def call(a, kw):
+            return model(*a, **kw)
+        runs = result.gm
+    else:
+        fast = run_final if chosen == "final" else graph_runner(result.baseline.snapshot, device, out_spec)
+        runs = result.gm if chosen == "final" else result.baseline.snapshot
+
+        def call(a, kw):
+            return fast(*pytree.tree_leaves((a, kw)))
+    summary = {"signature": rec["signature"], "setup_seconds": setup_s, "runs": chosen,
+               "rolled_back": [s.name for s in result.steps if s.status != "ok"]}
+    return Specialization(key, runs, result, rec, fast, call, summary)
+
+
+# ---------------------------------------------------------------- the measured guard
+
+def timing_dict(t: timing.Timing) -> dict:
+    return {"median_s": t.median_s, "ci_low_s": t.ci_low_s, "ci_high_s": t.ci_high_s, "n": t.n}
+
+
+def measured_guard(sample: Sample, captured, result, steps, run_final, out_spec, *, device, strict,
+                   tolerance, check_numerics):
+    """Time final vs captured vs eager at the model's own shapes; when the final
+    graph does not clearly win, try leaving out each pass that changed the
+    graph (within GUARD_BUDGET_S) and drop the one whose absence makes the end
+    result faster beyond its CI. Returns (chosen, record, result, run_final)."""
+    t0 = time.perf_counter()
+    sets = [sample.flat_inputs, sample.make_inputs(21)]
+    base = compile_graph(result.baseline.snapshot, device)
+    fns = {"final": compile_graph(result.gm, device), "captured": base, "eager": sample.reference}
+    times = timing.measure_many(fns, sets, device=device, budget_s=GUARD_TIMING_S)
+    fin = timing.speedup(times["final"], times["eager"])
+    vs_cap = timing.speedup(times["final"], times["captured"])
+    tried, dropped = [], []
+    clear_win = fin[1] > 1.0 and vs_cap[1] > 1.0
+    changed = [i for i, s in enumerate(result.steps) if s.status == "ok" and s.changed]
+    if not clear_win and len(changed) > 1:
+        variants = {}
+        for i in changed:
+            if time.perf_counter() - t0 > GUARD_BUDGET_S:
+                break
+            keep = [s for j, s in enumerate(steps) if j != i]
+            manager = make_manager(keep, sample, device, strict=strict, tolerance=tolerance,
+                                   check_numerics=check_numerics, snapshots=False)
+            try:
+                variants[i] = manager.run(clone(captured), context(sample, device))
+            except Exception:   # under strict a left-out run may fail; it is then no candidate
+                continue
+            tried.append(steps[i].name)
+        if variants:
+            fns2 = {"final": fns["final"], **{f"without {i}": compile_graph(v.gm, device)
+                                              for i, v in variants.items()}}
+            t2 = timing.measure_many(fns2, sets, device=device, budget_s=GUARD_TIMING_S)
+            best, gain = None, None
+            for i in variants:
+                s = timing.speedup(t2[f"without {i}"], t2["final"])
+                if s[1] > 1.0 and (gain is None or s[0] > gain[0]):
+                    best, gain = i, s
+            if best is not None:
+                result = drop_step(result, variants[best], best, gain[0])
+                dropped.append(steps[best].name)
+                run_final = graph_runner(result.gm, device, out_spec)
+                fns["final"] = compile_graph(result.gm, device)
+                times = timing.measure_many(fns, sets, device=device, budget_s=GUARD_TIMING_S)
+    chosen = min(times, key=lambda k: times[k].median_s)
+    rec = {"mode": "measure", "chosen": chosen, "timings": {k: timing_dict(t) for k, t in times.items()},
+           "speedup_vs_eager": {k: list(timing.speedup(t, times["eager"])) for k, t in times.items()},
+           "left_out": tried, "dropped": dropped, "seconds": time.perf_counter() - t0}
+    return chosen, rec, result, run_final
+
+
+def drop_step(full, without, i: int, gain: float):
+    """The pipeline result without step i, with step i reported as rolled back."""
+    rec = full.steps[i]
+    rec.status, rec.changed = "rolled_back", False
+    rec.error = f"slower: {(1 / gain - 1) * 100:+.1f}% on the end result (left out by the measured guard)"
+    steps = list(without.steps)
+    steps.insert(i, rec)
+    return type(full)(without.gm, without.baseline, steps)
+
+
+# ---------------------------------------------------------------- the optimized model
 
 class Optimized:
-    """The optimized model: call it like the original."""
+    """The optimized model: call it like the original.
 
-    def __init__(self, fn, gm, result, record):
-        self.fn, self.gm, self.result, self.record = fn, gm, result, record
-        self.out_spec = gm.meta.get("out_spec")
+    `record`: the run record of the specialization used last, with
+    `record["specializations"]` summarizing all of them (oldest first).
+    `gm`, `result`: that specialization's graph and pipeline result."""
+
+    def __init__(self, build: Callable[[tuple, dict], Specialization], first: Specialization, *,
+                 on_new_input: str = "specialize", cache_size: int = CACHE_SIZE):
+        self.build, self.on_new_input, self.cache_size = build, on_new_input, cache_size
+        self.specs: OrderedDict[tuple, Specialization] = OrderedDict()
+        self.history: list[dict] = []
+        self.first = first
+        self.kwarg_order = list(first.key[0].child(1).context) \
+            if first.key and isinstance(first.key[0], pytree.TreeSpec) else None
+        self.add(first)
+
+    def add(self, spec: Specialization) -> None:
+        self.specs[spec.key] = spec
+        self.history.append(spec.summary)
+        spec.record["specializations"] = self.history
+        while len(self.specs) > self.cache_size:
+            self.specs.popitem(last=False)
+        self.use(spec)
+
+    def use(self, spec: Specialization) -> None:
+        self.current = spec
+        self.specs.move_to_end(spec.key)
+        self.fast_key = spec.key if not (spec.key and isinstance(spec.key[0], pytree.TreeSpec)) else None
+        self.fast = spec.fast
+
+    @property
+    def record(self) -> dict:
+        return self.current.record
+
+    @property
+    def gm(self):
+        return self.current.gm
+
+    @property
+    def result(self):
+        return self.current.result
 
     def __call__(self, *args, **kwargs):
-        flat = pytree.tree_leaves((args, kwargs))
-        out = self.fn(*flat)
-        if self.out_spec is not None and not self.out_spec.is_leaf():
-            return pytree.tree_unflatten(list(out), self.out_spec)
-        return out
+        if not kwargs:
+            try:
+                if fast_key(args) == self.fast_key:
+                    return self.fast(*args)
+            except AttributeError:
+                pass
+        return self.slow(args, kwargs)
+
+    def slow(self, args: tuple, kwargs: dict):
+        order = self.kwarg_order
+        if kwargs and order and list(kwargs) != order and set(kwargs) == set(order):
+            kwargs = {k: kwargs[k] for k in order}      # the example's keyword order
+        key = call_key(args, kwargs)
+        spec = self.specs.get(key)
+        if spec is None:
+            expected = self.current.record["signature"]
+            devices, want = key_devices(key), key_devices(self.first.key)
+            if devices and want and devices != want:
+                raise InputMismatch(f"passlab.optimize specialized this model for device "
+                                    f"{', '.join(sorted(want))}; called with inputs on {', '.join(sorted(devices))}. "
+                                    f"Call passlab.optimize again with device=... for that device.\n"
+                                    f"  expected {expected}\n  got      {describe(key)}")
+            if self.on_new_input == "error":
+                raise InputMismatch(f"inputs do not match the specialization (on_new_input='error'):\n"
+                                    f"  expected {expected}\n  got      {describe(key)}\n"
+                                    "call with inputs like the example, or pass on_new_input='specialize'")
+            spec = self.build(args, kwargs)
+            self.add(spec)
+        else:
+            self.use(spec)
+        return spec.call(args, kwargs)
+
+
+def check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: use one of {', '.join(map(repr, allowed))}")
 
 
 def optimize(model: torch.nn.Module, example_inputs, pipeline=None, device: str = "cpu", *,
-             strict: bool = False, tolerance: float | None = None, check_numerics: bool = True) -> Optimized:
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
-    floats = [t.dtype for t in inputs if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
-    sample = Sample(type(model).__name__, model, inputs, dtype=floats[0] if floats else torch.float32,
-                    device=device, preset="user")
-    pipeline = available_default() if pipeline is None else pipeline
-    steps = parse(pipeline)
-    gm = capture(model, inputs)
-    result = make_manager(steps, sample, device, strict=strict, tolerance=tolerance,
-                          check_numerics=check_numerics).run(gm, context(sample, device))
-    rec = records.build(model=sample.name, preset="user", device=device, pipeline=[str(s) for s in steps],
-                        baseline=result.baseline, steps=result.steps)
-    return Optimized(compile_graph(result.gm, device), result.gm, result, rec)
+             example_kwargs: dict | None = None, strict: bool = False, tolerance: float | None = None,
+             check_numerics: bool = True, guard: str = "measure",
+             on_new_input: str = "specialize") -> Optimized:
+    """Capture `model` at `example_inputs` (+ `example_kwargs`), run the pipeline
+    under the pass manager's checks and (guard="measure") keep what measures
+    fastest of final graph, captured graph and eager. Calls with a new input
+    signature re-specialize (on_new_input="specialize") or raise InputMismatch
+    (on_new_input="error")."""
+    check_choice("guard", guard, GUARDS)
+    check_choice("on_new_input", on_new_input, ON_NEW_INPUT)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"passlab.optimize needs a torch.nn.Module, got {type(model).__name__}")
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TypeError(f"example_kwargs must be a dict, got {type(example_kwargs).__name__}")
+    args = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    kwargs = dict(example_kwargs or {})
+    name = type(model).__name__
+
+    def build(a, kw):
+        return specialize(model, a, kw, name=name, pipeline=pipeline, device=device, strict=strict,
+                          tolerance=tolerance, check_numerics=check_numerics, guard=guard)
+    return Optimized(build, build(args, kwargs), on_new_input=on_new_input)
+
+
+# ---------------------------------------------------------------- torch.compile backend
+
+class FrozenParams(torch.nn.Module):
+    """Dynamo's graph with its parameter inputs held as parameters again, so the
+    captured graph sees weights as constants (get_attr) that passes can fold."""
+
+    def __init__(self, gm: torch.fx.GraphModule, positions: list[int], params: list, n: int):
+        super().__init__()
+        self.graph_module, self.positions, self.n = gm, positions, n
+        self.weights = torch.nn.ParameterList(params)
+        self.slot = {p: k for k, p in enumerate(positions)}
+
+    def forward(self, *rest):
+        it = iter(rest)
+        args = [self.weights[self.slot[i]] if i in self.slot else next(it) for i in range(self.n)]
+        return self.graph_module(*args)
+
+
+def env_flag(name: str, default: bool) -> bool:
+    v = os.environ.get(name)
+    return default if v is None or v == "" else v.strip().lower() not in ("0", "false", "no", "off")
 
 
 def dynamo_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
-    """torch.compile backend: export dynamo's graph to core aten, run the
-    pipeline (env PASSLAB_PIPELINE, default the built-in one), compile it.
+    """torch.compile backend: specializes dynamo's graph on the concrete shapes
+    of each call (cached), capturing it to core aten and running the pipeline
+    (env PASSLAB_PIPELINE, default the built-in one) with numerics checked
+    (PASSLAB_CHECK_NUMERICS=0 turns that off) and the measured guard
+    (PASSLAB_GUARD=measure|off). `dynamo_backend.last` is the Optimized made last.
 
     Inference only: with autograd recording it falls back to dynamo's graph."""
     needs_grad = torch.is_grad_enabled() and (
@@ -65,12 +419,29 @@ def dynamo_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
         warnings.warn("passlab backend: autograd is recording; running the graph unoptimized "
                       "(use torch.no_grad() for inference)")
         return gm.forward
-    device = next((x.device.type for x in example_inputs if isinstance(x, torch.Tensor)), "cpu")
-    opt = optimize(gm, list(example_inputs), pipeline=os.environ.get("PASSLAB_PIPELINE"), device=device,
-                   check_numerics=False)
-    dynamo_backend.last = opt
+    guard = os.environ.get("PASSLAB_GUARD") or "measure"
+    check_choice("PASSLAB_GUARD", guard, GUARDS)
+    opts = dict(pipeline=os.environ.get("PASSLAB_PIPELINE"), guard=guard,
+                check_numerics=env_flag("PASSLAB_CHECK_NUMERICS", True))
+    n = len(example_inputs)
+    positions = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
+    by_params: dict[tuple, Optimized] = {}
 
     def run(*args):
-        out = opt(*args)
+        params = tuple(args[i] for i in positions)
+        pk = tuple(id(p) for p in params)
+        opt = by_params.get(pk)
+        rest = tuple(a for i, a in enumerate(args) if i not in positions) if positions else args
+        with torch.no_grad():
+            if opt is None:
+                device = next((x.device.type for x in args if isinstance(x, torch.Tensor)), "cpu")
+                module = FrozenParams(gm, positions, list(params), n) if positions else gm
+                opt = by_params[pk] = optimize(module, rest, device=device, **opts)
+                opt.params = params          # keeps the ids above alive, so unique
+                dynamo_backend.last = opt
+            made = len(opt.history)
+            out = opt(*rest)
+            if len(opt.history) != made:     # a new specialization
+                dynamo_backend.last = opt
         return out if isinstance(out, (tuple, list)) else (out,)
     return run

@@ -6,6 +6,7 @@ Everything computed before a failure is kept: a strict failure raises
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,17 +45,17 @@ class Run:
 
 
 def make_manager(steps, sample: Sample, device: str, *, strict=False, tolerance=None, check_numerics=True,
-                 progress=None) -> PassManager:
+                 progress=None, snapshots: bool = True) -> PassManager:
     instruments = [VerifyGraph()]
     if check_numerics:
         tol = tolerance if tolerance is not None else TOLERANCE.get(sample.dtype, 1e-4)
-        instruments.append(CheckNumerics(sample.module, sample.make_inputs, device, tol))
-    instruments += [Statistics(), Snapshot()]
+        instruments.append(CheckNumerics(sample.reference, sample.make_inputs, device, tol))
+    instruments += [Statistics(), Snapshot()] if snapshots else [Statistics()]
     return PassManager(steps, instruments=instruments, strict=strict, progress=progress)
 
 
 def context(sample: Sample, device: str) -> PassContext:
-    return PassContext(device=device, dtype=sample.dtype, example_inputs=sample.example_inputs, sample=sample)
+    return PassContext(device=device, dtype=sample.dtype, example_inputs=sample.flat_inputs, sample=sample)
 
 
 def run(model: str | Sample, *, preset: str = "tiny", pipeline=None, device: str = "cpu", dtype=None,
@@ -71,12 +72,15 @@ def run(model: str | Sample, *, preset: str = "tiny", pipeline=None, device: str
     steps = parse(pipeline)
     sample = model if isinstance(model, Sample) else load(model, preset, dtype=dtype, device=device)
     say(f"capturing {sample.name} ({sample.preset}, {str(sample.dtype).replace('torch.', '')}, {device})")
-    gm = capture(sample.module, sample.example_inputs)
+    t0 = time.perf_counter()
+    gm = capture(sample.module, sample.example_inputs, sample.example_kwargs)
+    capture_s = time.perf_counter() - t0
     manager = make_manager(steps, sample, device, strict=strict, tolerance=tolerance,
                            progress=lambda i, n, name: say(f"[{i}/{n}] {name}"))
     names = [str(s) for s in steps]
     try:
         result = manager.run(gm, context(sample, device))
+        setup_s = time.perf_counter() - t0
     except (PipelineFailed, PipelineInterrupted) as e:
         baseline, recs = e.records
         rec = records.build(model=sample.name, preset=sample.preset, device=device, pipeline=names,
@@ -100,7 +104,8 @@ def run(model: str | Sample, *, preset: str = "tiny", pipeline=None, device: str
             rec["interrupted"] = "during measurement: every pass ran, no timings"
             raise RunInterrupted(rec, Run(rec, result, sample, result.gm)) from None
     rec = records.build(model=sample.name, preset=sample.preset, device=device, pipeline=names,
-                        baseline=result.baseline, steps=result.steps, measured=measured, extra=extra)
+                        baseline=result.baseline, steps=result.steps, measured=measured, extra=extra,
+                        capture_seconds=capture_s, setup_seconds=setup_s)
     rec["pipeline_text"] = pipeline
     rec["dtype"] = str(sample.dtype).replace("torch.", "")
     rec["description"] = sample.description
