@@ -13,6 +13,7 @@ import importlib.util
 import os
 
 import torch
+import torch.utils._pytree as pytree
 
 from .errors import UnknownModelError
 from .sample import Sample, preset_dtype
