@@ -1,0 +1,104 @@
+"""`FusedKernel`, the target of a fused node: the subgraph it replaced, its
+description and generated sources; calling it runs the compiled kernel."""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from ..costmodel import Cost, nbytes, tensors
+from .ir import Kernel
+from .materialize import lower
+
+
+# ---------------------------------------------------------------- the fused-node target
+
+def op_names(gm: torch.fx.GraphModule) -> list[str]:
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is not operator.getitem:
+            name = getattr(n.target, "__name__", str(n.target))
+            out.append(name.replace(".default", ""))
+    return out
+
+
+@dataclass(eq=False)
+class FusedKernel:
+    """The target of a fused node: the subgraph it replaced, its description and
+    generated sources; calling it runs the compiled kernel (or, on fake
+    tensors, the subgraph)."""
+    name: str
+    subgraph: torch.fx.GraphModule
+    kernel: Kernel = None
+    is_fused_kernel: bool = True
+    ops: list = field(default_factory=list)
+    _compiled: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.kernel is None:
+            self.kernel = lower(self.subgraph)
+        self.ops = op_names(self.subgraph)
+        self.__name__ = self.name
+        self._sources = {}
+
+    @property
+    def n_outputs(self):
+        return len(self.kernel.outputs)
+
+    @property
+    def multi_output(self):
+        return isinstance(self.subgraph.graph.output_node().args[0], (tuple, list))
+
+    def source(self, device: str = "cpu") -> str:
+        dev = "cuda" if str(device).startswith("cuda") else "cpu"
+        if dev not in self._sources:
+            from .. import codegen
+            self._sources[dev] = codegen.printer(dev).render(self)
+        return self._sources[dev]
+
+    def describe(self) -> str:
+        k = self.kernel
+        io = ", ".join(f"{b.name}{list(b.shape)}:{str(b.dtype).replace('torch.', '')}" for b in k.inputs)
+        oo = ", ".join(f"{list(b.shape)}:{str(b.dtype).replace('torch.', '')}" for b in k.outputs)
+        kind = "reduction" if k.reductions else "pointwise"
+        head = (f"== {self.name}: {kind} kernel, {len(self.ops)} ops ({', '.join(self.ops)})\n"
+                f"   iteration space {k.sizes}, inner dims {k.inner} (outer {k.m_size} x inner {k.r_size})\n"
+                f"   inputs {io}\n   outputs {oo}\n   bytes in+out {k.bytes_moved():,}")
+        return head + "\n" + self.source("cpu")
+
+    def cost(self, node) -> Cost:
+        out = tensors(node.meta.get("val"))
+        flops = sum(1 for v in self.kernel.values if v.op not in ("load", "const")) * self.kernel.m_size * \
+            max(1, self.kernel.r_size)
+        moved = nbytes(out) + sum(nbytes(a.meta.get("val")) for a in node.all_input_nodes)
+        return Cost(flops, moved, 1)
+
+    def __call__(self, *inputs):
+        run = self._compiled.get(inputs[0].device.type) if inputs else None
+        if run is not None and not _is_fake(inputs):
+            return run(*inputs)
+        if _is_fake(inputs) or not inputs:
+            return self.subgraph(*inputs)
+        from .. import codegen
+        dev = inputs[0].device.type
+        codegen.build([self], dev)
+        return self._compiled[dev](*inputs)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_compiled"] = {}
+        return d
+
+    def __repr__(self):
+        return f"FusedKernel({self.name}: {', '.join(self.ops)})"
+
+
+def _is_fake(inputs):
+    from torch._subclasses.fake_tensor import FakeTensor
+    return any(isinstance(x, FakeTensor) or (isinstance(x, torch.Tensor) and x.device.type == "meta")
+               for x in inputs)

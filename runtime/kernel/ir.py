@@ -1,0 +1,115 @@
+"""The kernel description (the IR both printers read): `Kernel`, its `Buffer`s
+and its SSA list of `Value`s.
+
+- an iteration space: the *anchor* sizes, split into outer dims (one loop
+  iteration `m` per point, run in parallel) and inner dims `R` (the reduced
+  dims of a reduction kernel, the innermost dim of a pointwise kernel, looped
+  over by `r`);
+- buffers: every input and output is addressed by one stride per anchor dim
+  (stride 0 where it broadcasts), so views, expands and permutes of kernel
+  inputs cost nothing and strided inputs are read in place;
+- values: an SSA list of primitive ops, each *row*-level (constant over `r`:
+  reduction results, broadcast loads) or *elem*-level, every one computed in
+  fp32 (int64 for integers, bool) whatever the storage dtype.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+class LoweringError(ValueError):
+    """The group cannot be expressed as one kernel."""
+
+
+TYPE_OF = {torch.float32: "f", torch.bfloat16: "f", torch.float16: "f", torch.bool: "b",
+           torch.int64: "i", torch.int32: "i", torch.uint8: "i", torch.int8: "i", torch.int16: "i"}
+COMPARE = {"eq", "ne", "lt", "le", "gt", "ge"}
+LOGICAL = {"and", "or", "not"}
+REDUCE_INIT = {"sum": 0, "max": "-inf", "min": "inf"}
+
+# ---------------------------------------------------------------- the description
+
+@dataclass
+class Buffer:
+    """A kernel input or output: storage dtype and one stride per anchor dim."""
+    name: str
+    dtype: torch.dtype
+    shape: tuple
+    strides: tuple              # the tensor's own strides (checked at call time for inputs)
+    astrides: tuple = ()        # stride per anchor dim (0: broadcast)
+
+
+@dataclass
+class Value:
+    id: int
+    op: str                     # a primitive, "load", "const", "iota", "cast" or a reduction
+    args: tuple                 # value ids, or for load/const/iota their parameters
+    type: str                   # "f" float32, "i" int64, "b" bool
+    elem: bool                  # varies over the inner dims
+    phase: int = 0              # how many reduction loops must run before it
+
+
+@dataclass
+class Kernel:
+    """One loop nest: `for m in outer: [reduction loops over r]; final loop over r`."""
+    sizes: list                 # anchor dim sizes
+    inner: list                 # anchor dims looped over by r (reduced dims, or the innermost dim)
+    inputs: list
+    outputs: list               # Buffers
+    values: list
+    stores: list                # (output index, value id)
+    reductions: bool = False
+
+    @property
+    def outer(self):
+        return [d for d in range(len(self.sizes)) if d not in self.inner]
+
+    @property
+    def m_size(self):
+        return math.prod(self.sizes[d] for d in self.outer)
+
+    @property
+    def r_size(self):
+        return math.prod(self.sizes[d] for d in self.inner)
+
+    def index_terms(self, dims):
+        """[(dim, divisor, size)] so that index[dim] = (flat // divisor) % size over `dims`."""
+        out, div = [], 1
+        for d in reversed(dims):
+            out.append((d, div, self.sizes[d]))
+            div *= self.sizes[d]
+        return list(reversed(out))
+
+    def needed(self):
+        need, vals = set(), {v.id: v for v in self.values}
+        stack = [vid for _, vid in self.stores]
+        while stack:
+            i = stack.pop()
+            if i in need:
+                continue
+            need.add(i)
+            v = vals[i]
+            if v.op not in ("load", "const", "iota"):
+                stack.extend(a for a in v.args if isinstance(a, int) and not isinstance(a, bool))
+        return need
+
+    def elem_closure(self, roots, stop=frozenset()):
+        """Elem-level values a loop body must compute for `roots`, in order
+        (values in `stop` are already at hand: kept by an earlier loop)."""
+        vals = {v.id: v for v in self.values}
+        seen, stack = set(), list(roots)
+        while stack:
+            i = stack.pop()
+            v = vals[i]
+            if i in seen or not v.elem or i in stop:
+                continue
+            seen.add(i)
+            if v.op not in ("load", "const", "iota") and v.op not in REDUCE_INIT:
+                stack.extend(v.args)
+        return [v for v in self.values if v.id in seen]
+
+    def bytes_moved(self):
+        return sum(math.prod(b.shape) * b.dtype.itemsize for b in self.inputs + self.outputs)
