@@ -143,8 +143,8 @@ def untrusted(path: str, private: bool = False) -> str | None:
         return f"it is owned by uid {st.st_uid}, not by you (uid {os.geteuid()})"
     bad = st.st_mode & (0o077 if private else 0o022)
     if bad:
-        return f"its mode {stat.filemode(st.st_mode)} lets {'group' if bad & 0o070 else 'others'} " \
-               f"{'write' if bad & 0o022 else 'read'} it"
+        who = " and ".join(w for w, bits in (("group", 0o070), ("others", 0o007)) if bad & bits)
+        return f"its mode {stat.filemode(st.st_mode)} lets {who} {'write' if bad & 0o022 else 'read'} it"
     return None
 
 
