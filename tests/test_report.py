@@ -91,6 +91,22 @@ def test_report_has_every_part(written, run_with_fusion):
     assert "rank 0" in text and "rank 1" in text
 
 
+def test_waterfall_and_table_start_at_eager(run_with_fusion, tmp_path):
+    rec = dict(run_with_fusion.record, eager={"throughput": 800.0, "ci_low": 790.0, "ci_high": 810.0,
+                                              "settings": "the module itself"},
+               final_speedup_vs_eager=1.55, final_speedup_vs_eager_ci=[1.5, 1.6], setup_seconds=2.5)
+    rec["baseline"] = dict(rec["baseline"], speedup_vs_eager=1.25, speedup_vs_eager_ci=[1.2, 1.3])
+    text = report.summary(rec)
+    labels = re.findall(r'<text[^>]*rotate[^>]*>([^<]+)</text>', text)
+    assert labels[:3] == ["eager", "capture", "cse"] and labels[-1] == "final"
+    assert ">1.250×<" in text          # capture's own bar: the captured graph over eager
+    assert "1.550× (1.500–1.600)" in text and "2.5 s" in text
+    table = report.pass_table(rec)
+    assert table.index("eager (reference)") < table.index(">capture<") and "1.250× (1.200–1.300)" in table
+    without = report.summary(run_with_fusion.record)      # no eager measured: the waterfall starts at the baseline
+    assert re.findall(r'<text[^>]*rotate[^>]*>([^<]+)</text>', without)[0] == "baseline"
+
+
 def test_report_is_self_contained(written):
     _, text = written
     assert not re.search(r'<(script|img|link|iframe)[^>]+(src|href)=', text), "no external resources"

@@ -3,7 +3,8 @@ no network) that shows what each pass changed and what it contributed.
 
 `write(record, run, out_dir)` reads the run record (CONTRACT.md) and, where the
 run got that far, its snapshots (`run.result.baseline` / `.steps`): the pass
-table, a waterfall of throughput from baseline to final, Shapley values and the
+table, a waterfall of throughput from eager (the reference) through capture
+and each pass to final, Shapley values and the
 interaction term, the roofline position, side-by-side before/after drawings of
 every pass (wheel zoom, drag pan), the generated kernel sources, and the
 per-rank timeline of a distributed run. Charts are SVG written here; graphs
@@ -355,9 +356,17 @@ def summary(rec: dict) -> str:
     last = next((s for s in reversed(steps) if s.get("status") == "ok"), None) or (steps[-1] if steps else b)
     final_tp = next((s.get("throughput") for s in reversed(steps) if s.get("throughput")), b.get("throughput"))
     unit = b.get("unit") or next((s.get("unit") for s in steps if s.get("unit")), None) or "units/s"
-    cards = [("baseline throughput", f"{num(b.get('throughput'))} {unit}" if b.get("throughput") else "not measured"),
+    eager = rec.get("eager") or {}
+    vs_eager = speed(rec.get("final_speedup_vs_eager"))
+    if rec.get("final_speedup_vs_eager_ci"):
+        vs_eager += " ({:.3f}–{:.3f})".format(*rec["final_speedup_vs_eager_ci"])
+    cards = [("eager throughput (reference)", f"{num(eager.get('throughput'))} {unit}" if eager.get("throughput")
+              else "not measured"),
+             ("captured throughput", f"{num(b.get('throughput'))} {unit}" if b.get("throughput") else "not measured"),
              ("final throughput", f"{num(final_tp)} {unit}" if final_tp else "not measured"),
-             ("final speedup", speed(rec.get("final_speedup"))),
+             ("final speedup vs eager (95% CI)", vs_eager),
+             ("final speedup vs captured", speed(rec.get("final_speedup"))),
+             ("setup (capture + passes)", seconds(rec.get("setup_seconds"))),
              ("kernel launches (est.)", f"{num(b.get('launches'))} → {num(last.get('launches'))}"),
              ("bytes moved (est.)", f"{nbytes(b.get('bytes'))} → {nbytes(last.get('bytes'))}"),
              ("graph nodes", f"{num(b.get('nodes'))} → {num(last.get('nodes'))}")]
@@ -371,8 +380,15 @@ def summary(rec: dict) -> str:
     if b.get("throughput"):
         vals = [b.get("throughput")] + [s.get("throughput") if s.get("status") == "ok" else None for s in steps]
         errs = [(b.get("ci_low"), b.get("ci_high"))] + [(s.get("ci_low"), s.get("ci_high")) for s in steps]
+        if eager.get("throughput"):    # eager is the reference: capture is the first measured step
+            labels, vals = ["eager", "capture"] + labels[1:], [eager["throughput"]] + vals
+            errs = [(eager.get("ci_low"), eager.get("ci_high"))] + errs
         chart = waterfall_svg(labels, vals, errs, unit)
-        cap = ("Measured throughput after each pass (median; whiskers: 95% confidence interval), "
+        cap = ("Measured throughput from PyTorch eager (the reference) through capture and each pass "
+               "(median; whiskers: 95% confidence interval), each bar floating from the previous step: green "
+               "gains, red losses; the final bar is labelled with its speedup over the first."
+               if eager.get("throughput") else
+               "Measured throughput after each pass (median; whiskers: 95% confidence interval), "
                "each bar floating from the previous step: green gains, red losses.")
     else:
         vals = [b.get("launches")] + [s.get("launches") for s in steps]
@@ -407,18 +423,29 @@ def folded(text: str, n: int = 90) -> str:
 def pass_table(rec: dict) -> str:
     b, steps = rec.get("baseline") or {}, rec.get("steps") or []
     has_bound = any(d.get("percent_of_bound") is not None for d in [b, *steps])
-    cols = ["pass", "status", "changed", "throughput", "±95%", "vs prev", "cumul.", "launches", "bytes", "FLOPs",
-            "nodes", "max err", "numerics", "pass s"] + (["% of bound"] if has_bound else []) + ["stats"]
+    cols = ["pass", "status", "changed", "throughput", "±95%", "vs prev", "cumul.", "vs eager (95% CI)", "launches",
+            "bytes", "FLOPs", "nodes", "max err", "numerics", "pass s"] + (["% of bound"] if has_bound else []) + ["stats"]
+    eager = rec.get("eager") or {}
     rows = []
-    for i, s in enumerate([dict(b, **{"pass": "baseline", "status": "ok"})] + steps):
+    if eager.get("throughput"):
+        tp, lo, hi = eager["throughput"], eager.get("ci_low"), eager.get("ci_high")
+        ci = f"{100 * (hi - lo) / 2 / tp:.1f}%" if lo is not None and hi is not None else "–"
+        rows.append('<tr class="ok"><td class="l">eager (reference)</td><td>ok</td><td>–</td>'
+                    f'<td>{num(tp)}</td><td>{ci}</td><td>–</td><td>–</td><td>{speed(1.0)}</td>'
+                    + "<td>–</td>" * (7 + has_bound) + f'<td class="stats">{esc(str(eager.get("settings") or ""))}</td></tr>')
+    for i, s in enumerate([dict(b, **{"pass": "capture" if eager.get("throughput") else "baseline", "status": "ok",
+                                      "speedup_vs_prev": b.get("speedup_vs_eager")})] + steps):
         tp, lo, hi = s.get("throughput"), s.get("ci_low"), s.get("ci_high")
         ci = f"{100 * (hi - lo) / 2 / tp:.1f}%" if tp and lo is not None and hi is not None else "–"
         sp = s.get("speedup_vs_prev")
         cls = "" if sp is None else ("good" if sp > 1.005 else "bad" if sp < 0.995 else "")
+        ve, ve_ci = s.get("speedup_vs_eager"), s.get("speedup_vs_eager_ci")
+        ve_text = speed(ve) + (" ({:.3f}–{:.3f})".format(*ve_ci) if ve is not None and ve_ci else "")
         cells = [f'<td class="l"><a href="#pass-{i}">{esc(s["pass"])}</a></td>', f'<td>{esc(str(s.get("status")))}</td>',
                  f'<td>{"–" if i == 0 else num(s.get("changed"))}</td>', f'<td>{num(tp)}</td>', f"<td>{ci}</td>",
                  f'<td class="{cls}">{speed(sp)}</td>',
                  f'<td>{speed(s.get("cumulative_speedup") if i else (1.0 if tp else None))}</td>',
+                 f'<td>{ve_text}</td>',
                  f'<td>{num(s.get("launches"))}</td>', f'<td>{nbytes(s.get("bytes"))}</td>', f'<td>{num(s.get("flops"))}</td>',
                  f'<td>{num(s.get("nodes"))}</td>',
                  f'<td>{"–" if s.get("max_error") is None else format(s["max_error"], ".1e")}</td>',
@@ -479,13 +506,20 @@ def attribution(rec: dict) -> str:
         b = rec.get("baseline") or {}
         final = next((s.get("throughput") for s in reversed(rec.get("steps") or []) if s.get("throughput")), None)
         rows = [("passlab baseline (op by op)", b.get("throughput"), "#7f8c9d", "captured graph, op by op"),
-                ("passlab final", final, "#2f6db5", "after the pipeline")]
+                ("passlab final", final, "#2f6db5",
+                 f"after the pipeline; setup {seconds(rec.get('setup_seconds'))}")]
         for name, p in peers.items():
-            rows.append((name, (p or {}).get("throughput"), "#8e5ea2", f"{name}: {(p or {}).get('settings', '')}"
-                         + (f" — {(p or {}).get('error')}" if (p or {}).get("error") else "")))
+            p = p or {}
+            rows.append((name, p.get("throughput"), "#8e5ea2", f"{name}: {p.get('settings', '')}"
+                         + (f"; compile {seconds(p['compile_s'])}" if p.get("compile_s") else "")
+                         + (f" — {p.get('error')}" if p.get("error") else "")))
         ok = [(n, float(v), c, f"{t}: {num(v, 4)}") for n, v, c, t in rows if v]
-        settings = "".join(f"<li>{esc(n)}: {esc(str((p or {}).get('settings') or (p or {}).get('error') or ''))}</li>"
-                           for n, p in peers.items())
+        settings = "".join(f"<li>{esc(n)}: {esc(str((p or {}).get('settings') or ''))}"
+                           + (f"; compile time {esc(seconds((p or {})['compile_s']))}" if (p or {}).get("compile_s")
+                              else "")
+                           + (f" — <b>failed</b>: {esc(str(p['error']))}" if (p or {}).get("error") else "")
+                           + "</li>" for n, p in peers.items())
+        settings += f"<li>passlab: setup (capture + passes and their checks) {esc(seconds(rec.get('setup_seconds')))}</li>"
         parts.append("<h3>Peers (measured in the same run)</h3>" + hbars_svg(ok, num, svg_id="peers")
                      + f"<ul class='note'>{settings}</ul>")
     if not parts:
