@@ -56,8 +56,15 @@ def capture(module: torch.nn.Module, example_inputs, example_kwargs: dict | None
 
 
 def drop_guards(gm: torch.fx.GraphModule) -> None:
-    """Remove export's `_guards_fn` input check: passes and the executor see
-    only the computation, and the shapes are static anyway."""
+    """Remove export's input checks (the `_guards_fn` node and the pre-hook
+    that checks the pytree calling convention): passes and the executor see
+    only the computation, which takes flat inputs (`flatten_signature`).
+    Callers check inputs themselves: `passlab.optimize` keys every call by
+    its signature and re-specializes."""
+    for k, hook in list(gm._forward_pre_hooks.items()):
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+            del gm._forward_pre_hooks[k]
+            gm._forward_pre_hooks_with_kwargs.pop(k, None)
     for n in list(gm.graph.nodes):
         if n.op == "call_module" and n.target == "_guards_fn":
             gm.graph.erase_node(n)
