@@ -198,3 +198,32 @@ def test_two_ranks_match_reference():
     assert len(results) == 2 * len(models) + 2
     for model, rank, err, scale in results:
         assert err <= 1e-4 * max(scale, 1.0), (model, rank, err)
+
+
+def test_chunk_fires_by_default_where_the_estimate_says_it_helps(graphs, monkeypatch):
+    """k=0 (the default): the cost model chooses. On a bandwidth-bound link
+    the MoE dispatch/combine is split; where latency dominates every chunk's
+    transfer, nothing is, and the pass says why."""
+    s, gm = graphs["ep_moe"]
+    cpu = {"device": "cpu", "copy_bytes_per_s": 1e9, "matmul_flops_per_s": {"float32": 1e9},
+           "op_overhead_s": 0.0, "collective_overhead_s": 0.0}
+    from passlab.runtime import simulator
+    monkeypatch.setattr(simulator, "device_profile", lambda name, measure=False: dict(cpu))
+    fast = overlap.overlap_chunk(clone(gm), PassContext(world_size=2), link="rate=0.5MB;latency=0")
+    lat = overlap.overlap_chunk(clone(gm), PassContext(world_size=2), link="rate=1000GB;latency=50ms")
+    assert fast.stats["split"] > 0 and set(fast.stats["k"].values()) <= {2, 4, 8}, fast.stats
+    est = fast.stats["estimate"]
+    assert est["step_us_after"] < est["step_us_before"] and est["link"] == "rate=0.5MB;latency=0"
+    check_structure(gm, fast.gm)
+    assert_same(s, gm, fast.gm)
+    assert lat.stats["split"] == 0 and lat.stats["skipped"] == {"no estimated gain": 4}, lat.stats
+
+
+def test_default_pipeline_runs_the_overlap_passes():
+    from passlab.passes.pipeline import DEFAULT_PIPELINE
+    assert DEFAULT_PIPELINE.split(",")[-2:] == ["overlap_reorder", "overlap_chunk"]
+    s = load("mlp", "tiny")                    # no collectives: both leave the graph alone
+    gm = capture(s.module, s.example_inputs)
+    for p in (overlap.overlap_reorder, overlap.overlap_chunk):
+        res = p(clone(gm), PassContext())
+        assert res.changed is False and res.stats == {"collectives": 0}

@@ -16,12 +16,43 @@ def test_collective_formulas_by_hand():
     assert collective_time("all_reduce", mb, 4, LINK) == pytest.approx(2 * 3 / 4 * 1e-3 + 6 * 1e-5)
     assert collective_time("all_gather", mb, 8, LINK) == pytest.approx(7 / 8 * 1e-3 + 7 * 1e-5)
     assert collective_time("reduce_scatter", mb, 8, LINK) == pytest.approx(7 / 8 * 1e-3 + 7 * 1e-5)
-    assert collective_time("all_to_all", mb, 1024, LINK) == pytest.approx(1023 / 1024 * 1e-3 + 1023 * 1e-5)
+    assert collective_time("all_to_all", mb, 1024, LINK) == pytest.approx(1023 / 1024 * 1e-3 + 2 * 1e-5)
     assert collective_time("broadcast", mb, 16, LINK) == pytest.approx(1e-3 + 4 * 1e-5)
     assert collective_time("all_reduce", mb, 1, LINK) == 0.0
     assert collective_time("all_reduce", mb, 2, LINK, overhead_s=1e-4) == pytest.approx(1e-3 + 2e-5 + 1e-4)
     with pytest.raises(ValueError):
         collective_time("gossip", mb, 4, LINK)
+
+
+def test_one_link_table():
+    """The run, the passes and the simulator read the same links."""
+    from passlab.runtime.distributed import link
+    assert simulator.LINKS is link.LINKS and simulator.get_link is link.get_link
+    ib = link.resolve("ib-400g", 50e9)
+    assert ib.rate_bytes_per_s == pytest.approx(50e9 * 50e9 / 989e12)
+    assert simulator.get_link(ib.spec()).bytes_per_s == pytest.approx(ib.bytes_per_s, rel=1e-5)
+    assert simulator.get_link(ib.spec()).latency_s == pytest.approx(ib.latency_s, rel=1e-5)
+
+
+class Parts(simulator.Estimator):
+    """Every collective: 1 s of latency, 2 s on the wire."""
+
+    def __init__(self):
+        super().__init__({"op_overhead_s": 0.0}, LINK, 2)
+
+    def comm_parts(self, node):
+        return 1.0, 2.0
+
+
+def test_comm_stream_chunks_in_flight_share_one_latency():
+    s = simulator.CommStream(Parts(), slots=2)
+    assert s.issue("a", 0.0) == (0.0, pytest.approx(3.0))         # 0.5 latency, 2 on the wire, 0.5 latency
+    assert s.issue("b", 0.0) == (0.0, pytest.approx(5.0))         # its bytes queue behind a's; latency overlaps
+    assert s.issue("c", 0.0) == (pytest.approx(3.0), pytest.approx(7.0))  # both workers busy: starts when a ends
+    assert s.last_end == pytest.approx(7.0)
+    alone = simulator.CommStream(Parts(), slots=1)
+    alone.issue("a", 0.0)
+    assert alone.issue("b", 0.0)[1] == pytest.approx(6.0)         # one worker: one after the other
 
 
 def test_links_and_devices():
@@ -47,8 +78,8 @@ class Fixed(simulator.Estimator):
     def compute(self, node):
         return 1.0 if node.op == "call_function" else 0.0
 
-    def comm(self, node):
-        return 2.0
+    def comm_parts(self, node):
+        return 0.0, 2.0
 
 
 def hand_graph(early: bool) -> torch.fx.Graph:

@@ -49,15 +49,8 @@ def rank_main(p: dict) -> dict:
     steps = parse(p["pipeline"])
     names = [str(s) for s in steps]
     link_options(steps, applied_link() or "loopback", world)
-    disagreements: list[str] = []
-
-    def progress(i, n, name):
-        if disagreements:             # every rank saw the same gathered outcomes: all stop here
-            raise RanksDisagree(disagreements[0])
-        stage(f"pass {name}")
-        say(f"[{i}/{n}] {name}")
-    manager = make_manager(steps, sample, device, strict=p["strict"], tolerance=p["tolerance"], progress=progress)
-    agreeing(manager, disagreements)
+    manager = agreeing(make_manager(steps, sample, device, strict=p["strict"], tolerance=p["tolerance"],
+                                    progress=lambda i, n, name: (stage(f"pass {name}"), say(f"[{i}/{n}] {name}"))))
     ctx = context(sample, device)
     ctx.world_size, ctx.rank = world, rank
     out = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "threads": torch.get_num_threads(),
@@ -130,8 +123,10 @@ def agree(what: str, error: str | None, fingerprint: str | None, disagreements: 
         raise RuntimeError(msg)
 
 
-def agreeing(manager, disagreements: list) -> None:
-    """Wrap every pass and the numerics check so that ranks agree on each outcome."""
+def agreeing(manager):
+    """The manager with every pass and the numerics check wrapped so that the
+    ranks agree on each outcome, and the pipeline stopping on every rank
+    (RanksDisagree, naming the rank and the pass) where their graphs differ."""
     import hashlib
     from passlab.passes import CheckNumerics
     from passlab.passes.api import Pass, as_result
@@ -162,9 +157,19 @@ def agreeing(manager, disagreements: list) -> None:
                 error = f"{type(e).__name__}: {e}"
             agree(f"the numerics check of {step.name}", error, None, disagreements)
 
+    disagreements: list[str] = []
+    inner = manager.progress
+
+    def progress(i, n, name):
+        if disagreements:             # every rank saw the same gathered outcomes: all stop here
+            raise RanksDisagree(disagreements[0])
+        if inner:
+            inner(i, n, name)
     for step in manager.steps:
         step.pass_ = AgreedPass(step.pass_)
     manager.instruments = [AgreedNumerics(i) if isinstance(i, CheckNumerics) else i for i in manager.instruments]
+    manager.progress = progress
+    return manager
 
 
 def distinct_graphs(result, device: str) -> dict:
