@@ -11,7 +11,7 @@ if not torch.cuda.is_available():   # CPU machines run Triton kernels in its int
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-SAMPLES = ["mlp", "transformer", "llama", "moe", "convnet"]
+SAMPLES = ["mlp", "transformer", "llama", "moe", "convnet", "llama_decode"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -144,6 +144,9 @@ def test_subsets_record_the_passes_rolled_back_inside_them():
     assert set(rb) == {"t_attr_raises", "dce+t_attr_raises"}
     assert all(x == [{"pass": "t_attr_raises", "status": "rolled_back",
                       "error": "RuntimeError: broken on purpose"}] for x in rb.values())
+    from passlab.tools.table import pass_table
+    assert "rolled back inside the attribution subsets:\n  t_attr_raises: t_attr_raises: RuntimeError" in \
+        pass_table(r.record)
 
 
 def test_run_record_has_every_field_with_shapley_and_ablation():

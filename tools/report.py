@@ -501,6 +501,12 @@ def attribution(rec: dict) -> str:
                 for k, v in ab.items()]
         parts.append("<h3>Leave-one-out</h3><p class='note'>Full pipeline over the pipeline without the pass "
                      "(&gt; 1: the pass is needed).</p>" + hbars_svg(rows, lambda v: f"×{v:.3f}", center=1.0, svg_id="ablation"))
+    subsets = rec.get("subset_rollbacks") or {}
+    if subsets:
+        parts.append("<h3>Rolled back inside the subsets</h3><p class='note'>Passes that were rolled back while "
+                     "building a subset's graph: that subset measured without them.</p><ul class='note'>"
+                     + "".join(f"<li>{esc(k)}: " + "; ".join(f"{esc(x['pass'])}: {esc(str(x['error']))}" for x in v)
+                               + "</li>" for k, v in subsets.items()) + "</ul>")
     peers = rec.get("peers")
     if peers:
         b = rec.get("baseline") or {}

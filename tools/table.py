@@ -63,6 +63,10 @@ def pass_table(record: dict) -> str:
     errors = [f"  {s['pass']}: {s['error']}" for s in record["steps"] if s.get("error")]
     if errors:
         out += "\nrolled back:\n" + "\n".join(errors)
+    subsets = record.get("subset_rollbacks") or {}
+    if subsets:
+        out += "\nrolled back inside the attribution subsets:\n" + "\n".join(
+            f"  {subset}: " + "; ".join(f"{x['pass']}: {x['error']}" for x in bad) for subset, bad in subsets.items())
     return out
 
 
