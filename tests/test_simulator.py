@@ -164,3 +164,22 @@ def test_compare_a_bench_result():
     assert rows[0]["measured_step_s"] == pytest.approx(0.012)          # the slowest rank
     assert rows[0]["error"] == pytest.approx((rows[0]["step_s"] - 0.012) / 0.012)
     assert rows[1]["measured_overlap_efficiency"] == pytest.approx(0.5)
+
+
+def test_shapley_of_a_bench_with_subsets():
+    """Two passes, every subset timed: exact Shapley values add up to the total log gain."""
+    import math
+    from passlab.tools.simulate import shapley_of, subset_key
+    from passlab.passes import parse
+    steps = parse("overlap_reorder,overlap_chunk")
+    assert subset_key(steps, (1,)) == "overlap_chunk (subset)" and subset_key(steps, (0, 1)) == "overlap_chunk"
+    times = {"captured": 1.0, "overlap_reorder": 0.9, "overlap_chunk": 0.5, "overlap_chunk (subset)": 0.8}
+    ranks = [{"step_s": {k: t * (1 + 0.1 * r) for k, t in times.items()}} for r in range(2)]
+    out = shapley_of({"passes": ["overlap_reorder", "overlap_chunk"], "ranks": ranks})
+    v = {k: -math.log(t * 1.1) for k, t in times.items()}
+    solo_r, solo_c = v["overlap_reorder"] - v["captured"], v["overlap_chunk (subset)"] - v["captured"]
+    total = v["overlap_chunk"] - v["captured"]
+    assert out["total_log_gain"] == pytest.approx(total)
+    assert sum(out["shapley"].values()) == pytest.approx(total)
+    assert out["interaction"] == pytest.approx(total - solo_r - solo_c)
+    assert out["shapley"]["overlap_reorder"] == pytest.approx(0.5 * solo_r + 0.5 * (total - solo_c))

@@ -36,6 +36,8 @@ def add_command(sub) -> None:
                    help="measure instead: launch W ranks on the emulated --link and time the captured graph "
                         "and each pass of --pipeline, in one run")
     p.add_argument("--reps", type=int, default=3, help="timed runs per graph (--bench)")
+    p.add_argument("--shapley", action="store_true",
+                   help="(--bench) also time every subset of the passes: Shapley values and the interaction")
     p.add_argument("--json", default=None, help="write the predictions (or measurements) here")
 
 
@@ -121,6 +123,8 @@ def table(pred: dict) -> str:
 
 def link_of_record(rec: dict) -> str:
     link = rec.get("link") or {}
+    if link.get("applied"):
+        return link["applied"]                  # the link exactly as the run emulated it
     if link.get("emulated") and link.get("rate_bytes_per_s"):
         lat = link.get("latency_s", 0.0) if link.get("latency_emulated") else 0.0
         return f"rate={link['rate_bytes_per_s']:.6g}B;latency={lat:.6g}s"
@@ -134,10 +138,13 @@ def compare(rec: dict, device: str = "cpu-now") -> dict:
     if "pass_link" in rec:
         return compare_bench(rec, device)
     world = rec["world_size"]
-    pred = predict(rec["model"], preset=rec["preset"], world=world, link=link_of_record(rec), device=device,
-                   pipeline=",".join(rec["pipeline"]), dtype=rec.get("dtype"), ranks_per_host=world)
-    measured = [rec["baseline"].get("median_s")] + [s.get("median_s") for s in rec["steps"]]
     traced = rec.get("ranks") or []
+    compute = [r["traced"]["baseline"]["compute_s"] for r in traced if r.get("traced", {}).get("baseline")]
+    pred = calibrated(lambda prof: predict(rec["model"], preset=rec["preset"], world=world,
+                                           link=link_of_record(rec), device=prof, pipeline=",".join(rec["pipeline"]),
+                                           dtype=rec.get("dtype"), ranks_per_host=world),
+                      device, sum(compute) / len(compute) if compute else None)
+    measured = [rec["baseline"].get("median_s")] + [s.get("median_s") for s in rec["steps"]]
     exposed = {k: sum(r["traced"][k]["exposed_comm_s"] for r in traced) / len(traced)
                for k in ("baseline", "final")} if traced and all("traced" in r for r in traced) else {}
     for i, (row, m) in enumerate(zip(pred["steps"], measured)):
@@ -151,12 +158,15 @@ def compare(rec: dict, device: str = "cpu-now") -> dict:
 
 def compare_bench(b: dict, device: str = "cpu-now") -> dict:
     world, ranks = b["world"], b["ranks"]
-    passes = [k for k in ranks[0]["step_s"] if k != "captured"]
+    chain = [step.split("(")[0] for step in b.get("passes", [])]
+    passes = [k for k in ranks[0]["step_s"] if k != "captured" and (k in chain or not chain)]
     given = {step.split("(")[0]: step for step in b.get("passes", [])}
     pipeline = ",".join(given.get(n, n)[:-1] + f",link={b['pass_link']})" if "(" in given.get(n, n)
                         else f"{n}(link={b['pass_link']})" for n in passes)
-    pred = predict(b["model"], preset=b["preset"], world=world, link=b["pass_link"],
-                   device=b.get("profile") or device, pipeline=pipeline, ranks_per_host=world)
+    compute = sum(r["metrics"]["captured"]["compute_s"] for r in ranks) / len(ranks)
+    pred = calibrated(lambda prof: predict(b["model"], preset=b["preset"], world=world, link=b["pass_link"],
+                                           device=prof, pipeline=pipeline, ranks_per_host=world),
+                      b.get("profile") or device, compute)
     for row, key in zip(pred["steps"], ["captured"] + passes):
         m = max(r["step_s"][key] for r in ranks)
         row["measured_step_s"] = m
@@ -167,15 +177,44 @@ def compare_bench(b: dict, device: str = "cpu-now") -> dict:
     return pred
 
 
+def calibrated(predict_with, device: "str | dict", measured_compute_s: float | None) -> dict:
+    """`predict_with(profile)` on the device profile scaled so that the captured
+    graph's predicted compute equals its measured compute (one factor for all
+    compute: copy rate, matmul rate and per-op cost); what the passes change
+    (order, chunks, overlap) is then predicted, not fitted. Each row keeps the
+    unscaled prediction as `uncalibrated_step_s`."""
+    from passlab.runtime import simulator
+    profile = simulator.with_overheads(simulator.device_profile(device) if isinstance(device, str) else dict(device))
+    raw = predict_with(profile)
+    base = raw["steps"][0].get("compute_s")
+    if not base or not measured_compute_s:
+        return raw
+    f = measured_compute_s / base
+    scaled = dict(profile, copy_bytes_per_s=profile["copy_bytes_per_s"] / f,
+                  matmul_flops_per_s={k: v / f for k, v in profile["matmul_flops_per_s"].items()},
+                  op_overhead_s=profile["op_overhead_s"] * f,
+                  source=f"{profile.get('source', '')}; compute x{f:.2f}, calibrated on the captured graph's "
+                         f"measured compute")
+    pred = predict_with(scaled)
+    for row, r in zip(pred["steps"], raw["steps"]):
+        row["uncalibrated_step_s"] = r.get("step_s")
+    pred["calibration"] = {"compute_factor": f, "measured_compute_s": measured_compute_s,
+                           "predicted_compute_s": base}
+    return pred
+
+
 def compare_table(pred: dict) -> str:
     from .table import render
     ms = lambda v: "-" if v is None else f"{v * 1e3:.2f}"
     rows = [[r["step"], ms(r.get("step_s")), ms(r.get("measured_step_s")),
-             "-" if r.get("error") is None else f"{r['error'] * 100:+.0f}%", ms(r.get("exposed_comm_s")),
-             ms(r.get("measured_exposed_comm_s"))] for r in pred["steps"]]
+             "-" if r.get("error") is None else f"{r['error'] * 100:+.0f}%", ms(r.get("uncalibrated_step_s")),
+             ms(r.get("exposed_comm_s")), ms(r.get("measured_exposed_comm_s"))] for r in pred["steps"]]
+    errors = sorted(abs(r["error"]) for r in pred["steps"] if r.get("error") is not None)
+    tail = f"\nmedian absolute error {errors[len(errors) // 2] * 100:.1f}%" if errors else ""
     return (f"{pred['model']} ({pred['preset']}) at W={pred['world']}, link {pred['link']}, "
             f"{pred['device_source']}\n" + render(["after", "predicted ms", "measured ms", "error",
-                                                  "pred. exposed ms", "meas. exposed ms"], rows))
+                                                  "uncalibrated ms", "pred. exposed ms", "meas. exposed ms"], rows)
+            + tail)
 
 
 def bench_table(b: dict) -> str:
@@ -194,7 +233,7 @@ def bench_table(b: dict) -> str:
     head = (f"{b['model']} ({b['preset']}) on {b['world']} gloo ranks, {b['threads_per_rank']} thread(s) each on "
             f"{b['cores']} cores; link {link.get('name')} "
             f"({'emulated' if link.get('emulated') else 'NOT emulated: ' + str(link.get('reason'))}), "
-            f"fitted {b['pass_link']}; measured")
+            f"passes told {b['pass_link']} ({b.get('pass_link_source') or 'fitted'}); measured")
     return head + "\n" + render(["after", "step ms (slowest rank)", "vs captured", "comm ms", "exposed ms",
                                  "overlap eff."], rows)
 
@@ -204,8 +243,11 @@ def command(args) -> int:
     if args.bench:
         from passlab.passes.pipeline import split_items
         b = bench(args.model, args.preset, args.world_size, args.link, reps=args.reps,
-                  passes=[i.strip() for i in split_items(args.pipeline) if i.strip()])
+                  passes=[i.strip() for i in split_items(args.pipeline) if i.strip()], shapley=args.shapley)
         print(bench_table(b))
+        if b.get("shapley"):
+            print("Shapley (log throughput): " + ", ".join(f"{k} {v:+.3f}" for k, v in b["shapley"].items())
+                  + f"; interaction {b['interaction']:+.3f}; total {b['total_log_gain']:+.3f}")
         if args.json:
             from .record import write_json
             write_json(b, args.json)
@@ -250,21 +292,38 @@ def bench_rank(p: dict) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     sample = load(p["model"], p["preset"])
     gm = capture(sample.module, sample.example_inputs)
-    ctx = PassContext(world_size=world, rank=rank)
+    ctx = PassContext(world_size=world, rank=rank, dtype=sample.dtype, example_inputs=sample.example_inputs,
+                      sample=sample)
     variants, stats = {"captured": gm}, {}
-    link = calibrate_link() if p.get("calibrate", True) else p["pass_link"]
+    from passlab.runtime.distributed import applied_link
+    link, source = applied_link(), "the link as emulated"      # what the ranks really have
+    if link is None:
+        link, source = (calibrate_link(), "fitted to all_reduce timings") if p.get("calibrate", True) else \
+            (p["pass_link"], "given")
     from passlab.runtime.simulator import quick_cpu_profile
     dist.barrier()
-    box = [quick_cpu_profile() if rank == 0 else None]       # this machine now, the other ranks idle
+    box = [quick_cpu_profile(torch.get_num_threads(), dtypes=("float32", sample.dtype)) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    for step in parse(",".join(p["passes"])):
+    steps = parse(",".join(p["passes"]))
+    captured = gm
+
+    def apply(step, g):
         ctx.options = {"link": link, **step.options}
-        res = step.pass_.run(clone(gm), ctx)
+        return step.pass_.run(clone(g), ctx)
+    for step in steps:
+        res = apply(step, gm)
         gm = res.gm
         variants[step.name], stats[step.name] = gm, res.stats
+    for subset in subsets(len(steps)) if p.get("shapley") else ():
+        if subset != tuple(range(len(subset))):          # prefixes are the chain above
+            g = captured
+            for i in subset:
+                g = apply(steps[i], g).gm
+            variants[subset_key(steps, subset)] = g
     x = sample.make_inputs(3)
     times = {k: [] for k in variants}
-    out = {"rank": rank, "stats": stats, "metrics": {}, "pass_link": link, "profile": box[0]}
+    out = {"rank": rank, "stats": stats, "metrics": {}, "pass_link": link, "pass_link_source": source,
+           "profile": box[0]}
     with torch.no_grad():
         for g in variants.values():
             g(*x)
@@ -315,20 +374,57 @@ def calibrate_link(reps: int = 8, big: int = 1 << 20) -> str:
     return box[0]
 
 
+def subsets(n: int) -> list[tuple]:
+    import itertools
+    return [c for r in range(1, n + 1) for c in itertools.combinations(range(n), r)]
+
+
+def subset_key(steps, subset) -> str:
+    """The variant a subset of the passes names: the chain's own for a prefix."""
+    if subset == tuple(range(len(subset))):
+        return steps[len(subset) - 1].name if subset else "captured"
+    return "+".join(steps[i].name for i in subset) + " (subset)"
+
+
+def shapley_of(b: dict) -> dict:
+    """Shapley values of log-throughput (1 / the slowest rank's step) over the
+    bench's passes, exact over every subset, and the interaction term: total
+    log gain minus the sum of solo log gains (`attribution.shapley_values`)."""
+    import math
+    from passlab.passes import parse
+    from .attribution import shapley_values
+    steps = parse(",".join(b["passes"]))
+    step = lambda key: max(r["step_s"][key] for r in b["ranks"])
+    v = {(): -math.log(step("captured"))}
+    v.update({c: -math.log(step(subset_key(steps, c))) for c in subsets(len(steps))})
+    phi, _ = shapley_values(v, len(steps))
+    full = tuple(range(len(steps)))
+    solo = sum(v[(i,)] - v[()] for i in range(len(steps)))
+    return {"shapley": {s.name: x for s, x in zip(steps, phi)}, "interaction": v[full] - v[()] - solo,
+            "total_log_gain": v[full] - v[()], "of": "log throughput, slowest rank's step (interleaved)"}
+
+
 def bench(model: str, preset: str, world: int, link: str, *, reps: int = 5, passes=None,
-          timeout: float = 600) -> dict:
+          timeout: float = 600, shapley: bool = False) -> dict:
     """Launch `world` ranks on the emulated `link` and measure the captured
     graph and each overlap pass, in one run. The passes are told the link's
     per-rank rate."""
     from passlab.runtime.distributed import link as links
     from passlab.runtime.distributed import spawn
     threads = max(1, (os.cpu_count() or 1) // world)
-    cfg = links.resolve(link, links.host_flops("float32", threads)) if link in links.PRESETS else links.resolve(link)
+    from passlab.graphs.sample import preset_dtype
+    cfg = (links.resolve(link, links.host_flops(preset_dtype(preset, "cpu", None), threads)) if link in links.PRESETS
+           else links.resolve(link))
     pass_link = f"rate={cfg.rate_bytes_per_s:.6g}B;latency={cfg.latency_s:.6g}s"
-    p = {"model": model, "preset": preset, "passes": passes or BENCH_PIPELINE, "reps": reps, "pass_link": pass_link}
+    p = {"model": model, "preset": preset, "passes": passes or BENCH_PIPELINE, "reps": reps, "pass_link": pass_link,
+         "shapley": shapley}
     launched = spawn("passlab.tools.simulate:bench_rank", p, world, timeout=timeout, link=cfg, threads=threads)
     pass_link = launched.results[0].get("pass_link", pass_link)
     profile = launched.results[0].get("profile")
-    return {"model": model, "preset": preset, "world": world, "link": launched.link, "pass_link": pass_link,
-            "passes": p["passes"], "profile": profile,
-            "threads_per_rank": threads, "cores": os.cpu_count(), "ranks": launched.results}
+    out = {"model": model, "preset": preset, "world": world, "link": launched.link, "pass_link": pass_link,
+           "pass_link_source": launched.results[0].get("pass_link_source"),
+           "passes": p["passes"], "profile": profile,
+           "threads_per_rank": threads, "cores": os.cpu_count(), "ranks": launched.results}
+    if shapley:
+        out.update(shapley_of(out))
+    return out

@@ -140,9 +140,9 @@ def resolve(spec: str, host_flops_per_s: float | None = None) -> Link:
 
 
 def host_flops(dtype="float32", threads: int = 1, budget_s: float = 0.3) -> float:
-    """This machine's matmul FLOP/s at one rank's thread count: the median of
+    """This machine's matmul FLOP/s at one rank's thread count: the fastest of
     512x512 products for `budget_s` (quick; the link rate needs the ratio, not
-    a benchmark)."""
+    a benchmark; the fastest, since a shared machine only ever slows one down)."""
     import torch
     dt = getattr(torch, str(dtype).replace("torch.", ""))
     before = torch.get_num_threads()
@@ -158,7 +158,7 @@ def host_flops(dtype="float32", threads: int = 1, budget_s: float = 0.3) -> floa
             times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)
-    return 2 * n ** 3 / sorted(times)[len(times) // 2]
+    return 2 * n ** 3 / min(times)
 
 
 # ---------------------------------------------------------------- the namespaces
