@@ -64,7 +64,9 @@ HF_FIRES = [
     ("fuse_attention", "hf:mixtral", 2, {"causal": 2, "gqa": 2}),
     ("merge_projections", "hf:llama", 4, {"gemms_merged": 10}),
     ("merge_projections", "hf:mixtral", 2, {"gemms_merged": 6}),
-    ("fuse_epilogue", "hf:gpt2", 4, {"onednn_binary": 4} if ONEDNN else {"residual_folded": 4}),
+    # GPT-2 writes GELU as the tanh formula: recomposed to one gelu, it becomes the linear's post-op too
+    ("fuse_epilogue", "hf:gpt2", 6, {"onednn_linear": 2, "onednn_binary": 4, "activations_recomposed": 2}
+     if ONEDNN else {"residual_folded": 4, "epilogue_kernels": 2}),
     ("fuse_epilogue", "hf:llama", 6, {"onednn_linear": 2, "onednn_binary": 4} if ONEDNN
      else {"residual_folded": 4, "epilogue_kernels": 2}),
 ]
@@ -478,8 +480,8 @@ def test_gemm_epilogue_template(act, name, monkeypatch):
     with torch.no_grad():
         expected = m(x)
         assert relative_error(res.gm(x), expected) < 1e-5                          # ATen reference path
-        if importlib.util.find_spec("triton") is not None:
-            assert relative_error(TritonInterpreter(res.gm).run(x), expected) < 1e-4  # the kernel
+        pytest.importorskip("triton", reason="the kernel half of this test needs triton (the dev extra)")
+        assert relative_error(TritonInterpreter(res.gm).run(x), expected) < 1e-4      # the kernel
 
 
 @pytest.mark.gpu
