@@ -7,8 +7,6 @@ catalogue: name -> Entry(family, what it is, how to build it).
 """
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,7 +33,13 @@ AUDIO = {"tiny": dict(layers=2, dim=32, heads=4, ffn=64, vocab=128, batch=2, mel
 class Entry:
     family: str                      # encoder | decoder | moe | enc-dec | vision | audio | torch
     description: str
-    build: Callable[[str], tuple]    # preset -> (module, args, kwargs, unit, units per forward)
+    build: Callable[[str], dict]     # preset -> Sample fields: module, example_inputs / example_kwargs, unit, ...
+
+
+def fields(module, args=(), kwargs=None, *, unit, units, vocab_size=None) -> dict:
+    """What a builder returns: the Sample's fields (the model is called `module(*args, **kwargs)`)."""
+    return dict(module=module, example_inputs=tuple(args), example_kwargs=dict(kwargs or {}), unit=unit,
+                units_per_forward=units, vocab_size=vocab_size)
 
 
 # ---------------------------------------------------------------- Hugging Face
@@ -58,7 +62,7 @@ def text(arch: str, cls: str, *, mask: bool = True, decoder: bool = False, types
             kw["token_type_ids"] = torch.zeros(shape, dtype=torch.long)
         if decoder:
             kw["decoder_input_ids"] = torch.randint(0, s["vocab"], shape)
-        return m, (), kw, "tokens", s["batch"] * s["seq"]
+        return fields(m, kwargs=kw, unit="tokens", units=s["batch"] * s["seq"], vocab_size=s["vocab"])
     return build
 
 
@@ -66,7 +70,7 @@ def image(arch: str, cls: str):
     def build(preset):
         s = VISION[preset]
         x = torch.randn(s["batch"], 3, s["image"], s["image"])
-        return hf_model(arch, cls, s), (), {"pixel_values": x}, "images", s["batch"]
+        return fields(hf_model(arch, cls, s), kwargs={"pixel_values": x}, unit="images", units=s["batch"])
     return build
 
 
@@ -75,13 +79,15 @@ def whisper_encoder(preset):
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
     hf.require_transformers()
     x = torch.randn(s["batch"], s["mels"], s["frames"])
-    return WhisperEncoder(hf.config("whisper", s)), (), {"input_features": x}, "clips", s["batch"]
+    return fields(WhisperEncoder(hf.config("whisper", s)), kwargs={"input_features": x}, unit="clips",
+                  units=s["batch"])
 
 
 def wav2vec2(preset):
     s = AUDIO[preset]
     x = torch.randn(s["batch"], s["samples"])
-    return hf_model("wav2vec2", "Wav2Vec2Model", s), (), {"input_values": x}, "clips", s["batch"]
+    return fields(hf_model("wav2vec2", "Wav2Vec2Model", s), kwargs={"input_values": x}, unit="clips",
+                  units=s["batch"])
 
 
 # ---------------------------------------------------------------- plain torch.nn, as users write them
@@ -112,7 +118,8 @@ class MHAStack(nn.Module):
 def mha_stack(preset):
     s = TEXT[preset]
     x = torch.randn(s["batch"], s["seq"], s["dim"])
-    return MHAStack(s["dim"], s["heads"], s["ffn"], s["layers"]), (x,), {}, "tokens", s["batch"] * s["seq"]
+    return fields(MHAStack(s["dim"], s["heads"], s["ffn"], s["layers"]), (x,), unit="tokens",
+                  units=s["batch"] * s["seq"])
 
 
 def transformer_encoder(preset):
@@ -121,7 +128,7 @@ def transformer_encoder(preset):
                                        norm_first=True)
     m = nn.TransformerEncoder(layer, s["layers"], enable_nested_tensor=False)
     x = torch.randn(s["batch"], s["seq"], s["dim"])
-    return m, (x,), {}, "tokens", s["batch"] * s["seq"]
+    return fields(m, (x,), unit="tokens", units=s["batch"] * s["seq"])
 
 
 def conv_bn_act(cin, cout, k, stride=1, groups=1):
@@ -149,7 +156,7 @@ def dw_cnn(preset):
     s = VISION[preset]
     m = DepthwiseSeparableCNN(s["widths"])
     x = torch.randn(s["batch"], 3, s["image"], s["image"])
-    return m, (x,), {}, "images", s["batch"]
+    return fields(m, (x,), unit="images", units=s["batch"])
 
 
 class ResBlock(nn.Module):
@@ -188,7 +195,7 @@ class UNetBlock(nn.Module):
 def unet_block(preset):
     s = VISION[preset]
     x = torch.randn(s["batch"], 3, s["image"], s["image"])
-    return UNetBlock(s["widths"][0], s["widths"][-1]), (x,), {}, "images", s["batch"]
+    return fields(UNetBlock(s["widths"][0], s["widths"][-1]), (x,), unit="images", units=s["batch"])
 
 
 # ---------------------------------------------------------------- the catalogue
@@ -259,23 +266,12 @@ def build(name: str, preset: str, dtype: torch.dtype, device: str) -> Sample:
     check_names([name])
     entry = MODELS[name]
     torch.manual_seed(0)
-    module, args, kwargs, unit, units = entry.build(preset)
-    module = module.eval().to(device, dtype)
+    f = entry.build(preset)
     move = lambda t: t.to(device, dtype) if t.dtype.is_floating_point else t.to(device)
-    args = tuple(move(a) for a in args)
-    kwargs = {k: move(v) for k, v in kwargs.items()}
-    shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in kwargs.items()) or \
-        ", ".join(str(tuple(a.shape)) for a in args)
-    return sample_of(f"zoo:{name}", module, args, kwargs, unit=unit, units_per_forward=units, dtype=dtype,
-                     device=device, preset=preset, description=f"{entry.description}; {shapes}")
-
-
-def sample_of(name, module, args, kwargs, **fields) -> Sample:
-    """A Sample with keyword inputs where Sample takes them; until then the keywords are bound to
-    the forward's positional parameters (the same call)."""
-    if "example_kwargs" in {f.name for f in dataclasses.fields(Sample)}:
-        return Sample(name, module, args, example_kwargs=kwargs, **fields)
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    if bound.kwargs:
-        bound.apply_defaults()
-    return Sample(name, module, tuple(bound.args), **fields)
+    f["module"] = f["module"].eval().to(device, dtype)
+    f["example_inputs"] = tuple(move(a) for a in f["example_inputs"])
+    f["example_kwargs"] = {k: move(v) for k, v in f["example_kwargs"].items()}
+    shapes = ", ".join([str(tuple(a.shape)) for a in f["example_inputs"]] +
+                       [f"{k}={tuple(v.shape)}" for k, v in f["example_kwargs"].items()])
+    return Sample(f"zoo:{name}", dtype=dtype, device=device, preset=preset,
+                  description=f"{entry.description}; {shapes}", **f)

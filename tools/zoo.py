@@ -12,7 +12,9 @@ from __future__ import annotations
 import sys
 import time
 
-from passlab.graphs import CaptureError, capture, load, zoo
+import torch
+
+from passlab.graphs import CaptureError, capture, load, parse_dtype, zoo
 
 
 def add_command(sub) -> None:
@@ -50,7 +52,7 @@ def run_model(name: str, *, preset: str = "tiny", pipeline=None, device: str = "
     row["build_s"], row["description"] = time.perf_counter() - t0, sample.description
     t0 = time.perf_counter()
     try:
-        gm = capture(sample.module, sample.example_inputs)
+        gm = capture(sample.module, sample.example_inputs, sample.example_kwargs)
     except CaptureError as e:
         row["error"], row["capture_s"] = str(e), time.perf_counter() - t0
         return row
@@ -89,19 +91,36 @@ def run_model(name: str, *, preset: str = "tiny", pipeline=None, device: str = "
 
 
 def measure_model(sample, gm, device: str, budget_s: float, say) -> dict:
-    """Eager, torch.compile and the pipeline's graph, timed in one interleaved batch."""
+    """Eager, torch.compile (defaults) and the pipeline's graph, timed in one
+    interleaved batch; each is called as the user calls the model, with its
+    `(args, kwargs)` (the same pytree work for all three)."""
+    import torch.utils._pytree as pytree
     from passlab.runtime import timing
     from passlab.runtime.executor import compile_graph
-    from .attribution import make_peers
+
+    def as_user_call(fn):
+        def call(*flat):
+            args, kwargs = pytree.tree_unflatten(list(flat), sample.in_spec)
+            return fn(*args, **kwargs)
+        return call
+    graph = compile_graph(gm, device)
+    fns = {"eager": as_user_call(sample.module),
+           "passlab": as_user_call(lambda *a, **k: graph(*pytree.tree_leaves((a, k))))}
     inputs = [sample.make_inputs(seed) for seed in (11, 12, 13)]
-    info, fns = make_peers(sample, inputs[0], device, say)
-    fns["passlab"] = compile_graph(gm, device)
+    out = {}
+    say("compiling the torch.compile peer (default settings)")
+    try:
+        torch._dynamo.reset()
+        compiled = as_user_call(torch.compile(sample.module))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            compiled(*inputs[0])
+        out["compile_s"], fns["torch.compile"] = time.perf_counter() - t0, compiled
+    except Exception as e:  # a peer that cannot compile is reported, not fatal
+        out["torch.compile_error"] = first_line(e)
     t = timing.measure_many(fns, inputs, device=device, budget_s=budget_s)
-    out = {k: {"median_s": v.median_s, "ci_low_s": v.ci_low_s, "ci_high_s": v.ci_high_s, "n": v.n}
-           for k, v in t.items()}
-    out["compile_s"] = info.get("torch.compile", {}).get("compile_s")
-    if "error" in info.get("torch.compile", {}):
-        out["torch.compile_error"] = info["torch.compile"]["error"]
+    out.update({k: {"median_s": v.median_s, "ci_low_s": v.ci_low_s, "ci_high_s": v.ci_high_s, "n": v.n}
+                for k, v in t.items()})
     me = t["passlab"].median_s
     out["vs_eager"] = t["eager"].median_s / me
     out["vs_compile"] = t["torch.compile"].median_s / me if "torch.compile" in t else None
@@ -127,7 +146,9 @@ def run(names=None, *, preset: str = "tiny", pipeline=None, device: str = "cpu",
         rows.append(row)
         say(f"[{i}/{len(names)}] {name}: {outcome(row)} ({row['total_s']:.1f}s)")
     ok = [r for r in rows if r["status"] == "ok"]
-    return {"schema": 1, "kind": "zoo", "preset": preset, "device": device,
+    from passlab.graphs.sample import preset_dtype
+    dt = str(preset_dtype(preset, device, dtype)).replace("torch.", "")
+    return {"schema": 1, "kind": "zoo", "preset": preset, "device": device, "dtype": dt,
             "pipeline": pipeline if pipeline is not None else available_default(),
             "machine": records.machine(), "models": rows,
             "summary": {"models": len(rows), "ok": len(ok), "failed": len(rows) - len(ok),
@@ -152,7 +173,7 @@ def table(rec: dict) -> str:
     rows = []
     for r in rec["models"]:
         row = [r["name"], r["family"], r["status"], fmt(r["launches_before"]), fmt(r["launches_after"]),
-               ",".join(r["rolled_back"]) or "-", fmt(r["capture_s"], ".1f"), fmt(r["max_error"], ".0e")]
+               short_list(r["rolled_back"]), fmt(r["capture_s"], ".1f"), fmt(r["max_error"], ".0e")]
         if measured:
             t = r.get("timing") or {}
             ms = lambda k: fmt(t[k]["median_s"] * 1e3, ".2f") if k in t else "-"
@@ -162,45 +183,42 @@ def table(rec: dict) -> str:
     s = rec["summary"]
     out = render(headers, rows)
     out += (f"\n{s['ok']}/{s['models']} ok, {s['clean']}/{s['models']} with nothing rolled back "
-            f"({rec['preset']}, pipeline {rec['pipeline']})")
+            f"({rec['preset']}, {rec['dtype']}, pipeline {rec['pipeline']})")
     notes = [f"  {r['name']}: {r['error']}" for r in rec["models"] if r.get("error")]
     if notes:
         out += "\nfailed or rolled back:\n" + "\n".join(notes)
     return out
 
 
+def short_list(names: list[str], limit: int = 3) -> str:
+    if not names:
+        return "-"
+    return ",".join(names) if len(names) <= limit else ",".join(names[:limit - 1]) + f",+{len(names) - limit + 1}"
+
+
 def command(args) -> int:
-    from .cli import BadArguments
     from . import record as records
+    from .exits import BadArguments, bad_args_errors, check_device, unwritable
     from .progress import Progress
     names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else None
+    check_device(args.device)
+    why = args.json and unwritable(args.json)
+    if why:
+        raise BadArguments(f"cannot write --json {args.json}: {why}")
     try:
         if names:
             zoo.check_names(names)
         if args.pipeline:
             from passlab.passes import parse
             parse(args.pipeline)
-        if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-            raise ValueError(f"unknown device {args.device!r}; use cpu or cuda")
-        if args.json:
-            check_writable(args.json)
-    except Exception as e:
+        if args.dtype:
+            parse_dtype(args.dtype)
+    except (ValueError, *bad_args_errors()) as e:
         raise BadArguments(e) from e
-    say = Progress().message
     rec = run(names, preset=args.preset, pipeline=args.pipeline, device=args.device, dtype=args.dtype,
-              measure=args.measure, budget_s=args.budget, say=say)
+              measure=args.measure, budget_s=args.budget, say=Progress().message)
     print(table(rec))
     if args.json:
         records.write_json(rec, args.json)
         print(f"passlab: wrote {args.json}", file=sys.stderr)
     return 0
-
-
-def check_writable(path: str) -> None:
-    import os
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    probe = folder
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.access(probe, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ValueError(f"cannot write --json {path!r}: {probe} is not writable")
