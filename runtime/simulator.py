@@ -3,18 +3,21 @@
 A rank's graph is replayed on two streams: a compute stream that runs the
 nodes in program order at roofline speed (GEMM FLOPs at the device's matmul
 rate, every other byte at its memory bandwidth, plus a per-op dispatch cost),
-and a communication stream that runs each collective, in issue order, for the
-time a ring / pairwise schedule needs on the link (formulas in
-`collective_time`). A `wait_tensor` blocks the compute stream until its
+and a communication stream (`CommStream`) that runs the collectives as the
+process group does: in issue order on two worker threads, their bytes
+serialized on the rank's uplink, their latency (counted as gloo's schedules
+pay it, `collective_parts`) delaying but not occupying the link, so chunks in
+flight share one latency. A `wait_tensor` blocks the compute stream until its
 collective is done; the blocked time is the exposed communication. All ranks
 are assumed to run the same program in lock step (no skew, no stragglers), so
 one rank's timeline is the step.
 
 Every number here is an estimate. Device profiles are this machine's measured
-rates (`passlab.runtime.profiles`) or datasheet numbers (labelled so); link
-presets are nominal rates. The overlap passes use the same model to choose a
-schedule; `overlap_metrics` reads the events this simulator emits the same way
-it reads a measured timeline.
+rates (`passlab.runtime.profiles`) or datasheet numbers (labelled so); links
+come from the one table in `passlab.runtime.distributed.link` (a run's record
+names the link exactly as it was emulated). The overlap passes use the same
+model to choose a schedule; `overlap_metrics` reads the events this simulator
+emits the same way it reads a measured timeline.
 """
 from __future__ import annotations
 

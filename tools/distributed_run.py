@@ -4,7 +4,10 @@ The parent process checks the arguments, derives the emulated link from this
 machine's compute rate, and launches W ranks (`runtime.distributed.spawn`; or,
 under torchrun, this process *is* a rank). Every rank loads its shard of the
 sample, captures it, runs the pipeline under the pass manager's instruments
-(`rank_main`), times each distinct graph with the same fixed number of
+(`rank_main`) with the overlap passes told the link exactly as emulated, and
+with every pass outcome agreed between the ranks (`agreeing`: a pass or
+numerics check that fails on one rank is rolled back on all; graphs that
+differ stop the run at once, naming the rank and the pass), times each distinct graph with the same fixed number of
 repetitions on every rank (collectives must match), and traces the baseline
 and final graphs. Rank 0 gathers everything into one run record: per-pass
 rows as in a single-process run, per-rank step times, the link, and the
