@@ -40,30 +40,53 @@ def estimator(ctx, link: str, device: str, world: int) -> Estimator:
     schedules from their own measurements would deadlock."""
     w = world or max(ctx.world_size, 2)
     dev = device or ("cpu" if ctx.device.startswith("cpu") else ctx.device)
-    return Estimator(run_profile(dev, ctx.dtype), simulator.get_link(link or "loopback"), w)
+    lk = simulator.get_link(link or "loopback")
+    return Estimator(run_profile(dev, ctx.dtype, lk), lk, w)
 
 
 _RUN_PROFILE: dict = {}
 
 
-def run_profile(device: str, dtype) -> dict:
+def run_profile(device: str, dtype, link) -> dict:
     """The device profile the overlap passes estimate with. In a launched CPU
     run: this machine measured now by rank 0 at its thread count, the share of
-    one of the ranks on this host, broadcast so every rank has the same
-    numbers; measured once per process. Elsewhere `simulator.device_profile`."""
+    one of the ranks on this host, and the fixed cost of one collective here
+    (a one-element all_to_all less the latency the link adds), broadcast so
+    every rank has the same numbers; measured once per process and link.
+    Elsewhere `simulator.device_profile`."""
     import torch.distributed as dist
     if not (device == "cpu" and dist.is_initialized() and dist.get_world_size() > 1
             and dist.get_backend() != "fake"):
         return simulator.device_profile(device)
-    if device not in _RUN_PROFILE:
+    key = (device, str(dtype), link.bytes_per_s, link.latency_s)
+    if key not in _RUN_PROFILE:
+        fixed = collective_cost(link)
         box = [None]
         if dist.get_rank() == 0:
             here = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
             prof = simulator.quick_cpu_profile(torch.get_num_threads(), dtypes=("float32", dtype))
+            prof["collective_overhead_s"] = fixed
+            prof["source"] += f"; one collective's fixed cost measured now: {fixed * 1e6:.0f} us"
             box = [simulator.share(simulator.with_overheads(prof), here)]
         dist.broadcast_object_list(box, src=0)
-        _RUN_PROFILE[device] = box[0]
-    return _RUN_PROFILE[device]
+        _RUN_PROFILE[key] = box[0]
+    return _RUN_PROFILE[key]
+
+
+def collective_cost(link, reps: int = 5) -> float:
+    """On every rank: the median time of a one-element-per-rank all_to_all less
+    the latency `link` adds to it (rank 0's number is the one kept)."""
+    import time
+    import torch.distributed as dist
+    w = dist.get_world_size()
+    x, out, times = torch.zeros(w), torch.empty(w), []
+    dist.barrier()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dist.all_to_all_single(out, x)
+        times.append(time.perf_counter() - t0)
+    lat, _ = simulator.collective_parts("all_to_all", 4 * w, w, link)
+    return max(0.0, sorted(times)[len(times) // 2] - lat)
 
 
 # ---------------------------------------------------------------- list scheduling
@@ -183,7 +206,7 @@ def overlap_reorder(gm: torch.fx.GraphModule, ctx, *, link: str = "", device: st
     after = replay(gm, est)
     return PassResult(gm, moved > 0, {
         "collectives": len(collectives(gm.graph.nodes)), "moved": moved,
-        "estimate": {"world": est.world, "link": est.link.name,
+        "estimate": {"world": est.world, "link": est.link.name, "profile": est.profile.get("source"),
                      "exposed_comm_us_before": round(before.exposed_comm_s * 1e6, 2),
                      "exposed_comm_us_after": round(after.exposed_comm_s * 1e6, 2),
                      "step_us_before": round(before.step_s * 1e6, 2),
@@ -579,7 +602,7 @@ def overlap_chunk(gm: torch.fx.GraphModule, ctx, *, k: int = 0, link: str = "", 
         split += sum(1 for n in best[3].region if collective_kind(n) not in (None, "wait"))
         ks[coll.name] = best[2]
     stats = {"collectives": len(collectives(gm.graph.nodes)), "split": split, "k": ks,
-             "estimate": {"world": est.world, "link": est.link.name,
+             "estimate": {"world": est.world, "link": est.link.name, "profile": est.profile.get("source"),
                           "exposed_comm_us_before": round(before.exposed_comm_s * 1e6, 2),
                           "exposed_comm_us_after": round(current.exposed_comm_s * 1e6, 2),
                           "step_us_before": round(before.step_s * 1e6, 2),
