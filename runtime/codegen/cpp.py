@@ -1,11 +1,14 @@
-"""C++ printer: a kernel description -> one OpenMP loop nest.
+"""C++ printer: a kernel's loop plan (`plan.py`) -> one OpenMP loop nest.
 
 `#pragma omp parallel for` over the flattened outer index m; per reduction
 phase an `omp simd` loop over r accumulating in fp32 (int64 for integers);
-then a final simd loop that recomputes the elementwise values and stores the
-outputs. Math is float; bf16 is loaded/stored as uint16_t with bit shifts
-(round to nearest even); exp/log/erf/tanh are inline polynomials gcc can
-vectorize (no -ffast-math: masks rely on -inf).
+then a final simd loop that computes the elementwise values and stores the
+outputs. Elementwise values a later loop needs again are kept in per-row
+scratch arrays (rows up to 8192 elements); 1-byte masks read next to wider
+data are widened into a float row first, so gcc vectorizes the loops. Math
+is float; bf16 is loaded/stored as uint16_t with bit shifts (round to nearest
+even); exp/log/erf/tanh are inline polynomials gcc can vectorize (no
+-ffast-math: masks rely on -inf).
 """
 from __future__ import annotations
 
@@ -14,13 +17,15 @@ import math
 import torch
 
 from . import CAST, EXPR, kernel_symbol
+from .plan import STATEMENTS, Printer, term, terms
+
+CLAMP = STATEMENTS["clamp"][0]
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
          "-std=c++17", "-w"]
 PARALLEL_MIN_WORK = 1 << 15
 SCRATCH_MAX = 1 << 13
 SCRATCH_T = {"f": "float", "i": "int64_t", "b": "float"}
-LEAF = ("load", "const", "iota")
 STORAGE = {torch.float32: "float", torch.bfloat16: "uint16_t", torch.float16: "_Float16", torch.bool: "bool",
            torch.int64: "int64_t", torch.int32: "int32_t", torch.int16: "int16_t", torch.int8: "int8_t",
            torch.uint8: "uint8_t"}
@@ -113,14 +118,6 @@ def render(fk) -> str:
     return body(fk, symbol(fk))
 
 
-def term(v, d) -> str:
-    """Index term of load `v` along anchor dim d; inputs of a cat read a shifted, clamped index."""
-    for sd, off, size in v.args[2]:
-        if sd == d:
-            return f"pl_clampi(i{d} - {off}, {size - 1}) * {v.args[1][d]}"
-    return f"i{d} * {v.args[1][d]}"
-
-
 def byte_loads(k, need) -> set:
     """Elem-level loads of 1-byte data (masks) in a loop that also touches wider data:
     gcc does not vectorize such mixed loops, so each row is first widened into a
@@ -132,15 +129,12 @@ def byte_loads(k, need) -> set:
 
 
 def load_expr(k, v, inner_idx: bool, scratch=frozenset()) -> str:
-    buf, astr = k.inputs[v.args[0]], v.args[1]
     if v.id in scratch:
         return CAST[v.type][0].format(f"sb{v.id}[r]")
-    off = f"o{v.id}"
-    if inner_idx:
-        terms = [term(v, d) for d in k.inner if astr[d]]
-        off = " + ".join([off] + terms)
+    inner = [term(t, CLAMP) for t in terms(v.args[1], k.inner, v.args[2])] if inner_idx else []
+    off = " + ".join([f"o{v.id}"] + inner)
     raw = f"in{v.args[0]}[{off}]"
-    if buf.dtype == torch.bfloat16:
+    if k.inputs[v.args[0]].dtype == torch.bfloat16:
         raw = f"pl_bf16({raw})"
     return CAST[v.type][0].format(raw)
 
@@ -166,118 +160,73 @@ def expr(k, v, vals, scratch=frozenset()) -> str:
     return EXPR[v.op][0].format(*args)
 
 
-def body(fk, name: str) -> str:
-    k = fk.kernel
-    vals = {v.id: v for v in k.values}
-    need = k.needed()
-    lines = [f"// {fk.name}: {', '.join(fk.ops)}",
-             f"// iteration space {k.sizes}, inner dims {k.inner}; bytes in+out {k.bytes_moved():,}",
-             f'extern "C" void {name}(void* const* pl_args) {{']
-    for i, b in enumerate(k.inputs):
-        lines.append(f"  const {STORAGE[b.dtype]}* __restrict in{i} = (const {STORAGE[b.dtype]}*)pl_args[{i}];")
-    for j, b in enumerate(k.outputs):
-        lines.append(f"  {STORAGE[b.dtype]}* __restrict out{j} = ({STORAGE[b.dtype]}*)pl_args[{len(k.inputs) + j}];")
-    M, R = k.m_size, k.r_size
-    if M > 1 and M * R >= PARALLEL_MIN_WORK:
-        lines.append("  #pragma omp parallel for schedule(static)")
-    lines.append(f"  for (int64_t m = 0; m < {M}; ++m) {{")
-    body_ = []
-    for d, div, size in k.index_terms(k.outer):
-        body_.append(f"const int64_t i{d} = (m / {div}) % {size};")
-    for v in k.values:
-        if v.id in need and v.op == "load":
-            astr = v.args[1]
-            terms = [term(v, d) for d in k.outer if astr[d]]
-            body_.append(f"const int64_t o{v.id} = {' + '.join(terms) or '0'};")
-    for j, b in enumerate(k.outputs):
-        terms = [f"i{d} * {b.astrides[d]}" for d in k.outer if b.astrides[d]]
-        body_.append(f"const int64_t q{j} = {' + '.join(terms) or '0'};")
-    phases = sorted({v.phase for v in k.values if v.id in need and v.op in ("sum", "max", "min")})
-    emitted = set()
+class Body(Printer):
+    """C++ statements: `omp parallel for` over rows, `omp simd` loops over r
+    accumulating in scalars, per-row scratch arrays on the stack."""
+    INDENT, LOOP_INDENT, scratch_rows, column, types = "    ", "  ", SCRATCH_MAX, 0, CTYPE
 
-    def row_values(upto):
-        for v in k.values:
-            if v.id in need and not v.elem and v.id not in emitted and v.phase <= upto and \
-                    v.op not in ("sum", "max", "min"):
-                body_.append(f"const {CTYPE[v.type]} v{v.id} = {expr(k, v, vals)};")
-                emitted.add(v.id)
+    def __init__(self, fk, name):
+        super().__init__(fk, name)
+        self.widened = byte_loads(self.k, self.plan.need)
 
-    def inner_index():
-        if len(k.inner) == 1:
-            return [f"const int64_t i{k.inner[0]} = r;"]
-        return [f"const int64_t i{d} = (r / {div}) % {size};" for d, div, size in k.index_terms(k.inner)]
+    def begin(self):
+        k = self.k
+        lines = self.comment("//") + [f'extern "C" void {self.name}(void* const* pl_args) {{']
+        for i, b in enumerate(k.inputs):
+            lines.append(f"  const {STORAGE[b.dtype]}* __restrict in{i} = (const {STORAGE[b.dtype]}*)pl_args[{i}];")
+        for j, b in enumerate(k.outputs):
+            t = STORAGE[b.dtype]
+            lines.append(f"  {t}* __restrict out{j} = ({t}*)pl_args[{len(k.inputs) + j}];")
+        if k.m_size > 1 and k.m_size * k.r_size >= PARALLEL_MIN_WORK:
+            lines.append("  #pragma omp parallel for schedule(static)")
+        return lines + [f"  for (int64_t m = 0; m < {k.m_size}; ++m) {{"]
 
-    row_values(0)
-    scratch = byte_loads(k, need)
-    for vid in sorted(scratch):
-        v = vals[vid]
-        body_.append(f"float sb{vid}[{R}];")
-        body_ += ["#pragma omp simd", f"for (int64_t r = 0; r < {R}; ++r) {{"] + ["  " + s for s in inner_index()]
-        body_ += [f"  sb{vid}[r] = (float){load_expr(k, v, True)};", "}"]
-    elem_stores = [(j, vid) for j, vid in k.stores if any(k.outputs[j].astrides[d] for d in k.inner)]
-    row_stores = [(j, vid) for j, vid in k.stores if (j, vid) not in elem_stores]
-    loops = [[v for v in k.values if v.id in need and v.phase == ph and v.op in ("sum", "max", "min")]
-             for ph in phases]
-    roots = [[r.args[0] for r in reds] for reds in loops] + ([[vid for _, vid in elem_stores]] if elem_stores else [])
-    kept: set = set()   # elem values an earlier loop left in a per-row scratch array
-    if not loops:
-        row_values(10 ** 9)
-    for li, loop_roots in enumerate(roots):
-        reds = loops[li] if li < len(loops) else []
-        closure = k.elem_closure(loop_roots, stop=kept)
-        mine = {v.id for v in closure}
-        later = set()
-        if R <= SCRATCH_MAX:
-            for nxt in roots[li + 1:]:
-                for w in k.elem_closure(nxt, stop=kept | mine):
-                    later |= {a for a in w.args if isinstance(a, int) and a in mine and w.op not in LEAF}
-                later |= {r for r in nxt if r in mine}
-        later -= {vid for vid in later if vals[vid].op == "const" or
-                  (vals[vid].op == "load" and k.inputs[vals[vid].args[0]].dtype == torch.float32)}
-        for vid in sorted(later):
-            body_.append(f"{SCRATCH_T[vals[vid].type]} sv{vid}[{R}];")
-        for reds_v in reds:
-            v = reds_v
-            acc_t = "int" if v.type == "b" else CTYPE[vals[v.args[0]].type if v.type != "f" else "f"]
+    def end(self):
+        return ["  }", "}"]
+
+    def expr(self, v):
+        return expr(self.k, v, self.vals, self.widened)
+
+    def before_loops(self):
+        """Each 1-byte elementwise load widened into a float row of its own first (see byte_loads)."""
+        out, R = [], self.k.r_size
+        for vid in sorted(self.widened):
+            out += [f"float sb{vid}[{R}];", "#pragma omp simd", f"for (int64_t r = 0; r < {R}; ++r) {{"]
+            out += ["  " + self.index(d, div, size, "r") for d, div, size in self.plan.inner]
+            out += [f"  sb{vid}[r] = (float){load_expr(self.k, self.vals[vid], True)};", "}"]
+        return out
+
+    def declare(self, loop):
+        out = [f"{SCRATCH_T[self.vals[vid].type]} sv{vid}[{self.k.r_size}];" for vid in loop.keep]
+        for v in loop.reductions:
+            acc_t = "int" if v.type == "b" else CTYPE[self.vals[v.args[0]].type if v.type != "f" else "f"]
             init = {"sum": "0", "max": "-INFINITY" if acc_t == "float" else "INT64_MIN",
                     "min": "INFINITY" if acc_t == "float" else "INT64_MAX"}[v.op]
             if v.type == "b":
                 init = {"max": "0", "min": "1", "sum": "0"}[v.op]
-            body_.append(f"{acc_t} acc{v.id} = {init};")
-        clauses = [f"reduction({'+' if v.op == 'sum' else v.op}:acc{v.id})" for v in reds]
-        body_.append(f"#pragma omp simd {' '.join(clauses)}".rstrip())
-        body_.append(f"for (int64_t r = 0; r < {R}; ++r) {{")
-        loop = inner_index()
-        used = {a for w in closure if w.op not in LEAF for a in w.args} | set(loop_roots)
-        for vid in sorted(kept & used):
-            loop.append(f"const {CTYPE[vals[vid].type]} v{vid} = ({CTYPE[vals[vid].type]})sv{vid}[r];")
-        for v in closure:
-            loop.append(f"const {CTYPE[v.type]} v{v.id} = {expr(k, v, vals, scratch)};")
-        for vid in sorted(later):
-            loop.append(f"sv{vid}[r] = ({SCRATCH_T[vals[vid].type]})v{vid};")
-        for v in reds:
-            a_ = f"v{v.args[0]}"
-            loop.append(f"acc{v.id} += {a_};" if v.op == "sum" else
-                        f"acc{v.id} = acc{v.id} {'>' if v.op == 'max' else '<'} {a_} ? acc{v.id} : {a_};")
-        if li == len(loops):
-            for j, vid in elem_stores:
-                b = k.outputs[j]
-                off = " + ".join([f"q{j}"] + [f"i{d} * {b.astrides[d]}" for d in k.inner if b.astrides[d]])
-                loop.append(f"out{j}[{off}] = {store(b, vid)};")
-        body_ += ["  " + s for s in loop] + ["}"]
-        kept |= later
-        for v in reds:
-            body_.append(f"const {CTYPE[v.type]} v{v.id} = ({CTYPE[v.type]})acc{v.id};")
-            emitted.add(v.id)
-        if li < len(loops):
-            row_values(phases[li])
-        if li == len(loops) - 1:
-            row_values(10 ** 9)
-    for j, vid in row_stores:
-        body_.append(f"out{j}[q{j}] = {store(k.outputs[j], vid)};")
-    lines += ["    " + s for s in body_]
-    lines += ["  }", "}"]
-    return "\n".join(lines)
+            out.append(f"{acc_t} acc{v.id} = {init};")
+        return out
+
+    def loop_head(self, loop):
+        clauses = [f"reduction({'+' if v.op == 'sum' else v.op}:acc{v.id})" for v in loop.reductions]
+        return [f"#pragma omp simd {' '.join(clauses)}".rstrip(), f"for (int64_t r = 0; r < {self.k.r_size}; ++r) {{"]
+
+    def loop_end(self):
+        return ["}"]
+
+    def reuse(self, vid):
+        t = CTYPE[self.vals[vid].type]
+        return f"const {t} v{vid} = ({t})sv{vid}[r];"
+
+    def keep(self, vid):
+        return f"sv{vid}[r] = ({SCRATCH_T[self.vals[vid].type]})v{vid};"
+
+    def stored(self, j, vid, elem_loop):
+        return store(self.k.outputs[j], vid)
+
+
+def body(fk, name: str) -> str:
+    return Body(fk, name).render()
 
 
 def store(b, vid) -> str:
