@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from passlab.graphs import capture, check_metadata, clone, load
+from passlab.graphs import capture, check_metadata, clone, load, parse_dtype
 
 from .api import Pass, PassContext, PassResult, as_result
 from .manager import TOLERANCE, CheckNumerics
@@ -38,16 +38,17 @@ class ContractReport:
 
 
 @functools.lru_cache(maxsize=16)
-def captured(model: str, preset: str = "tiny"):
-    """(Sample, GraphModule) for a model, captured once per process; clone the graph before changing it."""
-    sample = load(model, preset)
+def captured(model: str, preset: str = "tiny", dtype: torch.dtype | None = None):
+    """(Sample, GraphModule) for a model, captured once per process; clone the graph before changing it.
+    `dtype` None: the preset's dtype (tiny: fp32)."""
+    sample = load(model, preset, dtype=dtype)
     return sample, capture(sample.module, sample.example_inputs)
 
 
 @functools.lru_cache(maxsize=16)
-def prepared(model: str, after: str, device: str = "cpu"):
+def prepared(model: str, after: str, device: str = "cpu", dtype: torch.dtype | None = None):
     """(Sample, GraphModule) of a model after the pipeline `after` (unchecked), cached."""
-    sample, gm = captured(model)
+    sample, gm = captured(model, "tiny", dtype)
     gm = clone(gm)
     ctx = PassContext(device=device, dtype=sample.dtype, example_inputs=sample.example_inputs, sample=sample)
     with torch.no_grad():
@@ -58,21 +59,26 @@ def prepared(model: str, after: str, device: str = "cpu"):
 
 
 def check(pass_: str | Pass, model: str, *, options: dict | None = None, after: str | None = None,
-          seed: int = 1234, tolerance: float | None = None, device: str = "cpu") -> ContractReport:
+          seed: int = 1234, tolerance: float | None = None, device: str = "cpu",
+          dtype: torch.dtype | str | None = None) -> ContractReport:
     """Run one pass on a captured tiny model and check every clause of the contract.
 
     `after` is a pipeline run first (unchecked), to test the pass on the graphs
-    it meets in practice, e.g. after="cleanup". Raises ContractViolation naming
-    the clause broken; returns the report otherwise.
+    it meets in practice, e.g. after="cleanup". `dtype` ("bf16", torch.bfloat16,
+    ...) builds the model in that dtype (default: the tiny preset's fp32); the
+    tolerance follows it. Raises ContractViolation naming the clause broken;
+    returns the report otherwise.
     """
     p = get_pass(pass_) if isinstance(pass_, str) else pass_
-    sample, gm = prepared(model, after or "", device)
+    dtype = parse_dtype(dtype) if dtype is not None else None
+    sample, gm = prepared(model, after or "", device, dtype)
     gm = clone(gm)
     ctx = PassContext(device=device, dtype=sample.dtype, example_inputs=sample.example_inputs,
                       sample=sample)
     weights = {k: (v, v.detach().clone()) for k, v in list(gm.named_parameters()) + list(gm.named_buffers())}
     ctx = replace(ctx, options=dict(options or {}))
-    where = f"pass {p.name!r} on {model}" + (f" after {after}" if after else "")
+    where = f"pass {p.name!r} on {model}" + (f" in {str(dtype).replace('torch.', '')}" if dtype else "") \
+        + (f" after {after}" if after else "")
     with torch.no_grad():
         try:
             res = as_result(p.run(gm, ctx), gm)

@@ -23,22 +23,35 @@ masking, scaling), into single kernels:
 
 Each group becomes ONE call_function node whose target is a
 `passlab.runtime.kernel.FusedKernel` keeping the subgraph it replaced.
+
+A kernel made before (by `fuse_nodes`, e.g. a pattern pass's RMSNorm kernel,
+or an earlier `fuse`) is one unit here: it is never split, and neighbouring
+ops join it as they would join any group (its subgraph is inlined into the
+bigger kernel's), so pre-fusing a pattern never costs launches.
+
+`fuse_nodes(gm, nodes, label=...)` is the public way to make one kernel of a
+chosen set of nodes: it checks that they lower to one kernel (`FusionError`
+with the reason otherwise), drops the asserts hanging on them, and names the
+kernel `<label>_<n>`.
 """
 from __future__ import annotations
 
+import heapq
 import operator
 
 import torch
 import torch.fx
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
-from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule, fuse_by_partitions, validate_partition
+from torch.fx.passes.utils.fuser_utils import (erase_nodes, fuse_as_graphmodule, fuse_by_partitions, insert_subgm,
+                                              validate_partition)
 
 from passlab.runtime import costmodel
 from passlab.runtime.kernel import TYPE_OF, FusedKernel, LoweringError, can_lower, lower
 
 from .api import PassResult
 from .meta import propagate
+from .patterns.vocabulary import Counters, Skip, side_effect_only
 from .registry import register_pass
 
 aten = torch.ops.aten
@@ -87,8 +100,9 @@ class Fusible(OperatorSupportBase):
             return False
         if node.target is operator.getitem:
             src = node.args[0]
-            return isinstance(src, torch.fx.Node) and src.target in COMPOSITES and self.is_node_supported(None, src)
-        if not can_lower(node) or not tensor_ok(node.meta.get("val")) or node in self.exclude:
+            return isinstance(src, torch.fx.Node) and (src.target in COMPOSITES or is_kernel(src)) \
+                and self.is_node_supported(None, src)
+        if not (can_lower(node) or is_kernel(node)) or not tensor_ok(node.meta.get("val")) or node in self.exclude:
             return False
         return all(tensor_ok(a.meta.get("val")) for a in node.all_input_nodes)
 
@@ -96,14 +110,18 @@ class Fusible(OperatorSupportBase):
 class Grouper:
     """Splits candidate partitions into legal kernels."""
 
-    def __init__(self, gm, max_nodes):
+    def __init__(self, gm, max_nodes, counters: Counters | None = None):
         self.gm, self.max_nodes = gm, max_nodes
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        self.skipped: dict[str, int] = {}
+        self.counters = counters if counters is not None else Counters()
         self.cache: dict = {}
 
+    @property
+    def skipped(self) -> dict:
+        return dict(self.counters.skipped)
+
     def skip(self, why):
-        self.skipped[why] = self.skipped.get(why, 0) + 1
+        self.counters.skip(why)
 
     def legal(self, nodes) -> bool:
         key = frozenset(nodes)
@@ -136,6 +154,7 @@ class Grouper:
             ph.meta["val"] = src.meta.get("val")
         for n, src in zip([n for n in sub.graph.nodes if n.op not in ("placeholder", "output")], nodes):
             n.meta["val"] = src.meta.get("val")
+        inline_kernels(sub)
         return sub, ins, outs
 
     def split(self, partition) -> list[set]:
@@ -222,10 +241,11 @@ def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool
     exact = decision_cone(gm) if exact_routing else set()
     partitions = CapabilityBasedPartitioner(gm, Fusible(exact), allows_single_node_partition=True,
                                             skip_horizontal_fusion=True).propose_partitions()
-    grouper = Grouper(gm, max_nodes)
+    c = Counters()
+    grouper = Grouper(gm, max_nodes, c)
     groups = [g for p in partitions for g in grouper.split(list(p.nodes))]
     merged = grouper.horizontal(groups) if horizontal else 0
-    kept, saved = [], 0
+    kept, saved, extended = [], 0, 0
     for g in groups:
         ops = [n for n in g if n.target is not operator.getitem]
         if len(ops) == 1 and ops[0].target not in COMPOSITES:
@@ -237,6 +257,7 @@ def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool
             continue
         kept.append(g)
         saved += max(0, s)
+        extended += sum(1 for n in ops if is_kernel(n))
     nodes_fused = sum(1 for g in kept for n in g if n.target is not operator.getitem)
     if kept:
         order = grouper.order
@@ -247,24 +268,126 @@ def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool
     gm.recompile()
     propagate(gm)
     after = costmodel.graph_cost(gm)
+    if exact:
+        c.skip("feeds_routing_decision", sum(1 for n in exact if can_lower(n)))
     stats = {"groups": len(kept), "nodes_fused": nodes_fused, "horizontal_merges": merged,
-             "launches_before": before.launches, "launches_after": after.launches,
-             "bytes_saved": saved, "asserts_dropped": dropped,
-             "skipped": {**grouper.skipped, **({"feeds_routing_decision": sum(1 for n in exact if can_lower(n))}
-                                              if exact else {})}}
+             "kernels_extended": extended, "launches_before": before.launches, "launches_after": after.launches,
+             "bytes_saved": saved, "asserts_dropped": dropped, "skipped": dict(c.skipped)}
     return PassResult(gm, changed=bool(kept) or dropped > 0, stats=stats)
 
 
-def to_kernels(gm: torch.fx.GraphModule, prefix: str) -> None:
+def is_kernel(node) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and \
+        getattr(node.target, "is_fused_kernel", False)
+
+
+def inline_kernels(gm: torch.fx.GraphModule) -> int:
+    """Replace each FusedKernel call in `gm` by the subgraph it stands for (its
+    nodes keep their metadata, including the kernel's label); returns how many."""
+    g, n_inlined = gm.graph, 0
+    for node in [n for n in g.nodes if is_kernel(n)]:
+        inner = node.target.subgraph
+        val_map = dict(zip([p for p in inner.graph.nodes if p.op == "placeholder"], node.args))
+        with g.inserting_before(node):
+            out = g.graph_copy(inner.graph, val_map)
+        if isinstance(out, (tuple, list)):
+            for u in list(node.users):
+                u.replace_all_uses_with(out[u.args[1]])
+                g.erase_node(u)
+        else:
+            node.replace_all_uses_with(out)
+        g.erase_node(node)
+        n_inlined += 1
+    return n_inlined
+
+
+def to_kernels(gm: torch.fx.GraphModule, prefix: str, label: str | None = None) -> list[torch.fx.Node]:
     """fuse_by_partitions made call_module nodes; make each a FusedKernel call."""
+    made = []
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(prefix)]:
         sub = getattr(gm, node.target)
+        inline_kernels(sub)
         inner = [n for n in sub.graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
         for ph, src in zip([n for n in sub.graph.nodes if n.op == "placeholder"], node.args):
             ph.meta["val"] = src.meta.get("val")
         propagate(sub)
         main = next((n for n in inner if n.target in COMPOSITES), inner[0])
-        label = getattr(main.target, "__name__", str(main.target)).split(".")[0].lstrip("_")
+        name = label or next((n.meta["kernel_label"] for n in inner if "kernel_label" in n.meta), None) \
+            or getattr(main.target, "__name__", str(main.target)).split(".")[0].lstrip("_")
+        for n in inner:
+            n.meta.setdefault("kernel_label", name)
         delattr(gm, node.target)
-        node.op, node.target = "call_function", FusedKernel(f"{node.name}_{label}", sub)
+        kname = f"{node.name}_{name}"
+        if label:         # fuse_nodes: <label>_<n>, n counting this label's kernels in the graph
+            taken = {n.target.name for n in gm.graph.nodes if is_kernel(n)}
+            kname = next(f"{label}_{i}" for i in range(len(taken) + 1) if f"{label}_{i}" not in taken)
+        node.op, node.target = "call_function", FusedKernel(kname, sub)
         node.meta["fused_from"] = [n.name for n in inner]
+        made.append(node)
+    return made
+
+
+def sort_in_place(graph: torch.fx.Graph) -> None:
+    """Stable topological order (Kahn's, by original position), moving nodes rather
+    than copying them, so references to the graph's nodes stay valid."""
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    indeg = {n: len(n.all_input_nodes) for n in graph.nodes}
+    ready = [(i, n) for n, i in index.items() if indeg[n] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, n = heapq.heappop(ready)
+        order.append(n)
+        for u in n.users:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                heapq.heappush(ready, (index[u], u))
+    if len(order) != len(index):
+        raise FusionError("cycle")
+    if order == list(index):
+        return
+    prev = order[0]
+    for n in order[1:]:
+        prev.append(n)
+        prev = n
+
+
+class FusionError(Skip):
+    """`fuse_nodes` cannot make one kernel of these nodes; the message is the reason."""
+
+
+def fuse_nodes(gm: torch.fx.GraphModule, nodes, *, label: str = "kernel", max_nodes: int = 64) -> torch.fx.Node:
+    """Make ONE generated kernel of `nodes` (call_function nodes of `gm`), in place.
+
+    Checks that the group lowers to one kernel description and stays cycle-free
+    (raises `FusionError(reason)`: `not_fusible_op`, `max_nodes`, `cycle`,
+    `not_one_kernel`, `lowering_error`), drops the asserts hanging on the nodes,
+    and names the kernel `<label>_<n>` (`passlab show --kernels` lists it). A
+    later `fuse` treats the kernel as one unit it can still extend with the
+    pointwise ops around it. Returns the kernel's node; its `meta["val"]` is
+    set (call `propagate(gm)` once after all rewrites for the rest)."""
+    nodes = list(dict.fromkeys(nodes))
+    if not label.isidentifier():
+        raise ValueError(f"kernel label {label!r} must be an identifier, e.g. 'rmsnorm'")
+    support = Fusible()
+    if not nodes or any(n.graph is not gm.graph or not support.is_node_supported(None, n) for n in nodes):
+        raise FusionError("not_fusible_op")
+    grouper = Grouper(gm, max_nodes)
+    members = set(nodes)
+    for n in nodes:          # asserts on the nodes would become kernel outputs
+        for u in [u for u in n.users if side_effect_only(u)]:
+            gm.graph.erase_node(u)
+    if not grouper.legal(members):
+        raise FusionError(next(iter(grouper.counters.skipped)))
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    ordered = sorted(members, key=order.get)
+    prefix = next(p for i in range(len(order) + 1) if not hasattr(gm, (p := f"_fuse_nodes{i}_") + "0"))
+    sub, ins, outs = fuse_as_graphmodule(gm, ordered, prefix + "0")
+    insert_subgm(gm, sub, ins, outs, ordered[-1])
+    erase_nodes(gm, ordered)
+    sort_in_place(gm.graph)        # the graph and every other node stay the same objects
+    (node,) = to_kernels(gm, prefix, label)
+    sub = node.target.subgraph
+    out = sub.graph.output_node().args[0]
+    node.meta["val"] = tuple(o.meta["val"] for o in out) if isinstance(out, (tuple, list)) else out.meta["val"]
+    return node

@@ -84,9 +84,13 @@ def load_builtin_and_plugins() -> None:
 
 def get_pass(name: str) -> Pass:
     load_builtin_and_plugins()
+    if name in ALIASES and name not in _PASSES:
+        raise UnknownPassError(f"{name!r} is a pipeline alias for {','.join(ALIASES[name])}, not one pass: "
+                               f"use it in a pipeline string (parse({name!r}), --pipeline {name}) "
+                               f"or get_pass() each of its passes")
     if name not in _PASSES:
         known = sorted(list(_PASSES) + list(ALIASES))
-        close = difflib.get_close_matches(name, known, n=1)
+        close = difflib.get_close_matches(name, [k for k in known if k != name], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UnknownPassError(f"unknown pass {name!r}{hint} (known: {', '.join(known)})")
     return _PASSES[name]

@@ -222,3 +222,106 @@ def test_bad_declarations_say_what_to_change():
         return x * (2 * eps)          # eps folded into a Python number: cannot be matched
     with pytest.raises(RewriteError, match="not an argument of any op"):
         Rewrite("x", uses_eps_twice_removed, replacement, free=("eps",)).variants
+
+
+def test_scaffolded_rewrite_registers_and_its_test_passes(tmp_path):
+    import importlib.util
+    import sys
+
+    from passlab.tools import scaffold
+    (tmp_path / "passes").mkdir()
+    (tmp_path / "tests").mkdir()
+    paths = scaffold.new_pass("square_by_rewrite", str(tmp_path), rewrite=True)
+
+    def load_file(name, path):
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    try:
+        mod = load_file("passlab.passes.square_by_rewrite", paths[0])
+        assert "register_rewrite" in open(paths[0]).read()
+        assert get_pass("square_by_rewrite") is mod.square_by_rewrite
+        assert get_pass("square_by_rewrite").options["max_rewrites"].default == -1
+        test = load_file("test_pass_square_by_rewrite", paths[1])
+        test.test_registered()
+        test.test_contract("llama")
+        test.test_rewrites_where_its_pattern_occurs()
+        test.test_option_limits_rewrites()
+    finally:
+        unregister_pass("square_by_rewrite")
+        sys.modules.pop("passlab.passes.square_by_rewrite", None)
+
+
+def test_show_graph_lists_every_node(capsys):
+    from passlab.tools.cli import main
+    assert main(["show", "mlp", "--after", "cleanup,fuse_epilogue", "--graph"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("node "))
+    assert header.split() == ["node", "op", "dtype", "shape", "users"]
+    assert "float32  8x32" in out and "placeholder" in out
+
+
+def test_get_pass_of_an_alias_says_it_is_one():
+    from passlab.passes import UnknownPassError
+    with pytest.raises(UnknownPassError, match=r"'cleanup' is a pipeline alias for dce,cse,remove_noops,fold_constants"):
+        get_pass("cleanup")
+
+
+# --------------------------------------------------------------------- fuse_nodes, and fuse extending kernels
+
+def rmsnorm(x, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fusion_pattern_then_fuse_costs_no_launches(registered, dtype):
+    """A pre-fused RMSNorm (a kernel made by a rewrite) is one unit `fuse` extends:
+    cleanup,fuse_rmsnorm,fuse gives as few launches as cleanup,fuse (was 43 vs 39)."""
+    from passlab.passes import PassContext, parse
+    from passlab.passes.api import as_result
+    from passlab.passes.contract import captured
+    from passlab.runtime import costmodel
+    registered("fuse_rmsnorm", rmsnorm, "kernel", free=("eps",), label="rmsnorm")
+    sample, base = captured("llama", "tiny", dtype)
+    launches, stats = {}, {}
+    for pipe in ("cleanup,fuse", "cleanup,fuse_rmsnorm", "cleanup,fuse_rmsnorm,fuse"):
+        gm = clone(base)
+        for step in parse(pipe):
+            r = as_result(step.pass_.run(gm, PassContext(options=dict(step.options))), gm)
+            gm = r.gm
+            gm.recompile()
+            stats[(pipe, step.name)] = r.stats
+        launches[pipe] = costmodel.graph_cost(gm).launches
+        close(gm, sample.module, lambda dt: sample.make_inputs(7), dtype, seeds=(7,))
+    rw = stats[("cleanup,fuse_rmsnorm", "fuse_rmsnorm")]
+    assert rw["rewritten"] == 5 and rw["by_variant"] == {"cast" if dtype == torch.bfloat16 else "plain": 5}
+    assert stats[("cleanup,fuse_rmsnorm,fuse", "fuse")]["kernels_extended"] == 5
+    assert launches["cleanup,fuse_rmsnorm,fuse"] <= launches["cleanup,fuse"] < launches["cleanup,fuse_rmsnorm"]
+
+
+def test_fuse_nodes_names_checks_and_drops_asserts():
+    from passlab.passes.fuse import FusionError, fuse_nodes
+
+    class M(nn.Module):
+        def forward(self, x, w):
+            h = torch.sigmoid(x).to(torch.float32) * 2.0       # .to() leaves an assert on sigmoid
+            return h @ w, torch.relu(h)
+    m = M()
+    make = lambda dt: (torch.randn(4, 8, dtype=dt), torch.randn(8, 3, dtype=dt))
+    gm = capture(m, make(torch.float32))
+    sig, mul = (next(n for n in gm.graph.nodes if n.target == t) for t in (aten.sigmoid.default, aten.mul.Tensor))
+    mm = next(n for n in gm.graph.nodes if n.target == aten.mm.default)
+    with pytest.raises(FusionError, match="not_fusible_op"):
+        fuse_nodes(gm, [mul, mm])
+    k = fuse_nodes(gm, [sig, mul], label="scaled_sigmoid")
+    assert k.target.name == "scaled_sigmoid_0" and k.meta["val"].shape == (4, 8)
+    assert aten._assert_tensor_metadata.default not in targets(gm)
+    relu = next(n for n in gm.graph.nodes if n.target == aten.relu.default)
+    k2 = fuse_nodes(gm, [relu], label="scaled_sigmoid")     # the graph's other nodes stay valid
+    assert k2.target.name == "scaled_sigmoid_1"
+    gm.graph.lint()
+    gm.recompile()
+    close(gm, m, make, torch.float32)
+    with pytest.raises(ValueError, match="identifier"):
+        fuse_nodes(gm, [k2], label="no spaces")

@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--dtype", default=None, help="fp32|bf16|fp16 (default: by preset and machine)")
     sh.add_argument("--after", default=None, help="run these passes first, e.g. cleanup,fuse")
     sh.add_argument("--kernels", action="store_true", help="print each fused group's ops and generated source")
+    sh.add_argument("--graph", action="store_true", help="print every node: op, dtype, shape and users")
     sh.add_argument("--format", default="text", choices=["text", "svg", "png", "dot"])
     sh.add_argument("--device", default="cpu")
     sh.add_argument("--depth", type=int, default=None, help="collapse the drawing by module hierarchy")
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     np_.add_argument("--plugin", action="store_true",
                      help="scaffold a separately installable package (entry point group passlab.passes) "
                           "in --dir (default: the current folder)")
+    np_.add_argument("--rewrite", action="store_true",
+                     help="write the pass as a pattern and a replacement (PyTorch functions) for register_rewrite")
 
     for extra in EXTRA_COMMANDS:
         extra(sub)
@@ -189,7 +192,7 @@ def write_outputs(args, rec: dict, run) -> list[str]:
 def cmd_new_pass(args) -> int:
     from . import scaffold
     try:
-        for path in scaffold.new_pass(args.name, args.dir, plugin=args.plugin):
+        for path in scaffold.new_pass(args.name, args.dir, plugin=args.plugin, rewrite=args.rewrite):
             print(f"created {path}")
     except ValueError as e:
         raise BadArguments(e) from e

@@ -6,6 +6,8 @@ With `plugin=True` it becomes a package of its own, passlab-NAME, that
 registers through the `passlab.passes` entry-point group once pip-installed.
 The template is a small, correct pass (x ** 2 -> x * x) that shows the parts
 every pass has: match, legality, rewrite, metadata, statistics, an option.
+With `rewrite=True` (`--rewrite`) the same rewrite is written the short way:
+a pattern and a replacement as PyTorch functions given to `register_rewrite`.
 """
 from __future__ import annotations
 
@@ -64,6 +66,49 @@ def {name}(gm: torch.fx.GraphModule, ctx, *, max_rewrites: int = -1) -> PassResu
         gm.recompile()
         propagate(gm)            # new nodes need meta["val"]; runs on fake tensors, costs no compute
     return PassResult(gm, rewritten > 0, {{"matched": matched, "rewritten": rewritten, "skipped": dict(skipped)}})
+'''
+
+REWRITE_TEMPLATE = '''\
+"""{name}: TODO one line on what it rewrites and why that is faster.
+
+Scaffolded by `passlab new-pass {name} --rewrite`. A rewrite is a pattern and
+its replacement, both plain PyTorch functions of tensors: `register_rewrite`
+traces them to core aten the way models are captured and registers the pass
+(statistics matched / rewritten / skipped{{reason}}, option `max_rewrites`).
+The example, x ** 2 -> x * x (a multiply is cheaper than pow), matches at any
+shape and dtype, and also in the bf16 form with casts around it. Replace it
+with yours; run `python -m pytest -q {test_path}` and
+`passlab run llama --pipeline cleanup,{name} --no-measure` to see it work.
+
+Options of register_rewrite: `free=("eps",)` for literals (parameters with a
+default) that may take any value, the replacement receiving the matched one;
+`example_inputs=[(8, 16), (16,)]` shapes to trace the pattern at;
+`check=fn(match)` legality; `casts=False`; `commutative=False`.
+"""
+from __future__ import annotations
+
+import torch
+
+from passlab.passes import register_rewrite
+
+
+def pattern(x):
+    return x ** 2
+
+
+def replacement(x):
+    return x * x
+
+
+def check(match) -> str | None:
+    """Legality beyond the structure: a snake_case reason to leave this match alone, or None.
+    `match.val("x")` is the matched input's fake tensor (shape, dtype, device)."""
+    if not match.val("x").dtype.is_floating_point:
+        return "not_floating_point"
+    return None
+
+
+{name} = register_rewrite("{name}", pattern, replacement, check=check)
 '''
 
 TEST_TEMPLATE = '''\
@@ -151,20 +196,22 @@ def write(files: dict[str, str]) -> list[str]:
     return list(files)
 
 
-def new_pass(name: str, root_dir: str | None = None, *, plugin: bool = False) -> list[str]:
-    """Create the pass module and its test; return the created paths.
+def new_pass(name: str, root_dir: str | None = None, *, plugin: bool = False, rewrite: bool = False) -> list[str]:
+    """Create the pass module and its test; return the created paths. `rewrite`:
+    the pass as a `register_rewrite` pattern and replacement.
 
     Raises ValueError (with the reason) for a bad or taken name, a file that
     exists already, or a root that is not a passlab checkout.
     """
     validate(name)
+    template = REWRITE_TEMPLATE if rewrite else PASS_TEMPLATE
     root = os.path.abspath(root_dir or (os.getcwd() if plugin else checkout_root()))
     if plugin:
         pkg = os.path.join(root, f"passlab-{name.replace('_', '-')}")
         files = {
             os.path.join(pkg, "pyproject.toml"): PYPROJECT_TEMPLATE.format(name=name, dist=name.replace("_", "-")),
             os.path.join(pkg, f"passlab_{name}.py"):
-                PASS_TEMPLATE.format(name=name, test_path=f"tests/test_{name}.py"),
+                template.format(name=name, test_path=f"tests/test_{name}.py"),
             os.path.join(pkg, "tests", f"test_{name}.py"):
                 TEST_TEMPLATE.format(name=name, import_line=f"\nimport passlab_{name}  # noqa: F401  registers it"),
         }
@@ -180,7 +227,7 @@ def new_pass(name: str, root_dir: str | None = None, *, plugin: bool = False) ->
             raise ValueError(f"passes/{name}.py would shadow passlab.passes.{name}; choose another name")
         test_rel = os.path.join("tests", f"test_pass_{name}.py")
         files = {
-            os.path.join(root, "passes", f"{name}.py"): PASS_TEMPLATE.format(name=name, test_path=test_rel),
+            os.path.join(root, "passes", f"{name}.py"): template.format(name=name, test_path=test_rel),
             os.path.join(root, test_rel): TEST_TEMPLATE.format(name=name, import_line=""),
         }
     refuse_existing(list(files))

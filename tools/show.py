@@ -1,8 +1,11 @@
 """`passlab show`: a model's captured graph as text (op histogram, node count,
-parameters, FLOPs), after any passes, with fused kernels' sources, or drawn."""
+parameters, FLOPs), after any passes, with every node (`--graph`: op, dtype,
+shape, users), fused kernels' sources (`--kernels`), or drawn."""
 from __future__ import annotations
 
 import sys
+
+import torch
 
 from passlab.graphs import capture, load
 from passlab.passes import PassManager
@@ -36,6 +39,38 @@ def summary(sample, gm) -> str:
     return "\n".join(lines)
 
 
+def target_name(n) -> str:
+    if n.op in ("placeholder", "get_attr", "output"):
+        return n.op if n.op != "get_attr" else f"get_attr {n.target}"
+    t = n.target
+    if getattr(t, "is_fused_kernel", False):
+        return f"kernel {t.name}"
+    if isinstance(t, torch._ops.OpOverload):
+        return str(t).replace("aten.", "", 1).replace(".default", "")
+    return getattr(t, "__name__", str(t))
+
+
+def value_text(v) -> tuple[str, str]:
+    """(dtype, shape) of a node's meta["val"]; tuples list each element."""
+    if isinstance(v, torch.Tensor):
+        return str(v.dtype).replace("torch.", ""), "x".join(map(str, v.shape)) or "scalar"
+    if isinstance(v, (tuple, list)):
+        parts = [value_text(x) for x in v if isinstance(x, torch.Tensor)]
+        return ",".join(p[0] for p in parts), " ".join(f"({p[1]})" for p in parts)
+    return ("-", "-") if v is None else (type(v).__name__, str(v))
+
+
+def graph_text(gm) -> str:
+    """Every node in order: name, op, dtype, shape, and who reads it (asserts marked)."""
+    rows = []
+    for n in gm.graph.nodes:
+        dtype, shp = value_text(n.meta.get("val"))
+        if n.op == "output":
+            dtype = shp = ""
+        rows.append([n.name, target_name(n), dtype, shp, ", ".join(u.name for u in n.users) or "-"])
+    return render(["node", "op", "dtype", "shape", "users"], rows)
+
+
 def kernels_text(gm) -> str:
     from passlab.runtime.executor import fused_kernels
     ks = fused_kernels(gm)
@@ -60,6 +95,8 @@ def main(args) -> int:
         print(f"passlab: wrote {path}", file=sys.stderr)
         return 0
     text = summary(sample, gm)
+    if getattr(args, "graph", False):
+        text += "\n\n" + graph_text(gm)
     if args.kernels:
         text += "\n\n" + kernels_text(gm)
     if getattr(args, "mlir", False):

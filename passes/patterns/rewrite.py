@@ -56,14 +56,17 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
 from ..api import Option, Pass, PassResult
+from ..fuse import FusionError, fuse_nodes
 from ..meta import propagate
 from ..registry import register_pass
 from .vocabulary import Counters, aten, erase_dead, new_constant, side_effect_only, users
 
 COMMUTATIVE = frozenset({aten.add.Tensor, aten.mul.Tensor, aten.maximum.default, aten.minimum.default})
+SAME_RESHAPE = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default})  # one op to a pattern
 LOW = (torch.bfloat16, torch.float16)
 DEFAULT_SHAPE = (8, 16)
 SCALE = 3          # the second trace's sizes: SCALE x the first (size-1 dims stay 1)
+KERNEL = "kernel"  # replacement: one generated kernel of the matched nodes (`fuse_nodes`)
 
 
 class RewriteError(ValueError):
@@ -108,6 +111,9 @@ class Hole:
     def accepts(self, value) -> bool:
         if isinstance(value, torch.fx.Node):
             return False
+        if isinstance(self.example, list):
+            return (isinstance(value, (list, tuple)) and len(value) == len(self.example)
+                    and all(type(v) is int for v in value))
         if isinstance(self.example, bool) or isinstance(value, bool):
             return type(value) is type(self.example)
         if isinstance(self.example, numbers.Number):
@@ -126,13 +132,15 @@ class Variant:
 
 
 def perturbed(value):
+    if isinstance(value, (list, tuple)) and value and all(type(v) is int for v in value):
+        return type(value)(scaled(value))        # sizes scale with the second trace's inputs
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
         return value * SCALE + 7
     if isinstance(value, float):
         return value * 1.618 + 0.25
-    raise RewriteError(f"free literal {value!r}: only int, float and bool literals can be free")
+    raise RewriteError(f"free literal {value!r}: only int, float, bool and size (list of int) literals can be free")
 
 
 def scaled(shape) -> tuple:
@@ -143,6 +151,10 @@ def with_holes(a, b, free_a: dict, free_b: dict, holes: dict):
     """The literal structure `a` (first trace) with a Hole wherever `b` (second trace) differs."""
     if isinstance(a, torch.fx.Node):
         return a
+    for name, v in free_a.items():
+        if isinstance(v, (list, tuple)) and isinstance(a, (list, tuple)) and list(a) == list(v) \
+                and list(b) == list(free_b[name]):
+            return holes.setdefault(name, Hole(list(v), name))
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
         return type(a)(with_holes(x, y, free_a, free_b, holes) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
@@ -215,6 +227,11 @@ class Matcher(SubgraphMatcher):
                          remove_overlapping_matches=True, ignore_literals=False)
         self.commutative = commutative
 
+    def _nodes_are_equal(self, pn, gn, node_name_match: str = "") -> bool:
+        if pn.op == gn.op == "call_function" and pn.target in SAME_RESHAPE and gn.target in SAME_RESHAPE:
+            return True
+        return super()._nodes_are_equal(pn, gn, node_name_match)
+
     def _match_literals(self, pn, gn, match: InternalMatch) -> bool:
         if isinstance(pn, Hole):
             if not pn.accepts(gn):
@@ -282,8 +299,12 @@ class Rewrite(Pass):
     options = {"max_rewrites": Option(int, -1, "stop after this many rewrites (-1: no limit)")}
 
     def __init__(self, name, pattern, replacement, *, free=(), example_inputs=None, check=None,
-                 casts: bool = True, commutative: bool = True, description: str | None = None):
+                 casts: bool = True, commutative: bool = True, description: str | None = None,
+                 label: str | None = None):
+        self.kernel = replacement == KERNEL
         for what, fn in (("pattern", pattern), ("replacement", replacement)):
+            if what == "replacement" and self.kernel:
+                continue
             if not callable(fn):
                 raise RewriteError(f"register_rewrite({name!r}): the {what} must be a function of tensors, "
                                    f"got {type(fn).__name__}")
@@ -298,7 +319,7 @@ class Rewrite(Pass):
         if unknown:
             raise RewriteError(f"register_rewrite({name!r}): free literal(s) {unknown} are not parameters "
                                f"with a default of the pattern (it has {sorted(self.literals) or 'none'})")
-        rep_params = inspect.signature(replacement).parameters
+        rep_params = {} if self.kernel else inspect.signature(replacement).parameters
         if len([p for p in rep_params.values() if p.default is inspect.Parameter.empty]) > len(self.tensor_names):
             raise RewriteError(f"register_rewrite({name!r}): the replacement takes more tensors than the "
                                f"pattern's {self.tensor_names}")
@@ -312,7 +333,7 @@ class Rewrite(Pass):
         doc = description or (inspect.getdoc(pattern) or "").strip().splitlines()[:1]
         self.description = doc if isinstance(doc, str) else (doc[0] if doc else f"rewrite {name}: pattern -> replacement")
         self.free, self.examples, self.check = free, list(example_inputs), check
-        self.casts, self.commutative = casts, commutative
+        self.casts, self.commutative, self.label = casts, commutative, label or name
         self._variants: list[Variant] | None = None
         self._replacements: dict = {}
 
@@ -359,37 +380,50 @@ class Rewrite(Pass):
             out.append(Match(inputs, {**self.literals, **bound}, nodes, list(m.returning_nodes), variant.label))
         return out
 
-    def apply(self, gm: torch.fx.GraphModule, counters: Counters | None = None, *, max_rewrites: int = -1,
-              by_variant: dict | None = None) -> int:
-        """Rewrite every occurrence in `gm` (in place, no recompile); returns the rewrites made."""
-        c = counters if counters is not None else Counters()
+    def each(self, gm: torch.fx.GraphModule, *, max_rewrites: int = -1, check=None):
+        """Rewrite every occurrence in `gm` (in place, no recompile), yielding
+        (match, None) after each rewrite and (match, reason) for each skip."""
+        check = check if check is not None else self.check
         done = 0
         for variant in self.variants:
             for m in self.matches(gm.graph, variant):
-                c.matched += 1
                 if any(getattr(n, "_erased", False) for n in m.nodes + list(m.inputs.values())):
-                    c.skip("overlaps_earlier_rewrite")
+                    yield m, "overlaps_earlier_rewrite"
                     continue
                 if 0 <= max_rewrites <= done:
-                    c.skip("max_rewrites_reached")
+                    yield m, "max_rewrites_reached"
                     continue
-                reason = self.check(m) if self.check is not None else None
-                if reason:
-                    c.skip(reason)
-                    continue
-                reason = self.rewrite(gm, m)
-                if reason:
-                    c.skip(reason)
-                    continue
-                done += 1
-                c.rewritten += 1
-                if by_variant is not None:
-                    by_variant[variant.label] = by_variant.get(variant.label, 0) + 1
+                reason = (check(m) if check is not None else None) or self.rewrite(gm, m)
+                if not reason:
+                    done += 1
+                yield m, reason
+
+    def apply(self, gm: torch.fx.GraphModule, counters: Counters | None = None, *, max_rewrites: int = -1,
+              by_variant: dict | None = None, check=None) -> int:
+        """Rewrite every occurrence in `gm` (in place, no recompile), counting in
+        `counters`; returns the number of rewrites."""
+        c = counters if counters is not None else Counters()
+        done = 0
+        for m, reason in self.each(gm, max_rewrites=max_rewrites, check=check):
+            c.matched += 1
+            if reason:
+                c.skip(reason)
+                continue
+            done += 1
+            c.rewritten += 1
+            if by_variant is not None:
+                by_variant[m.variant] = by_variant.get(m.variant, 0) + 1
         return done
 
     def rewrite(self, gm: torch.fx.GraphModule, m: Match) -> str | None:
         """Insert the replacement for one match; returns a skip reason or None."""
         g = gm.graph
+        if self.kernel:
+            try:
+                fuse_nodes(gm, m.nodes, label=self.label).meta["rewrite"] = self.name
+            except FusionError as e:
+                return str(e)
+            return None
         ins = list(m.inputs.values())
         try:
             rep = self.replacement_for([n.meta["val"] for n in ins], m.literals)
@@ -449,6 +483,8 @@ def register_rewrite(name: str, pattern, replacement, **options) -> Rewrite:
     `check=fn(match) -> reason | None` legality beyond the structure;
     `casts=True` also match the bf16/fp16 form with casts around it;
     `commutative=True` match add/mul in either operand order; `description`.
+    `replacement="kernel"` makes each match ONE generated kernel (`fuse_nodes`,
+    named `label`, default the rewrite's name) instead of inserting a function.
     Returns the registered `Rewrite` (a Pass)."""
     rw = Rewrite(name, pattern, replacement, **options)
     register_pass(rw)
