@@ -142,6 +142,34 @@ def test_cli_unwritable_json_exits_2_before_running(tmp_path, capsys):
     assert "cannot write --json" in err and "afile" in err and "[1/1]" not in err
 
 
+def test_ctrl_c_keeps_the_models_done(monkeypatch, tmp_path, capsys):
+    real = zoo_tool.run_model
+
+    def interrupt_second(name, **kw):
+        if name == "mha-stack":
+            raise KeyboardInterrupt
+        return real(name, **kw)
+    monkeypatch.setattr(zoo_tool, "run_model", interrupt_second)
+    out = tmp_path / "z.json"
+    assert cli.main(["zoo", "--models", "dw-cnn,mha-stack,bert", "--pipeline", "cleanup",
+                     "--json", str(out)]) == 130
+    rec = json.loads(out.read_text())
+    assert [r["name"] for r in rec["models"]] == ["dw-cnn"]
+    assert rec["interrupted"] == "during mha-stack, after 1 of 3 models"
+    assert "dw-cnn" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_measure_times_eager_compile_and_the_graph():
+    row = zoo_tool.run_model("dw-cnn", pipeline="cleanup,fuse", measure=True, budget_s=0.05)
+    t = row["timing"]
+    assert {"eager", "passlab", "torch.compile"} <= set(t) and t["compile_s"] > 0
+    assert all(t[k]["median_s"] > 0 and t[k]["n"] >= 7 for k in ("eager", "passlab", "torch.compile"))
+    assert t["vs_eager"] == pytest.approx(t["eager"]["median_s"] / t["passlab"]["median_s"])
+    assert "vs eager" in zoo_tool.table({"models": [row], "summary": {"models": 1, "ok": 1, "clean": 1},
+                                         "preset": "tiny", "dtype": "float32", "pipeline": "cleanup,fuse"})
+
+
 @pytest.mark.slow
 def test_whole_zoo(tmp_path):
     """Issue 14's bar: >= 95% of the zoo ends ok, >= 90% with nothing rolled back."""

@@ -136,12 +136,16 @@ def run(names=None, *, preset: str = "tiny", pipeline=None, device: str = "cpu",
     say = say or (lambda msg: None)
     names = zoo.check_names(names) if names else zoo.names()
     budget = budget_s if budget_s is not None else (0.5 if preset == "tiny" else 1.5)
-    rows = []
+    rows, interrupted = [], None
     for i, name in enumerate(names, 1):
         say(f"[{i}/{len(names)}] {name}")
         t0 = time.perf_counter()
-        row = run_model(name, preset=preset, pipeline=pipeline, device=device, dtype=dtype, measure=measure,
-                        budget_s=budget, say=say)
+        try:
+            row = run_model(name, preset=preset, pipeline=pipeline, device=device, dtype=dtype, measure=measure,
+                            budget_s=budget, say=say)
+        except KeyboardInterrupt:   # Ctrl-C: the models done so far are kept
+            interrupted = f"during {name}, after {i - 1} of {len(names)} models"
+            break
         row["total_s"] = time.perf_counter() - t0
         rows.append(row)
         say(f"[{i}/{len(names)}] {name}: {outcome(row)} ({row['total_s']:.1f}s)")
@@ -152,7 +156,8 @@ def run(names=None, *, preset: str = "tiny", pipeline=None, device: str = "cpu",
             "pipeline": pipeline if pipeline is not None else available_default(),
             "machine": records.machine(), "models": rows,
             "summary": {"models": len(rows), "ok": len(ok), "failed": len(rows) - len(ok),
-                        "clean": sum(1 for r in ok if not r["rolled_back"])}}
+                        "clean": sum(1 for r in ok if not r["rolled_back"])},
+            "interrupted": interrupted}
 
 
 def outcome(row: dict) -> str:
@@ -198,7 +203,7 @@ def short_list(names: list[str], limit: int = 3) -> str:
 
 def command(args) -> int:
     from . import record as records
-    from .exits import BadArguments, bad_args_errors, check_device, unwritable
+    from .exits import INTERRUPTED, BadArguments, bad_args_errors, check_device, unwritable
     from .progress import Progress
     names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else None
     check_device(args.device)
@@ -221,4 +226,7 @@ def command(args) -> int:
     if args.json:
         records.write_json(rec, args.json)
         print(f"passlab: wrote {args.json}", file=sys.stderr)
+    if rec["interrupted"]:
+        print(f"passlab: interrupted {rec['interrupted']}", file=sys.stderr)
+        return INTERRUPTED
     return 0
