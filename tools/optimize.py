@@ -164,6 +164,7 @@ def specialize(model: torch.nn.Module, args: tuple, kwargs: dict, *, name: str, 
     t0 = time.perf_counter()
     leaves = pytree.tree_leaves((args, kwargs))
     floats = [t.dtype for t in leaves if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
+    floats += [p.dtype for p in model.parameters() if p.dtype.is_floating_point]   # token-id inputs: the weights'
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     sample = Sample(name, model, args, example_kwargs=kwargs, dtype=floats[0] if floats else torch.float32,
                     device=device, preset="user", vocab_size=vocab if isinstance(vocab, int) else None)
