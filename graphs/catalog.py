@@ -64,9 +64,11 @@ def load(name: str, preset: str = "tiny", *, dtype=None, device: str = "cpu") ->
     table = {**SAMPLES, **DISTRIBUTED}
     if name not in table:
         known = sorted(table) + ["hf:" + a for a in _hf_archs()]
-        close = difflib.get_close_matches(name, known, n=1)
+        from . import zoo
+        close = difflib.get_close_matches(name, known + ["zoo:" + n for n in zoo.names()], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UnknownModelError(f"unknown model {name!r}{hint}; known models: {', '.join(known)}; "
+                                "zoo:NAME for the model zoo (passlab list models); "
                                 "or give path/to/file.py:function")
     mod = importlib.import_module(f"passlab.graphs.{table[name]}")
     builder = getattr(mod, "build_" + name, None) or mod.build
