@@ -38,6 +38,7 @@ from passlab.runtime.opclass import OpClass, op_class
 
 from .api import PassResult
 from .meta import fake_mode_of, propagate
+from .patterns.vocabulary import STRICT_VIEWS, VIEW_OPS, erase_dead
 from .registry import register_pass
 
 aten = torch.ops.aten
@@ -45,8 +46,8 @@ aten = torch.ops.aten
 COPIES = {aten.clone.default, aten._to_copy.default, aten.copy.default}
 if hasattr(aten, "as_strided_copy"):
     COPIES.add(aten.as_strided_copy.default)
-VIEWS = {aten.view.default, aten._unsafe_view.default}
-PERMUTES = {aten.permute.default, aten.transpose.int, aten.t.default}
+VIEWS = STRICT_VIEWS               # views that need viewable strides (reshape copies when it must)
+PERMUTES = {op for op in VIEW_OPS if op.overloadpacket in (aten.permute, aten.transpose, aten.t)}
 GEMM_OPERANDS = {aten.mm.default: (0, 1), aten.addmm.default: (1, 2),
                  aten.bmm.default: (0, 1), aten.baddbmm.default: (1, 2)}
 STORAGE_READERS = {aten.as_strided.default}   # their meaning depends on the input's strides
@@ -318,7 +319,7 @@ def cancel_transposes(gm) -> tuple[int, int]:
             cancelled += 1
         else:
             composed += 1
-        erase_dead(gm, n)
+        erase_with_feeders(gm, n)
     return cancelled, composed
 
 
@@ -329,18 +330,16 @@ def unary_pointwise(node) -> bool:
             not any(isinstance(a, torch.fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())))
 
 
-def erase_dead(gm, node) -> None:
-    """Erase `node` and the views/copies that only fed it."""
-    todo = [node]
-    while todo:
-        n = todo.pop()
-        if n.users or n.op != "call_function" or not (n.target in PERMUTES or n.target in VIEWS or
-                                                    n.target in COPIES or unary_pointwise(n) or
-                                                    n.target is aten.expand.default):
-            continue
-        srcs = n.all_input_nodes
-        gm.graph.erase_node(n)
-        todo.extend(srcs)
+def only_reorders(n) -> bool:
+    """Views, permutes, copies and unary pointwise ops: what fed a removed copy and may go with it."""
+    return n.op == "call_function" and (n.target in PERMUTES or n.target in VIEWS or n.target in COPIES
+                                        or unary_pointwise(n) or n.target is aten.expand.default)
+
+
+def erase_with_feeders(gm, node) -> None:
+    """Erase `node` and the views/copies that only fed it (the vocabulary's erase_dead)."""
+    if only_reorders(node):
+        erase_dead(gm.graph, [node], upstream=only_reorders)
 
 
 def to_channels_last(gm, original, contiguous_outputs) -> dict:
@@ -459,7 +458,7 @@ def steer_producers(gm) -> int:
         propagate(gm)
         if same_layout(tensor_val(c.args[0]), tensor_val(c)):
             c.replace_all_uses_with(c.args[0])
-            erase_dead(gm, c)
+            erase_with_feeders(gm, c)
             steered += 1
         else:
             p.args = (p.args[1], p.args[0])

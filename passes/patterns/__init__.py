@@ -13,12 +13,12 @@ count what they saw (`Counters`: matched / rewritten / skipped{reason}), so the
 run record tells which pattern fired where and why one did not. `rewrite.py` is
 the short way to add one: `register_rewrite(name, pattern, replacement)`.
 """
-from .vocabulary import (ACTIVATIONS, GEMMS, RESHAPES, VIEW_OPS, Counters, Skip, act_of, activation_at,
+from .vocabulary import (ACTIVATIONS, GEMMS, RESHAPES, STRICT_VIEWS, VIEW_OPS, Counters, Skip, act_of, activation_at,
                          aten, constant_of, copies_only, erase_dead, gemm_operands, is_cast, is_view,
                          new_constant, passes_value, shape, side_effect_only, sole_user_through_views,
                          through_views, users)
 
-__all__ = ["ACTIVATIONS", "GEMMS", "RESHAPES", "VIEW_OPS", "Counters", "Skip", "act_of", "activation_at",
+__all__ = ["ACTIVATIONS", "GEMMS", "RESHAPES", "STRICT_VIEWS", "VIEW_OPS", "Counters", "Skip", "act_of", "activation_at",
            "aten", "constant_of", "copies_only", "erase_dead", "gemm_operands", "is_cast", "is_view",
            "new_constant", "passes_value", "shape", "side_effect_only", "sole_user_through_views",
            "through_views", "users"]

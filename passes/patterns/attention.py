@@ -38,23 +38,12 @@ from passlab.passes import PassResult, register_pass
 from passlab.runtime import autotune
 from passlab.passes.meta import propagate
 
-from . import Counters, aten, constant_of, erase_dead, users
+from .vocabulary import RESHAPES, Counters, Skip, aten, constant_of, erase_dead, is_cast, shape, users
 
 SDPA = aten.scaled_dot_product_attention.default
-RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default,
-            aten.alias.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
-            aten.squeeze.default}
 SCALES = {aten.mul.Tensor: lambda c: c, aten.div.Tensor: lambda c: 1.0 / c}
 NOT_OPS = {aten.bitwise_not.default, aten.logical_not.default}
 CONSTANT_LIMIT = 256    # nodes evaluated to prove a mask causal
-
-
-class Skip(Exception):
-    """The pattern is there but a condition SDPA needs cannot be proven."""
-
-
-def shape(n) -> tuple:
-    return tuple(n.meta["val"].shape)
 
 
 def reshape_like(n) -> bool:
@@ -63,9 +52,7 @@ def reshape_like(n) -> bool:
         return False
     if n.target == aten.expand.default:
         return shape(n.args[0]) == shape(n)
-    if n.target == aten.clone.default:
-        return True
-    return n.target in RESHAPES
+    return n.target == aten.clone.default or n.target in RESHAPES
 
 
 def peel(n):
@@ -83,15 +70,6 @@ def through_reshapes(n, want: tuple):
         if not reshape_like(n):
             return best
         n = n.args[0]
-
-
-def is_cast(n) -> bool:
-    """A plain dtype conversion (`.float()`, `.to(dtype)`), same device and layout."""
-    if not (isinstance(n, torch.fx.Node) and n.target == aten._to_copy.default):
-        return False
-    kw = n.kwargs
-    return (set(kw) <= {"dtype", "layout", "device"} and kw.get("layout", torch.strided) == torch.strided
-            and torch.device(kw.get("device", n.args[0].meta["val"].device)) == n.args[0].meta["val"].device)
 
 
 def scalar_value(gm, x):

@@ -18,7 +18,7 @@ import torch.fx
 from passlab.passes import PassResult, register_pass
 from passlab.passes.meta import propagate
 
-from . import Counters, aten, constant_of, erase_dead, new_constant, users
+from .vocabulary import Counters, aten, constant_of, erase_dead, gemm_operands, new_constant, users
 
 BATCHNORM = aten._native_batch_norm_legit_no_training.default
 
@@ -61,12 +61,10 @@ def fold_into_conv(gm, conv: torch.fx.Node, bn: torch.fx.Node):
 
 def fold_into_linear(gm, gemm: torch.fx.Node, bn: torch.fx.Node):
     """`[addmm(b, x, permute(w, [1, 0])) | mm(x, permute(w, [1, 0]))]` -> BN over dim 1."""
-    if gemm.target == aten.addmm.default:
-        if gemm.kwargs.get("beta", 1) != 1 or gemm.kwargs.get("alpha", 1) != 1:
-            return "scaled_addmm"
-        b, x, wt = gemm.args
-    else:
-        (x, wt), b = gemm.args, None
+    ops = gemm_operands(gemm)
+    if ops is None:
+        return "scaled_addmm"
+    x, wt, b = ops
     if not (isinstance(wt, torch.fx.Node) and wt.target == aten.permute.default and list(wt.args[1]) == [1, 0]):
         return "weight_layout"
     w_t = constant_of(gm, wt.args[0])

@@ -27,9 +27,7 @@ from passlab.passes.meta import propagate
 from passlab.runtime import autotune
 from passlab.runtime.opclass import OpClass, op_class
 
-from . import Counters, aten, constant_of, erase_dead, new_constant, users
-
-VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+from .vocabulary import RESHAPES, Counters, aten, constant_of, erase_dead, gemm_operands, new_constant, users
 
 
 class Member:
@@ -46,26 +44,21 @@ class Member:
 
 def input_key(x):
     """Siblings often read the same tensor through separate identical views."""
-    if isinstance(x, torch.fx.Node) and x.target in VIEWS:
+    if isinstance(x, torch.fx.Node) and x.target in RESHAPES:
         return x.args[0], tuple(x.meta["val"].shape)
     return x, tuple(x.meta["val"].shape) if isinstance(x, torch.fx.Node) else None
 
 
 def as_member(gm, n):
     """(key, Member) for a GEMM with a constant weight, (key, reason) otherwise, or None."""
-    if n.target == aten.mm.default:
-        (x, w), b = n.args, None
-    elif n.target == aten.addmm.default:
-        if n.kwargs.get("beta", 1) != 1 or n.kwargs.get("alpha", 1) != 1:
-            return None
-        b, x, w = n.args
-    elif n.target == aten.bmm.default:
-        (x, w), b = n.args, None
+    ops = gemm_operands(n)
+    if ops is None:
+        return None
+    x, w, b = ops
+    if n.target == aten.bmm.default:
         wt = constant_of(gm, w)
         key = (input_key(x), "bmm")
         return (key, Member(n, x, w, wt, None, None, "bmm")) if wt is not None else (key, "weight_not_constant")
-    else:
-        return None
     key = (input_key(x), "mm")
     if isinstance(w, torch.fx.Node) and w.target == aten.permute.default and list(w.args[1]) == [1, 0]:
         wt, layout = constant_of(gm, w.args[0]), "t"

@@ -6,6 +6,7 @@
 - `Counters`, `Skip`    matched / rewritten / skipped{snake_case_reason}; a matcher raises Skip(reason)
 - `VIEW_OPS`            view-like ops, read from `runtime/opclass.py`'s table (VIEW and BROADCAST)
 - `RESHAPES`            the view ops that keep elements in logical order (a chain of them is one reshape)
+- `STRICT_VIEWS`        view / _unsafe_view: they need viewable strides (reshape copies when it must)
 - `through_views(n)`    back from a value through reshapes (and eval-dropout clones) to its producer
 - `sole_user_through_views(n)`  forward through single-user reshapes to the op that reads the value
 - `gemm_operands(n)`    (x, w, bias) of an mm / addmm (alpha = beta = 1) / bmm, else None
@@ -103,6 +104,7 @@ VIEW_OPS = frozenset(op for op, cls in TABLE.items()
                      if cls in (OpClass.VIEW, OpClass.BROADCAST) and isinstance(op, torch._ops.OpOverload))
 RESHAPES = frozenset(op for op in VIEW_OPS if op.overloadpacket in (
     aten.view, aten._unsafe_view, aten.reshape, aten.alias, aten.unsqueeze, aten.squeeze))
+STRICT_VIEWS = frozenset({aten.view.default, aten._unsafe_view.default})   # fail on unviewable strides
 
 
 def shape(n) -> tuple:
