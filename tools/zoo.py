@@ -91,39 +91,28 @@ def run_model(name: str, *, preset: str = "tiny", pipeline=None, device: str = "
 
 
 def measure_model(sample, gm, device: str, budget_s: float, say) -> dict:
-    """Eager, torch.compile (defaults) and the pipeline's graph, timed in one
-    interleaved batch; each is called as the user calls the model, with its
-    `(args, kwargs)` (the same pytree work for all three)."""
+    """Eager, the torch.compile peers (attribution.make_peers: defaults and
+    freezing) and the pipeline's graph, timed in one interleaved batch, each
+    called as the model is (its own `(args, kwargs)`); ratios over the
+    pipeline's graph with their 95% CIs."""
     import torch.utils._pytree as pytree
     from passlab.runtime import timing
     from passlab.runtime.executor import compile_graph
-
-    def as_user_call(fn):
-        def call(*flat):
-            args, kwargs = pytree.tree_unflatten(list(flat), sample.in_spec)
-            return fn(*args, **kwargs)
-        return call
-    graph = compile_graph(gm, device)
-    fns = {"eager": as_user_call(sample.module),
-           "passlab": as_user_call(lambda *a, **k: graph(*pytree.tree_leaves((a, k))))}
+    from .attribution import COMPILE, EAGER, FREEZING, make_peers, model_call
     inputs = [sample.make_inputs(seed) for seed in (11, 12, 13)]
-    out = {}
-    say("compiling the torch.compile peer (default settings)")
-    try:
-        torch._dynamo.reset()
-        compiled = as_user_call(torch.compile(sample.module))
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            compiled(*inputs[0])
-        out["compile_s"], fns["torch.compile"] = time.perf_counter() - t0, compiled
-    except Exception as e:  # a peer that cannot compile is reported, not fatal
-        out["torch.compile_error"] = first_line(e)
+    info, fns = make_peers(sample, inputs[0], device, say)
+    graph = compile_graph(gm, device)
+    fns["passlab"] = model_call(sample, lambda *a, **k: graph(*pytree.tree_leaves((a, k))))
     t = timing.measure_many(fns, inputs, device=device, budget_s=budget_s)
-    out.update({k: {"median_s": v.median_s, "ci_low_s": v.ci_low_s, "ci_high_s": v.ci_high_s, "n": v.n}
-                for k, v in t.items()})
-    me = t["passlab"].median_s
-    out["vs_eager"] = t["eager"].median_s / me
-    out["vs_compile"] = t["torch.compile"].median_s / me if "torch.compile" in t else None
+    out = {k: {"median_s": v.median_s, "ci_low_s": v.ci_low_s, "ci_high_s": v.ci_high_s, "n": v.n,
+               **{f: info.get(k, {}).get(f) for f in ("compile_s", "error") if info.get(k, {}).get(f) is not None}}
+           for k, v in t.items()}
+    out.update({k: {"error": v["error"]} for k, v in info.items() if "error" in v})
+    compiled = [k for k in (COMPILE, FREEZING) if k in t]
+    best = min(compiled, key=lambda k: t[k].median_s) if compiled else None
+    out["vs_eager"], *out["vs_eager_ci"] = timing.speedup(t["passlab"], t[EAGER])
+    out["best_compile"] = best
+    out["vs_compile"], *out["vs_compile_ci"] = timing.speedup(t["passlab"], t[best]) if best else (None, None, None)
     out["threads"] = t["passlab"].threads
     return out
 
@@ -174,16 +163,16 @@ def table(rec: dict) -> str:
     measured = any("timing" in r for r in rec["models"])
     headers = ["model", "family", "status", "launches", "after", "rolled back", "capture s", "max err"]
     if measured:
-        headers += ["eager ms", "passlab ms", "compile ms", "vs eager", "vs compile"]
+        headers += ["eager ms", "passlab ms", "compile ms", "vs eager", "vs compile"]   # compile: the faster peer
     rows = []
     for r in rec["models"]:
         row = [r["name"], r["family"], r["status"], fmt(r["launches_before"]), fmt(r["launches_after"]),
                short_list(r["rolled_back"]), fmt(r["capture_s"], ".1f"), fmt(r["max_error"], ".0e")]
         if measured:
             t = r.get("timing") or {}
-            ms = lambda k: fmt(t[k]["median_s"] * 1e3, ".2f") if k in t else "-"
+            ms = lambda k: fmt(t[k]["median_s"] * 1e3, ".2f") if k and "median_s" in t.get(k, {}) else "-"
             x = lambda k: "-" if t.get(k) is None else f"{t[k]:.2f}x"
-            row += [ms("eager"), ms("passlab"), ms("torch.compile"), x("vs_eager"), x("vs_compile")]
+            row += [ms("eager"), ms("passlab"), ms(t.get("best_compile")), x("vs_eager"), x("vs_compile")]
         rows.append(row)
     s = rec["summary"]
     out = render(headers, rows)
