@@ -17,6 +17,7 @@ import torch.fx
 from torch.fx.passes.dialect.common.cse_pass import CSEPass
 
 from .api import PassResult
+from .patterns.vocabulary import Counters
 from .registry import register_pass
 
 aten = torch.ops.aten
@@ -73,12 +74,12 @@ def cse_banned(gm: torch.fx.GraphModule) -> set:
 def cse(gm: torch.fx.GraphModule, ctx) -> PassResult:
     """Common-subexpression elimination: one node per (op, inputs, arguments)."""
     if any(getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in gm.graph.nodes):
-        return PassResult(gm, False, {"merged": 0, "skipped": {"graph mutates tensors in place": 1}})
+        return PassResult(gm, False, {"merged": 0, "skipped": {"graph_mutates_in_place": 1}})
     n_before = call_count(gm)
     try:
         res = CSEPass(banned_ops=cse_banned(gm))(gm)
     except TypeError as e:  # an argument that cannot be hashed: nothing merged, say why
-        return PassResult(gm, False, {"merged": 0, "skipped": {f"unhashable argument: {e}": 1}})
+        return PassResult(gm, False, {"merged": 0, "skipped": {"unhashable_argument": 1}, "error": str(e)})
     if not res.modified:
         return PassResult(gm, False, {"merged": 0})
     new = res.graph_module
@@ -146,17 +147,17 @@ def noop_source(node: torch.fx.Node) -> torch.fx.Node | None:
 @register_pass("remove_noops")
 def remove_noops(gm: torch.fx.GraphModule, ctx) -> PassResult:
     """Remove views, copies, casts and arithmetic identities that change nothing (same shape, dtype, strides)."""
-    removed, skipped = Counter(), Counter()
+    removed, c = Counter(), Counters()
     outputs = set(gm.graph.output_node().all_input_nodes)
     for node in list(gm.graph.nodes):
         src = noop_source(node)
         if src is None:
             continue
         if node in outputs and (src.op in ("placeholder", "get_attr") or src in outputs):
-            skipped["output would alias an input, a weight or another output"] += 1
+            c.skip("output_would_alias_input")
             continue
         if any(getattr(getattr(u.target, "_schema", None), "is_mutable", False) for u in node.users):
-            skipped["a user mutates it"] += 1
+            c.skip("user_mutates_it")
             continue
         if node in outputs:
             outputs.add(src)
@@ -166,8 +167,8 @@ def remove_noops(gm: torch.fx.GraphModule, ctx) -> PassResult:
     if removed:
         gm.recompile()
     stats = {"removed": sum(removed.values()), "removed_by_op": dict(removed)}
-    if skipped:
-        stats["skipped"] = dict(skipped)
+    if c.skipped:
+        stats["skipped"] = dict(c.skipped)
     return PassResult(gm, bool(removed), stats)
 
 
@@ -203,9 +204,9 @@ def foldable_target(node: torch.fx.Node) -> str | None:
     if t is operator.getitem:
         return None
     if not isinstance(t, torch._ops.OpOverload):
-        return "not an aten op"
+        return "not_an_aten_op"
     if side_effecting(node):
-        return "side effect"
+        return "side_effect"
     if torch.Tag.nondeterministic_seeded in t.tags:
         return "random"
     return None
@@ -223,14 +224,14 @@ def fold_constants(gm: torch.fx.GraphModule, ctx, *, max_growth: float = 1.0) ->
     graph = gm.graph
     values: dict[torch.fx.Node, object] = {}       # node -> real value, for constant nodes
     leaves: dict[torch.fx.Node, frozenset] = {}    # constant node -> the weights it is computed from
-    skipped = Counter()
+    c = Counters()
     mutated = {n.target for n in graph.nodes if n.op == "get_attr"
                and any(getattr(getattr(u.target, "_schema", None), "is_mutable", False) for u in n.users)}
     for node in graph.nodes:
         if node.op == "get_attr":
             v = fetch_attr(gm, node.target)
             if node.target in mutated:
-                skipped["weight mutated in the graph"] += 1
+                c.skip("weight_mutated_in_graph")
             elif isinstance(v, torch.Tensor):
                 values[node], leaves[node] = v, frozenset([node.target])
             continue
@@ -243,27 +244,27 @@ def fold_constants(gm: torch.fx.GraphModule, ctx, *, max_growth: float = 1.0) ->
             continue
         why = foldable_target(node)
         if why:
-            skipped[why] += 1
+            c.skip(why)
             continue
         src = frozenset().union(*(leaves[i] for i in inputs)) if inputs else frozenset()
         cap = max_growth * sum(nbytes(fetch_attr(gm, t)) for t in src)
         if not fits(node.meta.get("val"), cap):      # decided on the fake value: nothing big is ever allocated
-            skipped["would grow memory"] += 1
+            c.skip("would_grow_memory")
             continue
         env = lambda a: values[a] if isinstance(a, torch.fx.Node) else a
         try:
             v = node.target(*torch.fx.node.map_aggregate(node.args, env),
                             **torch.fx.node.map_aggregate(node.kwargs, env))
         except Exception:
-            skipped["could not evaluate"] += 1
+            c.skip("could_not_evaluate")
             continue
         if not is_tensorish(v):
             continue
         if isinstance(v, (tuple, list)) and any(u.target is not operator.getitem for u in node.users):
-            skipped["multi-output value used whole"] += 1
+            c.skip("multi_output_used_whole")
             continue
         if not fits(v, cap):
-            skipped["would grow memory"] += 1
+            c.skip("would_grow_memory")
             continue
         values[node], leaves[node] = v, src
 
@@ -275,7 +276,7 @@ def fold_constants(gm: torch.fx.GraphModule, ctx, *, max_growth: float = 1.0) ->
         if not node.users or all(u in values for u in node.users):
             continue          # interior of a folded subgraph: its users fold it in
         if graph.output_node() in node.users:
-            skipped["output would alias a weight"] += 1
+            c.skip("output_would_alias_weight")
             continue
         v = values[node]
         name = f"_folded_{node.name}"
@@ -296,6 +297,6 @@ def fold_constants(gm: torch.fx.GraphModule, ctx, *, max_growth: float = 1.0) ->
         folded = n_before - call_count(gm)
         gm.recompile()
     stats = {"folded": folded, "constants": consts, "bytes_folded": bytes_folded, "bytes_new": bytes_new}
-    if skipped:
-        stats["skipped"] = dict(skipped)
+    if c.skipped:
+        stats["skipped"] = dict(c.skipped)
     return PassResult(gm, bool(consts), stats)

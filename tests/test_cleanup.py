@@ -146,7 +146,7 @@ def test_remove_noops_never_returns_an_input_itself():
     gm = capture(ReturnsCopy(), (torch.randn(3),))
     res = run("remove_noops", gm)
     assert not res.changed and targets(res.gm) == [aten.clone.default]
-    assert res.stats["skipped"] == {"output would alias an input, a weight or another output": 1}
+    assert res.stats["skipped"] == {"output_would_alias_input": 1}
     two = run("remove_noops", capture(ReturnsTwice(), (torch.randn(3),)))
     assert two.stats["removed_by_op"] == {"view": 1} and targets(two.gm).count(aten.clone.default) == 1
     y, y2, z = two.gm(torch.ones(3))
@@ -166,7 +166,7 @@ def test_fold_constants_caps_memory_and_keeps_weights(messy):
     m, gm = messy
     weights = {k: v.clone() for k, v in m.state_dict().items()}
     res = run("fold_constants", gm)
-    assert res.stats["skipped"]["would grow memory"] >= 2      # the expand and the fp64 cast
+    assert res.stats["skipped"]["would_grow_memory"] >= 2      # the expand and the fp64 cast
     assert aten.expand.default in targets(res.gm) and aten._to_copy.default in targets(res.gm)
     wider = run("fold_constants", gm, max_growth=2.0)
     assert aten._to_copy.default not in targets(wider.gm)
@@ -187,9 +187,9 @@ def test_fold_constants_leaves_mutated_weights_alone(messy):
         bump = gm.graph.call_function(aten.add_.Tensor, (w, 0.0))
     bump.meta["val"] = w.meta["val"]
     res = run("fold_constants", gm, max_growth=2.0)
-    assert res.stats["skipped"]["weight mutated in the graph"] == 1
+    assert res.stats["skipped"]["weight_mutated_in_graph"] == 1
     assert not res.changed and aten._to_copy.default in targets(res.gm)
-    assert run("cse", gm).stats == {"merged": 0, "skipped": {"graph mutates tensors in place": 1}}
+    assert run("cse", gm).stats == {"merged": 0, "skipped": {"graph_mutates_in_place": 1}}
 
 
 def test_fold_constants_folds_weight_transposes_as_views():
