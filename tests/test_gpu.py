@@ -82,8 +82,7 @@ def test_gemm_epilogue_autotunes_with_do_bench(monkeypatch, compiled_triton):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name,dtype", [(n, "fp32") for n in TINY] + [("transformer", "bf16"), ("llama", "bf16")])
 def test_default_pipeline_on_cuda(name, dtype, compiled_triton):
     """Every pass of the default pipeline (fusion, patterns, layout) on cuda: the pass
     manager checks each step against eager on fresh inputs; fused kernels run as Triton."""

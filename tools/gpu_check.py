@@ -12,20 +12,21 @@ a sticky CUDA error in one still leaves the others' results:
 - `tests`:   `pytest -m gpu` (real Triton compiles, the GEMM-epilogue template
              autotuned with `triton.testing.do_bench`, the fusion and pattern
              pipelines on cuda: tests/test_gpu.py and the other `gpu` tests).
+- `kernels`: generated pointwise / reduction kernels' bandwidth as % of the
+             device's measured copy bandwidth (`tools/bench_kernels.py`).
 - `bench`:   per model (`llama_decode` where it exists, then the bench samples),
              bf16: eager, torch.compile (default settings), the captured graph,
              the optimized graph with and without CUDA-graph capture, in one
              interleaved batch, tokens (units) per joule from NVML for each; then,
              where its share of the budget allows, the per-pass steps
              (`tools/runner.py` `run`).
-- `kernels`: generated pointwise / reduction kernels' bandwidth as % of the
-             device's measured copy bandwidth (`tools/bench_kernels.py`).
 - `compat`:  (full mode) the CPU-side codegen / fusion / pattern tests under the
              machine's torch and triton, interpreter on.
 
 Time a part leaves unused goes to the next. After every part `gpu_check.json`
-and `results.md` in DIR are rewritten, so a run cut short keeps what it had. Exit 0 when every part finished (tests may
-have failed: see the report), 1 when a part failed or timed out.
+and `results.md` in DIR are rewritten, so a run cut short keeps what it had.
+Exit 0 when every part finished (tests may have failed: see the report), 1
+when a part failed or timed out, 2 for bad arguments or no CUDA device.
 """
 from __future__ import annotations
 
@@ -43,11 +44,12 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 
-PARTS = ("env", "tests", "bench", "kernels", "compat")
+PARTS = ("env", "tests", "kernels", "bench", "compat")
 # seconds per part; full mode must end within 8 minutes on an H200
-BUDGETS = {"full": {"env": 20, "tests": 110, "bench": 250, "kernels": 40, "compat": 30},
-           "quick": {"env": 30, "tests": 75, "bench": 120, "kernels": 25, "compat": 0},
-           "dry": {"env": 60, "tests": 120, "bench": 240, "kernels": 120, "compat": 0}}
+BUDGETS = {"full": {"env": 20, "tests": 120, "kernels": 40, "bench": 240, "compat": 30},
+           "quick": {"env": 20, "tests": 75, "kernels": 25, "bench": 120, "compat": 0},
+           "dry": {"env": 60, "tests": 120, "kernels": 120, "bench": 240, "compat": 0}}
+TEST_TIMEOUT_S = 90      # per test (pytest-timeout), so one hanging test cannot take the part's budget
 MIN_MODEL_S = {"full": 35, "quick": 30, "dry": 20}
 COMPAT_TESTS = ["tests/test_codegen.py", "tests/test_fuse.py", "tests/test_patterns.py", "tests/test_layout.py"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,8 +132,10 @@ def run_pytest(args, out_dir: str, name: str, selection: list[str], interpret: b
     if not os.path.isdir(os.path.join(ROOT, "tests")):
         return {"status": "failed", "error": f"no tests folder under {ROOT} (install with pip install -e .)"}
     xml = os.path.join(out_dir, f"{name}.xml")
+    import importlib.util
+    per_test = [f"--timeout={TEST_TIMEOUT_S}"] if importlib.util.find_spec("pytest_timeout") else []
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-           "-o", "junit_family=xunit1", *selection]
+           "-o", "junit_family=xunit1", *per_test, *selection]
     log(f"{name}: {' '.join(cmd[3:])} (TRITON_INTERPRET={'1' if interpret else '0'}, budget {timeout:.0f}s)")
     rc, secs = spawn(cmd, child_env(args, interpret), timeout, log)
     res = junit_summary(xml)
