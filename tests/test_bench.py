@@ -36,6 +36,18 @@ def test_table_shows_failures_with_their_reason_and_missing_bounds_as_na():
     assert "4.0 / 3.0 / 3.5" in lines[2]                                    # setup: passlab / compile / freezing
 
 
+def test_a_model_passlab_fails_on_keeps_the_peers_numbers():
+    row = ok_row("zoo:x")
+    row.update(status="failed", error="passlab.optimize: CaptureError: data-dependent branch")
+    for k in ("captured", "passlab"):
+        del row["contenders"][k]
+    (cells,) = bench.table_rows([row])
+    h = bench.HEADERS
+    assert cells[h.index("eager")] == "100" and cells[h.index("torch.compile")] == "110 (1.10x)"
+    assert cells[h.index("passlab")] == "failed: passlab.optimize: CaptureError: data-dependent branch"
+    assert cells[h.index("passlab/eager")] == "–"
+
+
 def test_zoo_rows_get_a_geomean_and_a_worst_line():
     rows = [ok_row("zoo:a", passlab=200.0), ok_row("zoo:b", passlab=50.0),
             {"model": "zoo:c", "status": "failed", "error": "could not build"}]

@@ -27,6 +27,7 @@ import time
 from . import record as records
 from .progress import Progress
 from .table import render
+from .zoo import first_line
 
 MODELS = ["transformer", "llama", "moe", "convnet", "mlp", "llama_decode"]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -47,8 +48,9 @@ def zoo_names() -> list[str] | None:
 
 def measure_model(name: str, preset: str = "bench", *, budget_s: float = 3.0, pipeline: str | None = None,
                   device: str = "cpu", ablate: bool = False, say=None) -> dict:
-    """Every contender on one model, timed in one interleaved batch: the row's numbers."""
-    import torch
+    """Every contender on one model, timed in one interleaved batch: the row's numbers.
+    Where passlab.optimize fails, the row is failed with its reason and still
+    holds eager's and torch.compile's numbers."""
     import passlab
     from passlab.graphs import load
     from passlab.runtime import costmodel, timing
@@ -63,31 +65,39 @@ def measure_model(name: str, preset: str = "bench", *, budget_s: float = 3.0, pi
                description=sample.description)
     say(f"{name}: passlab.optimize")
     t0 = time.perf_counter()
-    opt = passlab.optimize(sample.module, sample.example_inputs, pipeline=pipeline, device=device,
-                           example_kwargs=sample.example_kwargs)
-    wall = time.perf_counter() - t0
-    prec = opt.record
-    row["setup_seconds"] = prec.get("setup_seconds") or wall
-    row["guard"] = (prec.get("guard") or {}).get("chosen")
-    row["rolled_back"] = [f"{s['pass']}: {s.get('error')}" for s in prec.get("steps") or []
-                          if s.get("status") != "ok"]
-    row["launches"] = [prec["baseline"].get("launches"),
-                       (prec["steps"][-1] if prec.get("steps") else prec["baseline"]).get("launches")]
-    captured = compile_graph(opt.result.baseline.snapshot, device)
+    try:
+        opt = passlab.optimize(sample.module, sample.example_inputs, pipeline=pipeline, device=device,
+                               example_kwargs=sample.example_kwargs)
+    except Exception as e:  # passlab failing is the row's reason; eager and torch.compile are still measured
+        opt, row["error"] = None, f"passlab.optimize: {first_line(e)}"
     inputs = [sample.make_inputs(seed) for seed in (11, 12, 13)]
     info, fns = make_peers(sample, inputs[0], device, say)
-    info["captured"] = {"settings": "the captured core-aten graph, op by op (no passes)"}
-    info["passlab"] = {"settings": f"passlab.optimize(model, args{', pipeline=' + repr(pipeline) if pipeline else ''})",
-                       "setup_s": row["setup_seconds"]}
-    fns["captured"], fns["passlab"] = captured, model_call(sample, opt)
+    if opt is not None:
+        prec = opt.record
+        row["setup_seconds"] = prec.get("setup_seconds") or time.perf_counter() - t0
+        row["guard"] = (prec.get("guard") or {}).get("chosen")
+        row["rolled_back"] = [f"{s['pass']}: {s.get('error')}" for s in prec.get("steps") or []
+                              if s.get("status") != "ok"]
+        row["launches"] = [prec["baseline"].get("launches"),
+                           (prec["steps"][-1] if prec.get("steps") else prec["baseline"]).get("launches")]
+        info["captured"] = {"settings": "the captured core-aten graph, op by op (no passes)"}
+        info["passlab"] = {"settings": "passlab.optimize(model, args"
+                                       + (f", pipeline={pipeline!r})" if pipeline else ")"),
+                           "setup_s": row["setup_seconds"]}
+        fns["captured"] = compile_graph(opt.result.baseline.snapshot, device)
+        fns["passlab"] = model_call(sample, opt)
     say(f"{name}: timing {len(fns)} contenders interleaved (budget {budget_s:g}s each)")
     t = timing.measure_many(fns, inputs, device=device, budget_s=budget_s)
     for k in CONTENDERS:
-        c = dict(info.get(k) or {})
+        if k not in info:
+            continue
+        c = dict(info[k])
         if k in t:
             c.update(throughput(t[k], sample))
             c["speedup_vs_eager"], *c["speedup_vs_eager_ci"] = timing.speedup(t[k], t[EAGER])
         row["contenders"][k] = c
+    if opt is None:
+        return row
     compiled = [k for k in (COMPILE, FREEZING) if k in t]
     if compiled:
         best = min(compiled, key=lambda k: t[k].median_s)
@@ -98,7 +108,7 @@ def measure_model(name: str, preset: str = "bench", *, budget_s: float = 3.0, pi
         row["bound_s"] = bound
         row["percent_of_bound"] = 100 * bound / t["passlab"].median_s if bound else None
     except Exception as e:  # an estimate we cannot make is "n/a", never 0%
-        row["bound_s"], row["percent_of_bound"], row["bound_error"] = None, None, f"{type(e).__name__}: {e}"
+        row["bound_s"], row["percent_of_bound"], row["bound_error"] = None, None, first_line(e)
     if ablate:
         from .runner import run
         say(f"{name}: per-pass contributions (--ablate)")
@@ -115,8 +125,7 @@ def child(args) -> int:
         row = measure_model(args.one, args.preset, budget_s=args.budget, pipeline=args.pipeline,
                             ablate=args.ablate, say=prog.message)
     except Exception as e:  # the row says why; the parent goes on with the next model
-        row = {"model": args.one, "preset": args.preset, "status": "failed",
-               "error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
+        row = {"model": args.one, "preset": args.preset, "status": "failed", "error": first_line(e)}
     row["machine"] = records.machine()
     records.write_json(row, args.row_json)
     return 0
@@ -184,11 +193,16 @@ HEADERS = ["model", "dtype", "unit", "eager", "torch.compile", "torch.compile fr
 def table_rows(rows: list[dict]) -> list[list[str]]:
     out = []
     for row in rows:
+        c = row.get("contenders") or {}
         if row.get("status") != "ok":
-            out.append([row["model"], row.get("dtype", "–"), row.get("unit", "–"),
-                        f"failed: {row.get('error')}"] + ["–"] * (len(HEADERS) - 4))
+            if c.get("eager", {}).get("throughput"):       # passlab failed; the peers ran
+                out.append([row["model"], row.get("dtype", "–"), row.get("unit", "–"), tp_cell(c.get("eager"), False),
+                            tp_cell(c.get("torch.compile")), tp_cell(c.get("torch.compile(freezing)")), "–",
+                            f"failed: {row.get('error')}"] + ["–"] * (len(HEADERS) - 8))
+            else:
+                out.append([row["model"], row.get("dtype", "–"), row.get("unit", "–"),
+                            f"failed: {row.get('error')}"] + ["–"] * (len(HEADERS) - 4))
             continue
-        c = row["contenders"]
         p = c.get("passlab") or {}
         passlab = tp_cell(p, with_ratio=False) + (f" [guard: {row['guard']}]" if row.get("guard") not in
                                                    (None, "passlab", "final") else "")
