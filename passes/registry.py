@@ -67,8 +67,9 @@ def load_builtin_and_plugins() -> None:
             importlib.import_module(info.name)
         except Exception as e:  # one broken pass module must not take the others down; tests check LOAD_ERRORS
             LOAD_ERRORS[info.name] = f"{type(e).__name__}: {e}"
-            warnings.warn(f"passlab pass module {info.name} failed to import: {type(e).__name__}: {e}",
-                          stacklevel=2)
+            warnings.warn(f"passlab pass module {info.name} failed to import: {type(e).__name__}: {e}; "
+                          f"its passes are not registered (a default pipeline without them is listed in the "
+                          f"run record as missing_default_passes)", stacklevel=2)
     for ep in importlib.metadata.entry_points(group="passlab.passes"):
         try:
             obj = ep.load()

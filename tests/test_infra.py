@@ -64,6 +64,7 @@ def test_bad_pipeline_says_what_is_allowed(text, message):
     (["run", "mlpp", "--pipeline", "dce", "--no-measure"], "did you mean 'mlp'"),
     (["new-pass", "Not-A-Name"], "lower_snake_case"),
     (["new-pass", "dce"], "already exists"),
+    (["run", "mlp", "--device", "tpu9", "--no-measure"], "use cpu or cuda"),
 ])
 def test_cli_bad_arguments_exit_2(argv, message, capsys):
     assert cli.main(argv) == 2
