@@ -63,6 +63,11 @@ def pass_table(record: dict) -> str:
     errors = [f"  {s['pass']}: {s['error']}" for s in record["steps"] if s.get("error")]
     if errors:
         out += "\nrolled back:\n" + "\n".join(errors)
+    skipped = [f"  {s['pass']}: " + ", ".join(f"{k}={v}" for k, v in s["stats"]["skipped"].items())
+               for s in record["steps"] if isinstance((s.get("stats") or {}).get("skipped"), dict)
+               and s["stats"]["skipped"]]
+    if skipped:
+        out += "\nskipped (where a pass matched but did not rewrite, and why):\n" + "\n".join(skipped)
     subsets = record.get("subset_rollbacks") or {}
     if subsets:
         out += "\nrolled back inside the attribution subsets:\n" + "\n".join(
