@@ -179,23 +179,24 @@ def collective_bytes(node: torch.fx.Node, kind: str) -> int:
 
 def collective_parts(kind: str, nbytes: int, world: int, link: Link) -> tuple[float, float]:
     """(latency seconds, seconds on the rank's uplink) of one collective over W
-    ranks, as gloo runs them (measured through the delay line, see the README):
-    ring all_reduce     2(W-1) latencies, 2(W-1)/W * bytes on the wire
-    all_gather, reduce_scatter (ring) (W-1) latencies, (W-1)/W * bytes (bytes: the full buffer)
-    all_to_all          2 latencies (a receive-ready notice, then the data; all peers at
-                        once), (W-1)/W * bytes
-    broadcast           ceil(log2 W) latencies, bytes (pipelined tree)"""
+    ranks, as gloo runs them. Every hop of a schedule costs two one-way
+    latencies, a receive-ready notice and then the data (measured through the
+    delay line at W=2 and 4, bf16, 2 KB..2 MB: 2, 4(W-1), 2(W-1) latencies):
+    all_to_all          1 hop (all peers at once),    (W-1)/W * bytes on the wire
+    ring all_reduce     2(W-1) hops,                   2(W-1)/W * bytes
+    all_gather, reduce_scatter (ring) (W-1) hops,      (W-1)/W * bytes (the full buffer)
+    broadcast           ceil(log2 W) hops,             bytes (pipelined tree)"""
     if world <= 1:
         return 0.0, 0.0
-    w, bw, lat = world, link.bytes_per_s, link.latency_s
+    w, bw, hop = world, link.bytes_per_s, 2 * link.latency_s
     if kind == "all_reduce":
-        return 2 * (w - 1) * lat, 2 * (w - 1) / w * nbytes / bw
+        return 2 * (w - 1) * hop, 2 * (w - 1) / w * nbytes / bw
     if kind in ("all_gather", "reduce_scatter"):
-        return (w - 1) * lat, (w - 1) / w * nbytes / bw
+        return (w - 1) * hop, (w - 1) / w * nbytes / bw
     if kind == "all_to_all":
-        return 2 * lat, (w - 1) / w * nbytes / bw
+        return hop, (w - 1) / w * nbytes / bw
     if kind == "broadcast":
-        return math.ceil(math.log2(w)) * lat, nbytes / bw
+        return math.ceil(math.log2(w)) * hop, nbytes / bw
     raise ValueError(f"no formula for collective {kind!r}")
 
 

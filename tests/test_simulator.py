@@ -13,13 +13,14 @@ LINK = Link("test", 1e9, 1e-5)
 
 def test_collective_formulas_by_hand():
     mb = 1_000_000
-    assert collective_time("all_reduce", mb, 4, LINK) == pytest.approx(2 * 3 / 4 * 1e-3 + 6 * 1e-5)
-    assert collective_time("all_gather", mb, 8, LINK) == pytest.approx(7 / 8 * 1e-3 + 7 * 1e-5)
-    assert collective_time("reduce_scatter", mb, 8, LINK) == pytest.approx(7 / 8 * 1e-3 + 7 * 1e-5)
+    # each hop: two latencies (gloo's receive-ready notice, then the data)
+    assert collective_time("all_reduce", mb, 4, LINK) == pytest.approx(2 * 3 / 4 * 1e-3 + 12 * 1e-5)
+    assert collective_time("all_gather", mb, 8, LINK) == pytest.approx(7 / 8 * 1e-3 + 14 * 1e-5)
+    assert collective_time("reduce_scatter", mb, 8, LINK) == pytest.approx(7 / 8 * 1e-3 + 14 * 1e-5)
     assert collective_time("all_to_all", mb, 1024, LINK) == pytest.approx(1023 / 1024 * 1e-3 + 2 * 1e-5)
-    assert collective_time("broadcast", mb, 16, LINK) == pytest.approx(1e-3 + 4 * 1e-5)
+    assert collective_time("broadcast", mb, 16, LINK) == pytest.approx(1e-3 + 8 * 1e-5)
     assert collective_time("all_reduce", mb, 1, LINK) == 0.0
-    assert collective_time("all_reduce", mb, 2, LINK, overhead_s=1e-4) == pytest.approx(1e-3 + 2e-5 + 1e-4)
+    assert collective_time("all_reduce", mb, 2, LINK, overhead_s=1e-4) == pytest.approx(1e-3 + 4e-5 + 1e-4)
     with pytest.raises(ValueError):
         collective_time("gossip", mb, 4, LINK)
 
