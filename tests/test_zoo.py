@@ -68,6 +68,9 @@ def test_fast_subset_end_to_end(name):
     assert row["max_error"] <= 1e-4
     assert row["capture_s"] > 0 and row["pipeline_s"] > 0
     assert [p["pass"] for p in row["passes"]][:4] == ["dce", "cse", "remove_noops", "fold_constants"]
+    (attn,) = [p["stats"] for p in row["passes"] if p["pass"] == "fuse_attention"]
+    if name == "bert":           # eager attention written out, one per layer (nn.MultiheadAttention is sdpa already)
+        assert attn["matched"] == 2
 
 
 class DataDependent(nn.Module):

@@ -74,7 +74,9 @@ def run_model(name: str, *, preset: str = "tiny", pipeline=None, device: str = "
                baseline_max_error=result.baseline.max_error,
                rolled_back=[s.name for s in result.steps if s.status != "ok"],
                passes=[{"pass": s.name, "status": s.status, "changed": s.changed, "launches": s.launches,
-                        "max_error": s.max_error, "error": s.error} for s in result.steps])
+                        "max_error": s.max_error, "error": s.error,
+                        "stats": {k: v for k, v in s.stats.items() if isinstance(v, (int, float, str, dict))
+                                  and k != "traceback"}} for s in result.steps])
     if result.baseline.numerics_ok is False:
         row["status"], row["error"] = "failed", (f"the captured graph differs from eager: relative error "
                                                  f"{result.baseline.max_error:.3g}")
@@ -161,13 +163,14 @@ def outcome(row: dict) -> str:
 def table(rec: dict) -> str:
     from .table import fmt, render
     measured = any("timing" in r for r in rec["models"])
-    headers = ["model", "family", "status", "launches", "after", "rolled back", "capture s", "max err"]
+    headers = ["model", "family", "status", "launches", "after", "attention", "rolled back", "capture s",
+               "max err"]
     if measured:
         headers += ["eager ms", "passlab ms", "compile ms", "vs eager", "vs compile"]   # compile: the faster peer
     rows = []
     for r in rec["models"]:
         row = [r["name"], r["family"], r["status"], fmt(r["launches_before"]), fmt(r["launches_after"]),
-               short_list(r["rolled_back"]), fmt(r["capture_s"], ".1f"), fmt(r["max_error"], ".0e")]
+               attention(r), short_list(r["rolled_back"]), fmt(r["capture_s"], ".1f"), fmt(r["max_error"], ".0e")]
         if measured:
             t = r.get("timing") or {}
             ms = lambda k: fmt(t[k]["median_s"] * 1e3, ".2f") if k and "median_s" in t.get(k, {}) else "-"
@@ -182,6 +185,12 @@ def table(rec: dict) -> str:
     if notes:
         out += "\nfailed or rolled back:\n" + "\n".join(notes)
     return out
+
+
+def attention(row: dict) -> str:
+    """fuse_attention's count: attention chains rewritten / matched ("-" where it did not run)."""
+    st = next((p["stats"] for p in row.get("passes") or [] if p["pass"] == "fuse_attention"), None)
+    return "-" if not st or "matched" not in st else f"{st.get('rewritten', 0)}/{st['matched']}"
 
 
 def short_list(names: list[str], limit: int = 3) -> str:
