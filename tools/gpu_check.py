@@ -433,15 +433,24 @@ def graph_numbers(args, sample, captured, gm, budget: float, say) -> dict:
         err = relative_error(fns["passlab"](*inputs[0]), ref)
         notes["passlab"] = {"max_rel_error_vs_eager": err}
         if not args.no_compile_peer:
+            # at most half of what is left: a slow compile must not cost the other numbers of this model
+            limit = int(max(10, time_left(args) / 2)) if math.isfinite(time_left(args)) else 0
+            previous = signal.signal(signal.SIGALRM, out_of_time)
+            signal.alarm(limit)
             try:
-                say("compiling torch.compile (default settings)")
+                say(f"compiling torch.compile (default settings; at most {limit or 'unlimited'}s)")
                 t0 = time.time()
                 comp = torch.compile(sample.module)
                 comp(*inputs[0])
                 fns["torch.compile"] = comp
                 notes["torch.compile"] = {"compile_s": round(time.time() - t0, 1)}
+            except OutOfTime:
+                notes["torch.compile"] = {"error": f"compiling took more than {limit}s of this model's budget"}
             except Exception as e:
                 notes["torch.compile"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            finally:
+                signal.alarm(0)
+                signal.signal(signal.SIGALRM, previous)
         if device == "cuda":
             try:
                 g = timing.cuda_graph(fns["passlab"], inputs[0])
@@ -470,6 +479,14 @@ def graph_numbers(args, sample, captured, gm, budget: float, say) -> dict:
     for name, note in notes.items():
         out.setdefault(name, note)
     return out
+
+
+class OutOfTime(Exception):
+    """A step ran past the share of the budget it was given."""
+
+
+def out_of_time(signum, frame):
+    raise OutOfTime()
 
 
 def relative_error(out, ref) -> float:
