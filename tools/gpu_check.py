@@ -135,7 +135,7 @@ def run_pytest(args, out_dir: str, name: str, selection: list[str], interpret: b
     import importlib.util
     per_test = [f"--timeout={TEST_TIMEOUT_S}"] if importlib.util.find_spec("pytest_timeout") else []
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-           "-o", "junit_family=xunit1", *per_test, *selection]
+           "-o", "junit_family=xunit1", "--continue-on-collection-errors", *per_test, *selection]
     log(f"{name}: {' '.join(cmd[3:])} (TRITON_INTERPRET={'1' if interpret else '0'}, budget {timeout:.0f}s)")
     rc, secs = spawn(cmd, child_env(args, interpret), timeout, log)
     res = junit_summary(xml)
