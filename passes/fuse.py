@@ -321,6 +321,7 @@ def to_kernels(gm: torch.fx.GraphModule, prefix: str, label: str | None = None) 
         if label:         # fuse_nodes: <label>_<n>, n counting this label's kernels in the graph
             taken = {n.target.name for n in gm.graph.nodes if is_kernel(n)}
             kname = next(f"{label}_{i}" for i in range(len(taken) + 1) if f"{label}_{i}" not in taken)
+            node._rename(kname)
         node.op, node.target = "call_function", FusedKernel(kname, sub)
         node.meta["fused_from"] = [n.name for n in inner]
         made.append(node)
