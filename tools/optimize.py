@@ -55,9 +55,10 @@ class InputMismatch(TypeError):
 # ---------------------------------------------------------------- signatures
 
 def fast_key(args) -> tuple:
-    """The signature of an all-positional-tensor call: one tuple compare per call.
-    Raises AttributeError where an argument is not a tensor."""
-    return tuple([(a.shape, a.dtype, a.device, a.stride()) for a in args])
+    """The signature of a call with positional tensors and ints only (what
+    dynamo's graphs take): one tuple compare per call. Raises AttributeError
+    where an argument is anything else."""
+    return tuple([a if type(a) is int else (a.shape, a.dtype, a.device, a.stride()) for a in args])
 
 
 def leaf_key(x):
@@ -81,8 +82,14 @@ def call_key(args: tuple, kwargs: dict) -> tuple:
     return (spec, tuple(leaf_key(x) for x in leaves))
 
 
+def is_tensor_key(k) -> bool:
+    return type(k) is tuple and len(k) == 4 and isinstance(k[1], torch.dtype)
+
+
 def describe_leaf(k) -> str:
-    if len(k) == 4 and isinstance(k[1], torch.dtype):
+    if type(k) is int:
+        return repr(k)
+    if is_tensor_key(k):
         shape, dtype, device, stride = k
         s = f"{str(dtype).replace('torch.', '')}{list(shape)}"
         if device.type != "cpu":
@@ -109,7 +116,7 @@ def describe(key: tuple) -> str:
 
 def key_devices(key: tuple) -> set[str]:
     leaves = key[1] if key and isinstance(key[0], pytree.TreeSpec) else key
-    return {k[2].type for k in leaves if len(k) == 4 and isinstance(k[1], torch.dtype)}
+    return {k[2].type for k in leaves if is_tensor_key(k)}
 
 
 def unflattener(spec) -> Callable[[Any], Any]:
