@@ -85,6 +85,7 @@ def test_a_model_that_fails_is_a_failed_row(tmp_path, monkeypatch, capsys):
     assert rc == 1                                   # nothing ran
     text = (tmp_path / "out" / "results.md").read_text()
     assert "| zoo:no_such_model |" in text and "failed: UnknownModelError" in text
+    assert "Partial" not in text and "Preset tiny" in text
 
 
 @pytest.mark.slow

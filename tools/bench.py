@@ -370,6 +370,25 @@ def model_list(args, ap) -> tuple[list[str], str]:
     return models, note
 
 
+def publish(rows: list[dict], args, note: str, models: list[str]) -> str:
+    """Write bench.json, results.md and (--write-readme) the README block from
+    the rows so far: an interrupted benchmark keeps every model it measured."""
+    machine = next((r["machine"] for r in rows if r.get("machine")), None) or records.machine()
+    date = datetime.date.today().isoformat()
+    if args.preset != "bench":
+        note = (note + f" Preset {args.preset} (a quick look, not the benchmark).").strip()
+    if len(rows) < len(models):
+        note = (note + f" Partial: {len(rows)} of {len(models)} models measured so far.").strip()
+    text = markdown(rows, machine, date, note)
+    records.write_json({"rows": rows, "machine": machine, "date": date, "args": vars(args)},
+                       os.path.join(args.out, "bench.json"))
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    if args.write_readme:
+        write_readme(text)
+    return text
+
+
 def main(argv=None) -> int:
     ap, args = parse_args(argv)
     if args.one:
@@ -385,21 +404,11 @@ def main(argv=None) -> int:
         rows.append(row)
         print(summary_table([row]) if row.get("status") == "ok" else f"{m}: failed: {row.get('error')}",
               flush=True)
+        publish(rows, args, note, models)
     if not rows:
         print(note or "no models", file=sys.stderr)
         return 1
-    machine = next((r["machine"] for r in rows if r.get("machine")), None) or records.machine()
-    date = datetime.date.today().isoformat()
-    if args.preset != "bench":
-        note = (note + f" Preset {args.preset} (a quick look, not the benchmark).").strip()
-    text = markdown(rows, machine, date, note)
-    records.write_json({"rows": rows, "machine": machine, "date": date, "args": vars(args)},
-                       os.path.join(args.out, "bench.json"))
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n")
-    print(text)
-    if args.write_readme:
-        write_readme(text)
+    print(publish(rows, args, note, models))
     return 0 if any(r.get("status") == "ok" for r in rows) else 1
 
 
