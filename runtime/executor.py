@@ -3,11 +3,38 @@
 Unfused ops run through ATen as the graph's generated Python calls them; fused
 nodes call their kernel objects, which the executor builds for the device
 first (all C++ kernels of a graph in one compiler call).
+
+What the executor adds per call, and what it removes (measured on the held-out
+models, `python -m passlab.tools.heldout`; numbers in runtime/README.md):
+
+- `bind(gm)`: ONE generated Python function for the whole graph with every
+  weight bound once. A GraphModule's own `forward` fetches each weight on
+  every call through `nn.Module.__getattr__` (nested: `getattr(self.blocks,
+  "0").attn.in_proj_weight`, ~1-3 us each); the bound function takes them as
+  pre-filled arguments of a `functools.partial` and skips `nn.Module.__call__`.
+- `keep_heap()`: glibc returns freed blocks of >= 128 KiB to the kernel, so
+  every intermediate activation of that size is a fresh `mmap` that faults
+  its pages in again on each call (a 1 MiB activation: 256 minor faults; on
+  the depthwise-conv model ~1000 faults per call, a third of its time in a
+  VM). `keep_heap()` raises glibc's mmap and trim thresholds so freed memory
+  stays in the heap and is reused. Process-wide (eager profits as much in
+  the same process, so ratios stay fair); `PASSLAB_MALLOC=system` leaves
+  glibc's defaults; no effect on other C libraries.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import os
+from functools import reduce
+
 import torch
 import torch.fx
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+HEAP_KEEP_BYTES = 1 << 30        # blocks below this come from (and go back to) the heap
+_HEAP = {"done": False, "ok": False}
 
 
 def fused_kernels(gm: torch.fx.GraphModule) -> list:
@@ -16,9 +43,65 @@ def fused_kernels(gm: torch.fx.GraphModule) -> list:
 
 
 def compile_graph(gm: torch.fx.GraphModule, device: str = "cpu"):
-    """Prepare every fused kernel of `gm` for `device` and return a callable."""
+    """Prepare every fused kernel of `gm` for `device` and return a callable
+    taking the graph's flat inputs (`bind(gm)`)."""
     kernels = fused_kernels(gm)
     if kernels:
         from . import codegen
         codegen.build(kernels, device)
-    return gm
+    if device == "cpu":
+        keep_heap()
+    return bind(gm)
+
+
+def keep_heap() -> bool:
+    """Keep freed memory in the process heap (glibc `mallopt`), once per
+    process; True when the thresholds are set."""
+    if not _HEAP["done"]:
+        _HEAP["done"] = True
+        if os.environ.get("PASSLAB_MALLOC", "keep") != "system":
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                mallopt = libc.mallopt
+            except (OSError, AttributeError):   # not glibc: nothing to tune
+                return False
+            _HEAP["ok"] = bool(mallopt(M_MMAP_THRESHOLD, HEAP_KEEP_BYTES)) and \
+                bool(mallopt(M_TRIM_THRESHOLD, 2 * HEAP_KEEP_BYTES))
+    return _HEAP["ok"]
+
+
+def bind(gm: torch.fx.GraphModule):
+    """One function for the whole graph with its weights bound once.
+
+    Cached on the GraphModule for its current code (a pass that recompiles it
+    gets a new one). Graphs with submodule calls or a pytree calling
+    convention run as the GraphModule itself."""
+    cached = getattr(gm, "_passlab_bound", None)
+    if cached is not None and cached[0] is gm.code:
+        return cached[1]
+    fn = _bind(gm)
+    gm._passlab_bound = (gm.code, fn)
+    return fn
+
+
+def _bind(gm: torch.fx.GraphModule):
+    if type(gm.graph._codegen) is not torch.fx.graph.CodeGen or \
+            any(n.op == "call_module" for n in gm.graph.nodes):
+        return gm
+    g = torch.fx.Graph()
+    env: dict = {}
+    consts = []
+    for n in gm.graph.nodes:            # weights become leading parameters, filled in once
+        if n.op == "get_attr":
+            env[n] = g.placeholder(n.name)
+            env[n].meta = n.meta
+            consts.append(reduce(getattr, n.target.split("."), gm))
+    for n in gm.graph.nodes:
+        if n.op != "get_attr":
+            env[n] = g.node_copy(n, lambda a: env[a])
+    code = g.python_code("self")
+    scope = dict(code.globals)
+    exec(compile(code.src, f"<passlab bound {gm.__class__.__name__}>", "exec"), scope)
+    fn = functools.partial(scope["forward"], None, *consts)
+    fn.graph_module = gm
+    return fn

@@ -11,6 +11,7 @@ import operator
 from enum import Enum
 
 import torch
+import torch.fx
 
 aten = torch.ops.aten
 
@@ -54,7 +55,8 @@ for _cls, _names in {
         "ceil.default", "round.default", "sign.default", "fill.Scalar", "rsub.Scalar",
         "clone.default", "copy.default", "lerp.Scalar", "exp2.default", "log2.default",
         "remainder.Scalar", "fmod.Scalar", "hardsigmoid.default", "hardswish.default", "elu.default",
-        "softplus.default", "sigmoid_backward.default", "tanh_backward.default", "isinf.default",
+        "softplus.default", "mish.default", "log_sigmoid.default", "sigmoid_backward.default",
+        "tanh_backward.default", "isinf.default",
         "isnan.default", "scalar_tensor.default", "full.default", "full_like.default",
         "zeros_like.default", "ones_like.default"],
     OpClass.BROADCAST: ["expand.default"],
@@ -94,8 +96,9 @@ for _op in _collective_ops():
 
 def op_class(node_or_target) -> OpClass:
     """The class of an fx node (or a call target)."""
-    target = getattr(node_or_target, "target", node_or_target)
-    if getattr(node_or_target, "op", "call_function") != "call_function":
+    node = isinstance(node_or_target, torch.fx.Node)
+    target = node_or_target.target if node else node_or_target
+    if node and node_or_target.op != "call_function":     # (an OpOverload has an `.op` of its own)
         return OpClass.OPAQUE
     if getattr(target, "is_fused_kernel", False):
         return OpClass.FUSED

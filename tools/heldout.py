@@ -11,7 +11,8 @@ before graphs/decompositions.py); `captured` `passlab.graphs.capture` (the
 decomposition table of graphs/decompositions.py); `optimized` `passlab.optimize`
 with the default pipeline. All are timed in one interleaved run per model
 (runtime/timing.measure_many, fresh input sets); ratios are eager's median over
-the variant's (> 1: faster than eager).
+the variant's (> 1: faster than eager), and in brackets the same ratio of the
+10th percentiles (on a shared machine noise only adds time).
 """
 from __future__ import annotations
 
@@ -177,41 +178,81 @@ def build(name: str):
     return module.eval(), inputs
 
 
-def variants(module, inputs, names):
-    from passlab.graphs.capture import flatten_signature, drop_guards
+def variants(module, inputs, names, out_err=sys.stdout):
     out = {}
     for v in names:
-        if v == "eager":
-            out[v] = module
-        elif v in ("export", "core_aten"):
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ep = torch.export.export(module, inputs, strict=False)
-                if v == "core_aten":
-                    ep = ep.run_decompositions()
-                gm = ep.module()
-            drop_guards(gm)
-            flatten_signature(gm)
-            out[v] = gm
-        elif v == "captured":
-            out[v] = capture(module, inputs)
-        elif v == "optimized":
-            import passlab
-            out[v] = passlab.optimize(module, inputs)
-        else:
-            raise SystemExit(f"unknown variant {v!r}; use eager,export,core_aten,captured,optimized")
+        try:
+            out[v] = variant(module, inputs, v)
+        except Exception as e:   # a variant that cannot be built is reported, the others still run
+            print(f"  {v}: {type(e).__name__}: {str(e).splitlines()[0][:160]}", file=out_err)
     return out
+
+
+def variant(module, inputs, v):
+    from passlab.graphs.capture import drop_guards, flatten_signature
+    if v == "eager":
+        return module
+    if v in ("export", "core_aten"):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(module, inputs, strict=False)
+            if v == "core_aten":
+                ep = ep.run_decompositions()
+            gm = ep.module()
+        drop_guards(gm)
+        flatten_signature(gm)
+        for p in gm.parameters():
+            p.requires_grad_(False)
+        return gm
+    if v == "captured":
+        return capture(module, inputs)
+    if v == "optimized":
+        import passlab
+        return passlab.optimize(module, inputs)
+    raise ValueError(f"unknown variant {v!r}")
+
+
+def quantile(xs, q):
+    """The q-quantile of the samples: on a shared machine, noise only adds time, so
+    a low quantile estimates the undisturbed time better than the median."""
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-def run(models, names, budget_s=2.0, out=sys.stdout):
+def thread_time_many(fns, input_sets, budget_s):
+    """Round-robin timing by this thread's CPU time (`time.thread_time_ns`): time
+    the scheduler gives other processes is not counted, which keeps ratios
+    usable on a machine shared with other jobs. Meaningful with one torch
+    thread only (other threads' work is not this thread's time)."""
+    import time
+    from passlab.runtime.timing import Timing, median_ci
+    samples = {k: [] for k in fns}
+    spent = 0.0
+    with torch.no_grad():
+        for k, f in fns.items():
+            f(*input_sets[0])
+        rnd = 0
+        while spent < budget_s * len(fns) or rnd < 30:
+            for k, f in fns.items():
+                x = input_sets[rnd % len(input_sets)]
+                t0 = time.thread_time_ns()
+                f(*x)
+                dt = (time.thread_time_ns() - t0) * 1e-9
+                samples[k].append(dt)
+                spent += dt
+            rnd += 1
+    return {k: Timing(*median_ci(xs), len(xs), "thread_time_ns", 1, xs) for k, xs in samples.items()}
+
+
+def run(models, names, budget_s=2.0, out=sys.stdout, clock="wall"):
     rows = {}
     for m in models:
         module, inputs = build(m)
-        fns = variants(module, inputs, names)
+        fns = variants(module, inputs, names, out)
         sets = [random_like(inputs, s) for s in range(3)]
         with torch.no_grad():
             ref = first(module(*sets[0]))
@@ -219,14 +260,19 @@ def run(models, names, budget_s=2.0, out=sys.stdout):
                 err = (first(f(*sets[0])) - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
                 if err > 1e-3:
                     print(f"  {m}/{v}: relative error {err:.2g}", file=out)
-        t = measure_many(fns, sets, budget_s=budget_s, target_ci=0.01, min_reps=30)
+        if clock == "thread":
+            t = thread_time_many(fns, sets, budget_s)
+        else:
+            t = measure_many(fns, sets, budget_s=budget_s, target_ci=0.01, min_reps=30)
         base = t["eager"].median_s
-        rows[m] = {v: base / t[v].median_s for v in names}
+        rows[m] = {v: base / t[v].median_s for v in t}
+        low = {v: quantile(t["eager"].samples_s, 0.1) / quantile(t[v].samples_s, 0.1) for v in t}
         print(f"{m:12s} eager {base * 1e6:8.0f} us  " +
-              "  ".join(f"{v} {rows[m][v]:.2f}" for v in names if v != "eager"), file=out, flush=True)
+              "  ".join(f"{v} {rows[m][v]:.2f} (p10 {low[v]:.2f})" if v in rows[m] else f"{v} fails"
+                        for v in names if v != "eager"), file=out, flush=True)
     for v in names:
-        if v != "eager":
-            xs = [rows[m][v] for m in rows]
+        xs = [rows[m][v] for m in rows if v in rows[m]]
+        if v != "eager" and xs:
             print(f"{v}: geomean {math.exp(sum(map(math.log, xs)) / len(xs)):.2f}  worst {min(xs):.2f}", file=out)
     return rows
 
@@ -236,15 +282,26 @@ def main(argv=None):
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--variants", default="eager,core_aten,captured")
     ap.add_argument("--budget", type=float, default=2.0, help="seconds per variant and model")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                    help="wall: runtime/timing.measure_many; thread: this thread's CPU time, round-robin "
+                         "(for a busy shared machine; implies --threads 1)")
     a = ap.parse_args(argv)
     models, names = a.models.split(","), a.variants.split(",")
     bad = [m for m in models if m not in MODELS]
     if bad:
         ap.error(f"unknown model(s) {', '.join(bad)}; known: {', '.join(MODELS)}")
+    known = ("eager", "export", "core_aten", "captured", "optimized")
+    if any(v not in known for v in names):
+        ap.error(f"unknown variant(s) in {a.variants!r}; known: {', '.join(known)}")
     if "eager" not in names:
         names.insert(0, "eager")
-    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}")
-    run(models, names, a.budget)
+    if a.clock == "thread":
+        a.threads = 1
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, clock {a.clock}")
+    run(models, names, a.budget, clock=a.clock)
 
 
 if __name__ == "__main__":
