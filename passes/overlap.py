@@ -585,12 +585,16 @@ def overlap_chunk(gm: torch.fx.GraphModule, ctx, *, k: int = 0, link: str = "", 
         best = None
         for ch in candidates(gm, coll, est)[:candidates_per_collective]:
             size = chunk_size(ch.layout[ch.seed])
+            last = None
             for kk in ([k] if k else [2, 4, 8]):
                 if size % kk or kk < 2:
                     continue
                 new, sim = scheduled(rewrite(gm, ch, kk), est)
                 if best is None or sim.step_s < best[1].step_s:
                     best = (new, sim, kk, ch)
+                if last is not None and sim.step_s >= last:
+                    break                       # more chunks only add latency and fixed costs from here
+                last = sim.step_s
         if best is None:
             why = "no chunkable region" if k == 0 else f"no region divisible by k={k}"
             skipped[why] = skipped.get(why, 0) + 1
