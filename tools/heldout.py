@@ -6,13 +6,17 @@ pass or decomposition choice was tuned on, and the capture check on them.
     python -m passlab.tools.heldout --models vit,bert --budget 3
 
 Variants: `eager` the module itself; `export` torch.export's graph before any
-decomposition; `core_aten` the full core-aten decomposition (what capture did
-before graphs/decompositions.py); `captured` `passlab.graphs.capture` (the
-decomposition table of graphs/decompositions.py); `optimized` `passlab.optimize`
-with the default pipeline. All are timed in one interleaved run per model
-(runtime/timing.measure_many, fresh input sets); ratios are eager's median over
-the variant's (> 1: faster than eager), and in brackets the same ratio of the
-10th percentiles (on a shared machine noise only adds time).
+decomposition; `core_aten` the full core-aten decomposition as a plain
+GraphModule (what a captured graph was before graphs/decompositions.py and
+runtime/executor.bind); `captured` `passlab.graphs.capture` run by the
+executor (`compile_graph`); `optimized` `passlab.optimize` (default pipeline).
+`PASSLAB_MALLOC=system` keeps glibc's allocator defaults for the whole
+process (the "before" setting; the executor's `keep_heap` is process-wide).
+All are timed in one interleaved run per model (`--clock wall`:
+runtime/timing.measure_many; `--clock thread`: this thread's CPU time, for a
+busy shared machine), on fresh input sets; ratios are eager's median over the
+variant's (> 1: faster than eager), and in brackets the same ratio of the 10th
+percentiles (noise only adds time).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from passlab.graphs import capture, random_like
+from passlab.runtime.executor import compile_graph
 from passlab.runtime.timing import measure_many
 
 
@@ -204,8 +209,8 @@ def variant(module, inputs, v):
         for p in gm.parameters():
             p.requires_grad_(False)
         return gm
-    if v == "captured":
-        return capture(module, inputs)
+    if v == "captured":          # as passlab runs a captured graph: the executor's bound function
+        return compile_graph(capture(module, inputs))
     if v == "optimized":
         import passlab
         return passlab.optimize(module, inputs)
