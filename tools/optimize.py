@@ -71,15 +71,16 @@ def leaf_key(x):
         return (type(x), repr(x))
 
 
-def call_key(args: tuple, kwargs: dict) -> tuple:
-    """The signature of any call; equal to `fast_key` for all-positional-tensor calls."""
+def call_key(args: tuple, kwargs: dict) -> tuple[tuple, list]:
+    """The signature of any call (equal to `fast_key` where that applies) and
+    the call's flat inputs, the leaves of `(args, kwargs)`."""
     if not kwargs:
         try:
-            return fast_key(args)
+            return fast_key(args), args
         except AttributeError:
             pass
     leaves, spec = pytree.tree_flatten((args, kwargs))
-    return (spec, tuple(leaf_key(x) for x in leaves))
+    return (spec, tuple(leaf_key(x) for x in leaves)), leaves
 
 
 def is_tensor_key(k) -> bool:
@@ -154,12 +155,14 @@ class Specialization:
     result: Any                        # the PipelineResult
     record: dict
     fast: Callable                     # (*args) for all-positional-tensor calls
-    call: Callable                     # (args, kwargs) for any call
+    call: Callable                     # (args, kwargs, flat inputs) for any call
     summary: dict = field(default_factory=dict)
 
 
 def graph_runner(gm, device: str, out_spec) -> Callable:
     fn = compile_graph(gm, device)
+    # the generated forward itself: nn.Module.__call__'s hook machinery costs microseconds per call
+    fn = getattr(fn, "forward", fn)
     unflat = unflattener(out_spec)
     if out_spec is None or out_spec.is_leaf():
         return fn
@@ -189,7 +192,7 @@ def specialize(model: torch.nn.Module, args: tuple, kwargs: dict, *, name: str, 
             sample, gm, result, steps, run_final, out_spec, device=device, strict=strict,
             tolerance=tolerance, check_numerics=check_numerics)
     setup_s = time.perf_counter() - t0
-    key = call_key(args, kwargs)
+    key = call_key(args, kwargs)[0]
     rec = records.build(model=name, preset="user", device=device, pipeline=[str(s) for s in steps],
                         baseline=result.baseline, steps=result.steps, capture_seconds=capture_s,
                         setup_seconds=setup_s)
@@ -199,15 +202,15 @@ def specialize(model: torch.nn.Module, args: tuple, kwargs: dict, *, name: str, 
         def fast(*a):
             return model(*a)
 
-        def call(a, kw):
+        def call(a, kw, flat):
             return model(*a, **kw)
         runs = result.gm
     else:
         fast = run_final if chosen == "final" else graph_runner(result.baseline.snapshot, device, out_spec)
         runs = result.gm if chosen == "final" else result.baseline.snapshot
 
-        def call(a, kw):
-            return fast(*pytree.tree_leaves((a, kw)))
+        def call(a, kw, flat):
+            return fast(*flat)
     summary = {"signature": rec["signature"], "setup_seconds": setup_s, "runs": chosen,
                "rolled_back": [s.name for s in result.steps if s.status != "ok"]}
     return Specialization(key, runs, result, rec, fast, call, summary)
@@ -338,7 +341,7 @@ class Optimized:
         order = self.kwarg_order
         if kwargs and order and list(kwargs) != order and set(kwargs) == set(order):
             kwargs = {k: kwargs[k] for k in order}      # the example's keyword order
-        key = call_key(args, kwargs)
+        key, flat = call_key(args, kwargs)
         spec = self.specs.get(key)
         if spec is None:
             expected = self.current.record["signature"]
@@ -356,7 +359,7 @@ class Optimized:
             self.add(spec)
         else:
             self.use(spec)
-        return spec.call(args, kwargs)
+        return spec.call(args, kwargs, flat)
 
 
 def check_choice(name: str, value, allowed) -> None:
