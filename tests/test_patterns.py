@@ -18,6 +18,9 @@ from passlab.runtime.opclass import OpClass, op_class
 aten = torch.ops.aten
 ONEDNN = onednn_available("cpu")
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason="oneDNN linear post-ops unavailable")
+ONEDNN_BF16 = ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+needs_onednn_bf16 = pytest.mark.skipif(not ONEDNN_BF16, reason="oneDNN has no bf16 kernels on this processor "
+                                                              "(no AVX512-BF16/AMX exposed)")
 needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
 
 
@@ -362,7 +365,7 @@ class Swish(nn.Module):
 
 
 @needs_onednn
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_onednn_bf16)])
 @pytest.mark.parametrize("act,attr", [(nn.GELU(), ("gelu", "none")), (nn.GELU("tanh"), ("gelu", "tanh")),
                                       (nn.SiLU(), ("swish", "")), (Swish(), ("swish", "")), (nn.ReLU(), ("relu", ""))])
 def test_onednn_linear_post_ops(act, attr, dtype):
@@ -387,7 +390,7 @@ def test_onednn_linear_post_ops(act, attr, dtype):
             assert relative_error(res.gm(x), m(x)) < tol
 
 
-@needs_onednn
+@needs_onednn_bf16
 def test_onednn_llama_bf16_upcast_silu():
     """bf16 llama upcasts around SiLU (`_to_copy` fp32, x * sigmoid(x), `_to_copy` bf16):
     oneDNN computes the post-op in fp32 and rounds once, which is that, in one launch."""
