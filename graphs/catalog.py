@@ -26,7 +26,8 @@ SAMPLES = {  # name -> module under passlab.graphs
     "moe": "moe",
     "convnet": "convnet",
 }
-DISTRIBUTED = {"tp_mlp": "distributed", "ep_moe": "distributed", "fsdp_mlp": "distributed"}
+DISTRIBUTED = {"tp_mlp": "distributed", "ep_moe": "distributed", "ep_mixtral": "distributed",
+               "fsdp_mlp": "distributed"}
 PRESETS = ("tiny", "bench")
 
 

@@ -1,4 +1,4 @@
-"""`tp_mlp`, `ep_moe`, `fsdp_mlp`: distributed samples written with functional
+"""`tp_mlp`, `ep_moe`, `ep_mixtral`, `fsdp_mlp`: distributed samples written with functional
 collectives, so each collective and its wait are nodes of the captured graph.
 
 Each sample is the current rank's shard of a model whose full weights come
@@ -23,6 +23,12 @@ PRESETS = {
                "bench": dict(batch=512, dim=1024, hidden=4096, layers=2, chunks=2)},
     "ep_moe": {"tiny": dict(batch=2, seq=8, dim=16, ffn=32, experts=4, layers=2),
                "bench": dict(batch=2, seq=128, dim=256, ffn=2048, experts=4, layers=2)},
+    # ep_moe at Mixtral-8x7B's FFN width and a prefill's 1024 tokens per rank: per FLOP it moves
+    # what Mixtral moves (2/(3F) bytes), so on the scaled links its expert compute is about its
+    # all_to_all time and several times their latency; ep_moe's bench (F=2048, 256 tokens) moves
+    # 7x more per FLOP and computes less than one link latency per layer
+    "ep_mixtral": {"tiny": dict(batch=2, seq=8, dim=16, ffn=32, experts=4, layers=2),
+                   "bench": dict(batch=4, seq=256, dim=512, ffn=14336, experts=4, layers=2)},
     "fsdp_mlp": {"tiny": dict(batch=8, dim=32, hidden=64, layers=2),
                  "bench": dict(batch=8192, dim=256, hidden=1024, layers=3)},
 }
@@ -168,20 +174,24 @@ class EPMoE(nn.Module):
         return self.full.reference(x)
 
 
-def build_ep_moe(preset, dtype, device):
-    p = PRESETS["ep_moe"][preset]
+def build_ep_moe(preset, dtype, device, name="ep_moe"):
+    p = PRESETS[name][preset]
     rank, size = world()
-    check_divisible("ep_moe", experts=p["experts"], world_size=size)
+    check_divisible(name, experts=p["experts"], world_size=size)
     torch.manual_seed(0)
     full = moe.MoE(p["dim"], p["ffn"], p["experts"], p["layers"]).eval().to(device, dtype)
     m = EPMoE(full, rank, size).eval().to(device, dtype)
     shape = (p["batch"], p["seq"], p["dim"])
     make = lambda seed: (randn(shape, seed * 1009 + rank, dtype, device),)   # each rank its own tokens
-    return Sample("ep_moe", m, make(0), unit="tokens", units_per_forward=p["batch"] * p["seq"],
+    return Sample(name, m, make(0), unit="tokens", units_per_forward=p["batch"] * p["seq"],
                   dtype=dtype, device=device, preset=preset, input_factory=make,
                   description=f"expert-parallel MoE over {size} rank(s): {p['layers']} layers, "
                               f"{p['experts']} SwiGLU experts top-{moe.TOP_K} ({p['experts'] // size} per rank), "
                               f"D{p['dim']} F{p['ffn']}, all_to_all dispatch and combine")
+
+
+def build_ep_mixtral(preset, dtype, device):
+    return build_ep_moe(preset, dtype, device, "ep_mixtral")
 
 
 # ---------------------------------------------------------------- fully sharded data parallel

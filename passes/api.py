@@ -32,6 +32,7 @@ class PassContext:
     sample: Any = None                   # passlab.graphs.Sample when the run has one
     world_size: int = 1
     rank: int = 0
+    device_profile: dict | None = None   # the rates cost estimates use (None: the run's own, measured)
 
     @property
     def cost_model(self):

@@ -37,11 +37,12 @@ def estimator(ctx, link: str, device: str, world: int) -> Estimator:
     launched run fills `link` with the link exactly as it emulates it (latency
     0 where none is applied); without one, plain loopback. In a launched run
     every rank takes rank 0's device profile: ranks that chose different
-    schedules from their own measurements would deadlock."""
+    schedules from their own measurements would deadlock. A context that
+    carries a `device_profile` (the simulator's) decides with that one."""
     w = world or max(ctx.world_size, 2)
     dev = device or ("cpu" if ctx.device.startswith("cpu") else ctx.device)
     lk = simulator.get_link(link or "loopback")
-    return Estimator(run_profile(dev, ctx.dtype, lk), lk, w)
+    return Estimator(ctx.device_profile or run_profile(dev, ctx.dtype, lk), lk, w)
 
 
 _RUN_PROFILE: dict = {}
@@ -586,7 +587,7 @@ def overlap_chunk(gm: torch.fx.GraphModule, ctx, *, k: int = 0, link: str = "", 
         for ch in candidates(gm, coll, est)[:candidates_per_collective]:
             size = chunk_size(ch.layout[ch.seed])
             last = None
-            for kk in ([k] if k else [2, 4, 8]):
+            for kk in ([k] if k else [2, 4, 8, 16]):
                 if size % kk or kk < 2:
                     continue
                 new, sim = scheduled(rewrite(gm, ch, kk), est)

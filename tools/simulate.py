@@ -87,7 +87,7 @@ def predict(model: str, *, preset: str = "tiny", world: int = 8, link: str = "ib
     for s in steps:
         s.options = {**{k: v for k, v in options.items() if k in s.pass_.options}, **s.options}
     ctx = PassContext(device="cpu", dtype=sample.dtype, example_inputs=sample.example_inputs, sample=sample,
-                      world_size=world)
+                      world_size=world, device_profile=est.profile)   # the passes decide with what is timed
     result = PassManager(steps, instruments=[VerifyGraph(), Snapshot()]).run(gm, ctx)
     graphs = [("captured", result.baseline.snapshot, None)] + [
         (st.name, rec.snapshot, rec) for st, rec in zip(steps, result.steps)]
@@ -161,6 +161,9 @@ def compare_bench(b: dict, device: str = "cpu-now") -> dict:
     chain = [step.split("(")[0] for step in b.get("passes", [])]
     passes = [k for k in ranks[0]["step_s"] if k != "captured" and (k in chain or not chain)]
     given = {step.split("(")[0]: step for step in b.get("passes", [])}
+    ks = set((ranks[0].get("stats", {}).get("overlap_chunk") or {}).get("k", {}).values())
+    if "overlap_chunk" in passes and len(ks) == 1 and "(" not in given.get("overlap_chunk", ""):
+        given["overlap_chunk"] = f"overlap_chunk(k={ks.pop()})"      # the chunks the run chose, not re-chosen
     pipeline = ",".join(given.get(n, n)[:-1] + f",link={b['pass_link']})" if "(" in given.get(n, n)
                         else f"{n}(link={b['pass_link']})" for n in passes)
     compute = sum(r["metrics"]["captured"]["compute_s"] for r in ranks) / len(ranks)

@@ -257,6 +257,12 @@ class Namespace:
             run(inside + ["ip", "route", "replace", f"{relay.SUBNET}.0/24", "dev", dev, "src", addr,
                           "initcwnd", "256", "initrwnd", "256"])
             run(inside + ["sh", "-c", "echo 0 > /proc/sys/net/ipv4/tcp_slow_start_after_idle"])
+            # socket buffers that hold the link's bandwidth-delay product from the first byte: with
+            # the 128 KB default, TCP's receive window grows one round trip at a time and a large
+            # message crawls for several of them, which the link being emulated (RDMA) never does
+            buf = socket_buffer_bytes(self.link)
+            for knob in ("tcp_rmem", "tcp_wmem"):
+                run(inside + ["sh", "-c", f"echo '4096 {buf} {max(buf, 32 << 20)}' > /proc/sys/net/ipv4/{knob}"])
             self._prefix.append(inside)
         self.relay = subprocess.Popen(
             [sys.executable, relay.__file__, repr(self.link.bytes_per_s), repr(self.link.latency_s), *self.names],
@@ -270,7 +276,7 @@ class Namespace:
             raise RuntimeError(f"the relay did not start: {err[-1] if err else line or 'no answer in 20 s'}")
         self.master_addr, self.ifname = relay.address(0), relay.TUN_NAME
         return {"method": "tun-relay", "namespaces": list(self.names), "latency_emulated": True,
-                "mtu": TUN_MTU, "relay_pid": self.relay.pid,
+                "mtu": TUN_MTU, "relay_pid": self.relay.pid, "socket_buffer_bytes": socket_buffer_bytes(self.link),
                 "shaping": f"userspace delay line: each rank's uplink metered at {self.link.bytes_per_s:.6g} B/s, "
                            f"every packet held {self.link.latency_s * 1e6:.6g} us"}
 
@@ -319,6 +325,11 @@ class Namespace:
     def on_signal(self, signum, frame):
         self.remove()
         raise SystemExit(128 + signum)
+
+
+def socket_buffer_bytes(link: Link) -> int:
+    """Default socket buffer of a rank: four round trips of the link's bytes, at least 4 MB."""
+    return int(max(4 << 20, 4 * link.bytes_per_s * 2 * link.latency_s))
 
 
 def remove_stale() -> list[str]:
