@@ -306,6 +306,9 @@ def test_namespaces_joined_by_the_relay_and_removed():
         assert "10.77.0.2/24" in addr, addr
         assert ns.master_addr == "10.77.0.1" and ns.ifname == "pl0"
         assert ns.applied().spec() == "rate=1e+07B;latency=0.001s"
+        rmem = subprocess.run(ns.prefix(0) + ["cat", "/proc/sys/net/ipv4/tcp_rmem"], capture_output=True,
+                              text=True).stdout.split()
+        assert int(rmem[1]) == link.socket_buffer_bytes(ns.link) >= 4 << 20, rmem   # the BDP from the start
         relay = ns.relay
         assert relay.poll() is None
     assert not set(ns.names) & set(namespaces()) and relay.poll() is not None
@@ -391,6 +394,25 @@ def test_delay_line_meters_rate_and_holds_packets():
     assert not line.queue
     for fd in reads + writes:
         os.close(fd)
+
+
+def tcp_segment(dst: int, payload: int) -> bytes:
+    from passlab.runtime.distributed import relay
+    ip = bytes([0x45, 0]) + (40 + payload).to_bytes(2, "big") + bytes(5) + bytes([6]) + bytes(6) \
+        + bytes(int(x) for x in relay.address(dst).split("."))
+    return ip + bytes(12) + bytes([0x50]) + bytes(7) + bytes(payload)
+
+
+def test_delay_line_acks_skip_the_data_queue():
+    """A pure TCP ack is held for the latency but not queued behind its rank's data; a
+    segment with payload is."""
+    from passlab.runtime.distributed import relay
+    assert relay.pure_ack(tcp_segment(1, 0)) and not relay.pure_ack(tcp_segment(1, 60))
+    line = relay.DelayLine([-1, -1], rate=1000.0, latency=0.5)
+    line.receive(1, tcp_segment(0, 960), now=0.0)            # 1 s of data on rank 1's uplink
+    line.receive(1, tcp_segment(0, 0), now=0.0)              # its ack for rank 0's data
+    line.receive(1, tcp_segment(0, 60), now=0.0)             # more data: behind the first
+    assert [round(q[0], 6) for q in sorted(line.queue)] == [0.5, 1.5, 1.6]
 
 
 def test_bad_arguments_exit_2_before_launch(capsys):

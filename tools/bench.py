@@ -294,14 +294,16 @@ def markdown(rows: list[dict], machine: dict, date: str, note: str = "") -> str:
     return "\n".join(parts)
 
 
-def write_readme(text: str, path: str = "README.md") -> None:
+def write_readme(text: str, path: str = "README.md", *, start: str = START, end: str = END,
+                 heading: str = "## Results") -> None:
+    """Replace the README's block between `start` and `end` (appended under `heading` if absent)."""
     with open(path) as f:
         readme = f.read()
-    block = f"{START}\n{text}\n{END}"
-    if START in readme and END in readme:
-        readme = readme[:readme.index(START)] + block + readme[readme.index(END) + len(END):]
+    block = f"{start}\n{text}\n{end}"
+    if start in readme and end in readme:
+        readme = readme[:readme.index(start)] + block + readme[readme.index(end) + len(end):]
     else:
-        readme += "\n## Results\n\n" + block + "\n"
+        readme += f"\n{heading}\n\n" + block + "\n"
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(readme)

@@ -340,9 +340,12 @@ def bench_rank(p: dict) -> dict:
             tl = Timeline(rank)
             dist.barrier()
             traced(g, x, tl, name)
-            evs = [{"ph": "X", "cat": e["cat"], "pid": rank, "ts": e["start_ns"] / 1e3,
-                    "dur": (e["end_ns"] - e["start_ns"]) / 1e3} for e in tl.events]
+            t0 = min((e["start_ns"] for e in tl.events), default=0)
+            evs = [{"ph": "X", "cat": e["cat"], "name": e.get("name", e["cat"]), "pid": rank,
+                    "tid": e.get("lane") or e["cat"], "ts": (e["start_ns"] - t0) / 1e3, "dur": (e["end_ns"] - e["start_ns"]) / 1e3}
+                   for e in tl.events]
             out["metrics"][name] = {k: v for k, v in overlap_metrics(evs).items() if k != "ranks"}
+            out.setdefault("trace", {})[name] = evs          # one step, from its own start (Chrome trace)
         ref = getattr(sample.module, "reference", None)
         if ref is not None:
             xr = sample.make_inputs(11)

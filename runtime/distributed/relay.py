@@ -8,7 +8,10 @@ relay (this module, one process, started by `link.Namespace`) holds the TUN
 file descriptor of every namespace. A packet read from rank i's TUN is given
 its departure time on rank i's uplink (serialized at the link rate after the
 packets before it) and delivered to the destination rank's TUN one latency
-after it left. Packets whose IP TOS byte is `PROBE_TOS` skip the delay (not
+after it left. TCP segments without payload (acknowledgements) are delayed
+but not queued behind data on the uplink: the links emulated (InfiniBand,
+NVLink) acknowledge at the link level, and a TCP ack stuck behind a rank's own
+megabytes would stall the other direction's window for a whole message. Packets whose IP TOS byte is `PROBE_TOS` skip the delay (not
 the rate): the latency probe times a delayed and an undelayed round trip over
 the same path, so their difference is the delay the relay really applied.
 
@@ -68,6 +71,15 @@ def open_tun(netns: str) -> int:
     return fd
 
 
+def pure_ack(pkt: bytes) -> bool:
+    """A TCP segment without payload (an acknowledgement, a window update)."""
+    ihl = (pkt[0] & 0x0F) * 4
+    if pkt[9] != 6 or len(pkt) < ihl + 20:
+        return False
+    total = int.from_bytes(pkt[2:4], "big")
+    return total - ihl - (pkt[ihl + 12] >> 4) * 4 == 0
+
+
 class DelayLine:
     """Per-source uplinks at `rate` bytes/s, then `latency` s of propagation."""
 
@@ -84,8 +96,11 @@ class DelayLine:
         dst = self.index.get(".".join(map(str, pkt[16:20])))
         if dst is None:
             return
-        depart = max(now, self.uplink_free[src]) + (len(pkt) / self.rate if self.rate > 0 else 0.0)
-        self.uplink_free[src] = depart
+        if pure_ack(pkt):
+            depart = now                  # not queued behind data: the emulated link's acks are link-level
+        else:
+            depart = max(now, self.uplink_free[src]) + (len(pkt) / self.rate if self.rate > 0 else 0.0)
+            self.uplink_free[src] = depart
         due = depart + (0.0 if pkt[1] == PROBE_TOS else self.latency)
         heapq.heappush(self.queue, (due, self.seq, dst, pkt))
         self.seq += 1

@@ -1,0 +1,68 @@
+"""The overlap benchmark's tables from a result of the shape `simulate.bench`
+and `simulate.compare_bench` return (no launch: the launch itself is tested
+in test_distributed and test_simulator), and its argument errors."""
+from __future__ import annotations
+
+import pytest
+
+from passlab.tools import bench_overlap
+from passlab.tools.exits import BadArguments
+
+
+def metrics(comm, exposed, compute, eff):
+    return {"comm_s": comm, "exposed_comm_s": exposed, "compute_s": compute, "overlap_efficiency": eff}
+
+
+def result(model="ep_mixtral", world=2):
+    ranks = [{"rank": r, "step_s": {"captured": 10.0, "overlap_reorder": 9.0 + r, "overlap_chunk": 5.0},
+              "metrics": {"captured": metrics(4.0, 4.0, 5.0, 0.0), "overlap_reorder": metrics(4.0, 4.0, 5.0, 0.0),
+                          "overlap_chunk": metrics(5.0, 1.0, 4.5, 0.9)},
+              "stats": {"overlap_chunk": {"k": {"a2a": 8, "a2a_2": 8}}},
+              "error_vs_reference": {"captured": 0.0, "overlap_reorder": 0.0, "overlap_chunk": 1e-7}}
+             for r in range(world)]
+    link = {"probe": {"configured_one_way_s": 0.05, "measured_one_way_s": 0.051, "relative_error": 0.02}}
+    pred = {"steps": [{"step": "captured", "step_s": 9.0, "error": -0.1},
+                      {"step": "overlap_reorder", "step_s": 9.0, "error": -0.1},
+                      {"step": "overlap_chunk", "step_s": 5.5, "error": 0.1}]}
+    return {"model": model, "world": world, "bench": {"ranks": ranks, "link": link, "shapley": {
+        "overlap_reorder": 0.08, "overlap_chunk": 0.6}, "interaction": -0.02, "total_log_gain": 0.66},
+        "prediction": pred}
+
+
+def test_rows_take_the_slowest_rank_and_the_run_chunk_factor():
+    rows = bench_overlap.rows_of(result())
+    assert [r["step"] for r in rows] == ["captured", "overlap_reorder", "overlap_chunk"]
+    assert rows[1]["step_s"] == 10.0                      # rank 1's 10 s, not rank 0's 9 s
+    assert rows[2]["k"] == {"a2a": 8, "a2a_2": 8} and rows[2]["max_error_vs_reference"] == 1e-7
+
+
+def test_markdown_has_the_targets_the_error_and_shapley():
+    text = bench_overlap.markdown([result(), {"model": "tp_mlp", "world": 4, "error": "RuntimeError: boom"}],
+                                  "a machine", "2026-12-03")
+    assert "| ep_mixtral | 2 | overlap_chunk k=8 | 5,000 | 2.00x |" in text
+    assert "median absolute error 10.0% over 3 graphs" in text
+    assert "50.0 / 51.0 ms (+2.0%)" in text and "| 2.00x | 75% | 0.90 |" in text   # chunk vs reorder, cut
+    assert "interaction -0.020" in text and "failed: RuntimeError: boom" in text
+
+
+def test_unknown_model_is_a_bad_argument(tmp_path):
+    with pytest.raises(BadArguments, match="not distributed samples: mlp"):
+        bench_overlap.main(["--models", "mlp", "--out", str(tmp_path)])
+
+
+def test_traces_written_per_graph_and_drawn(tmp_path):
+    import json
+    r = result()
+    for x in r["bench"]["ranks"]:
+        x["trace"] = {"captured": [{"ph": "X", "cat": "compute", "name": "mm", "pid": x["rank"], "tid": "compute",
+                                    "ts": 0.0, "dur": 5.0}],
+                      "overlap_chunk (subset)": [{"ph": "X", "cat": "comm", "name": "a2a", "pid": x["rank"],
+                                                  "tid": "comm", "ts": 1.0, "dur": 2.0}]}
+    paths = bench_overlap.write_traces(r, str(tmp_path))
+    assert [p.split("/")[-1] for p in paths] == ["ep_mixtral-w2-captured.trace.json", "ep_mixtral-w2-captured.svg",
+                                                 "ep_mixtral-w2-overlap_chunk-alone.trace.json",
+                                                 "ep_mixtral-w2-overlap_chunk-alone.svg"]
+    tl = json.load(open(paths[0]))
+    assert sorted(e["pid"] for e in tl["traceEvents"]) == [0, 1]          # both ranks in one trace
+    svg = open(paths[1]).read()
+    assert svg.startswith("<svg") and "rank 0" in svg and "rank 1" in svg
