@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench gpu-check sysdeps clean
+.PHONY: demo test test-all bench bench-overlap gpu-check sysdeps clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -35,6 +35,10 @@ test-all: $(STAMP) sysdeps
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m passlab.tools.bench --write-readme
+
+# the MoE case study: overlap passes on the emulated link at W=2 and 4, the simulator beside them (root: namespaces)
+bench-overlap: $(STAMP)
+	$(VENV)/bin/python -m passlab.tools.bench_overlap --write-readme
 
 # On a CUDA machine with torch and triton preinstalled and no network: the image's python3,
 # an editable install that fetches nothing (where pip cannot build it, `passlab` is put on

@@ -18,7 +18,23 @@ def fake_mode_of(gm: torch.fx.GraphModule) -> FakeTensorMode:
     return detect_fake_mode([v for v in vals if v is not None]) or FakeTensorMode(allow_non_fake_inputs=True)
 
 
-def propagate(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+class _KeepingProp(FakeTensorProp):
+    """FakeTensorProp that takes the `meta["val"]` of the nodes in `keep` as it is."""
+
+    def __init__(self, gm, mode, keep):
+        super().__init__(gm, mode)
+        self.keep = keep
+
+    def run_node(self, n):
+        if n in self.keep and "val" in n.meta:
+            return n.meta["val"]
+        return super().run_node(n)
+
+
+def propagate(gm: torch.fx.GraphModule, keep=()) -> torch.fx.GraphModule:
+    """Recompute every node's `meta["val"]`, except those of the nodes in
+    `keep` (a rewrite's untouched copies: a cost estimate needs their shapes,
+    which it kept, not a second fake run)."""
     mode = fake_mode_of(gm)
     inputs = []
     for n in gm.graph.nodes:
@@ -30,7 +46,7 @@ def propagate(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     old = mode.allow_non_fake_inputs
     mode.allow_non_fake_inputs = True  # parameters are real tensors read through get_attr
     try:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+        (_KeepingProp(gm, mode, set(keep)) if keep else FakeTensorProp(gm, mode)).propagate_dont_convert_inputs(*inputs)
     finally:
         mode.allow_non_fake_inputs = old
     return gm

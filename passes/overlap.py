@@ -466,10 +466,11 @@ if c10d is not None:
                   c10d.reduce_scatter_tensor.default: Chunking.reduce_scatter})
 
 
-def rewrite(gm: torch.fx.GraphModule, ch: Chunking, k: int) -> torch.fx.GraphModule:
+def rewrite(gm: torch.fx.GraphModule, ch: Chunking, k: int, estimate_only: bool = False) -> torch.fx.GraphModule:
     """A new graph in which every region node runs k times, once per chunk;
     entries are sliced before their first use, region values read outside are
-    concatenated back before theirs."""
+    concatenated back before theirs. `estimate_only`: the untouched nodes keep
+    their metadata (same shapes; strides may differ), for a candidate's cost."""
     step = chunk_size(ch.layout[ch.seed]) // k
     graph = torch.fx.Graph()
     env: dict = {}
@@ -526,12 +527,16 @@ def rewrite(gm: torch.fx.GraphModule, ch: Chunking, k: int) -> torch.fx.GraphMod
     out = torch.fx.GraphModule(gm, graph)
     out.meta.update(gm.meta)
     from .meta import propagate
-    propagate(out)
+    kept = {env[n] for n in gm.graph.nodes if n not in region and n.op != "placeholder"} if estimate_only else ()
+    propagate(out, keep=kept)
     return out
 
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(2, n + 1) if n % d == 0]
+
+
+K_TRIED = (2, 4, 8, 16)
 
 
 def candidates(gm, coll, est, depth: int = 16) -> list[Chunking]:
@@ -579,33 +584,44 @@ def overlap_chunk(gm: torch.fx.GraphModule, ctx, *, k: int = 0, link: str = "", 
     before = replay(gm, est)
     gm, current = scheduled(gm, est)
     split, ks, skipped = 0, {}, {}
-    for name in [c.name for c in collectives(gm.graph.nodes)]:
+    tried: set = set()                 # (region, k) estimated on the current graph: a later collective's
+    for name in [c.name for c in collectives(gm.graph.nodes)]:    # candidates often are the same region
         coll = next((n for n in gm.graph.nodes if n.name == name), None)
         if coll is None or "overlap_chunk" in coll.meta:       # already split with an earlier one
             continue
-        best = None
+        best, repeated = None, False
+        ks_here = [k] if k else list(K_TRIED)
         for ch in candidates(gm, coll, est)[:candidates_per_collective]:
             size = chunk_size(ch.layout[ch.seed])
             last = None
-            for kk in ([k] if k else [2, 4, 8, 16]):
-                if size % kk or kk < 2:
+            region = (ch.seed.name, ch.layout[ch.seed], frozenset(n.name for n in ch.region))
+            for kk in ks_here:
+                if (region, kk) in tried:
+                    repeated = True
+                if size % kk or kk < 2 or (region, kk) in tried:
                     continue
-                new, sim = scheduled(rewrite(gm, ch, kk), est)
+                tried.add((region, kk))
+                new, sim = scheduled(rewrite(gm, ch, kk, estimate_only=True), est)
                 if best is None or sim.step_s < best[1].step_s:
                     best = (new, sim, kk, ch)
-                if last is not None and sim.step_s >= last:
+                if sim.step_s >= (last if last is not None else current.step_s):
                     break                       # more chunks only add latency and fixed costs from here
                 last = sim.step_s
         if best is None:
-            why = "no chunkable region" if k == 0 else f"no region divisible by k={k}"
+            why = ("no estimated gain" if repeated else
+                   "no chunkable region" if k == 0 else f"no region divisible by k={k}")
             skipped[why] = skipped.get(why, 0) + 1
             continue
         if not k and best[1].step_s >= current.step_s * 0.99:
             skipped["no estimated gain"] = skipped.get("no estimated gain", 0) + 1
             continue
         gm, current = best[0], best[1]
+        tried.clear()
         split += sum(1 for n in best[3].region if collective_kind(n) not in (None, "wait"))
         ks[coll.name] = best[2]
+    if split:
+        from .meta import propagate
+        propagate(gm)                  # the chosen graph's metadata exact (candidates kept the old strides)
     stats = {"collectives": len(collectives(gm.graph.nodes)), "split": split, "k": ks,
              "estimate": {"world": est.world, "link": est.link.name, "profile": est.profile.get("source"),
                           "exposed_comm_us_before": round(before.exposed_comm_s * 1e6, 2),

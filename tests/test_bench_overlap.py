@@ -66,3 +66,13 @@ def test_traces_written_per_graph_and_drawn(tmp_path):
     assert sorted(e["pid"] for e in tl["traceEvents"]) == [0, 1]          # both ranks in one trace
     svg = open(paths[1]).read()
     assert svg.startswith("<svg") and "rank 0" in svg and "rank 1" in svg
+
+
+def test_ep_mixtral_is_ep_moe_at_mixtral_width():
+    import torch
+    from passlab.graphs import distributed, load
+    assert distributed.PRESETS["ep_mixtral"]["bench"]["ffn"] == 14336       # Mixtral-8x7B's expert width
+    s = load("ep_mixtral", "tiny")
+    x = s.make_inputs(3)
+    with torch.no_grad():
+        assert s.name == "ep_mixtral" and torch.allclose(s.module(*x), s.module.reference(*x), atol=1e-5)

@@ -37,6 +37,11 @@ def measure(model: str, world: int, link: str, reps: int, say) -> dict:
     return {"model": model, "world": world, "bench": b, "prediction": pred}
 
 
+def lane_name(tid) -> str:
+    """The timeline's lanes: 0 the step, 1 compute, 2.. one per collective in flight."""
+    return {0: "step", 1: "compute"}.get(tid, f"comm {tid - 1}" if isinstance(tid, int) else str(tid))
+
+
 def write_traces(r: dict, out: str) -> list[str]:
     """Per graph: the traced step of every rank as a Chrome trace (Perfetto) and drawn (SVG)."""
     from passlab.runtime.codegen import atomic_write
@@ -46,7 +51,8 @@ def write_traces(r: dict, out: str) -> list[str]:
     for key in traces[0] if traces else ():
         name = key.replace(" (subset)", "-alone").replace("+", "-")
         stem = os.path.join(out, f"{r['model']}-w{r['world']}-{name}")
-        tl = {"traceEvents": [e for t in traces for e in t.get(key, [])], "displayTimeUnit": "ms"}
+        tl = {"traceEvents": [dict(e, tid=lane_name(e.get("tid"))) for t in traces for e in t.get(key, [])],
+              "displayTimeUnit": "ms"}
         atomic_write(stem + ".trace.json", json.dumps(tl))
         atomic_write(stem + ".svg", timeline_svg(tl))
         paths += [stem + ".trace.json", stem + ".svg"]
@@ -176,7 +182,17 @@ def main(argv=None) -> int:
     print(text)
     if args.write_readme:
         write_readme(text, start=START, end=END, heading="## The MoE case study")
+        publish_pictures(args.out)
     return 0
+
+
+def publish_pictures(out: str, docs: str = os.path.join("docs", "case-study")) -> None:
+    """The README's pictures: ep_mixtral at W=2, every graph's trace and drawing."""
+    import glob
+    import shutil
+    os.makedirs(docs, exist_ok=True)
+    for path in glob.glob(os.path.join(out, "ep_mixtral-w2-*")):
+        shutil.copy(path, docs)
 
 
 if __name__ == "__main__":
