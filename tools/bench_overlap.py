@@ -113,7 +113,10 @@ def markdown(results: list[dict], machine: str, date: str) -> str:
                 targets.append([r["model"], str(r["world"]), latency_cell(r["bench"]["link"]),
                                 f"{reorder['step_s'] / chunk['step_s']:.2f}x", f"{cut * 100:.0f}%",
                                 "-" if chunk["overlap_efficiency"] is None else f"{chunk['overlap_efficiency']:.2f}"])
-    parts = [f"Measured {date} on {machine}; link `ib-400g` scaled to this machine (bandwidth per FLOP and "
+    from passlab.graphs.sample import preset_dtype
+    dtype = str(preset_dtype("bench", "cpu", None)).replace("torch.", "")
+    parts = [f"Measured {date} on {machine}, bench presets in {dtype}, one thread per rank (at W=4 four "
+             f"ranks share the cores); link `ib-400g` scaled to this machine (bandwidth per FLOP and "
              "latency per FLOP of an H100 on 400 Gbit/s InfiniBand), ranks in their own network namespaces "
              "joined by the TUN delay line; each row the slowest rank's median step of one interleaved run; "
              "predicted = `passlab simulate --compare` (compute calibrated once, on the captured graph).", "",
