@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from functools import reduce
 
 import torch
 import torch.fx
 from torch.fx.passes.dialect.common.cse_pass import CSEPass
+
+from passlab.runtime.executor import fetch_attr
 
 from .api import PassResult
 from .patterns.vocabulary import Counters
@@ -173,10 +174,6 @@ def remove_noops(gm: torch.fx.GraphModule, ctx) -> PassResult:
 
 
 # ---------------------------------------------------------------- fold_constants
-
-def fetch_attr(gm: torch.nn.Module, target: str):
-    return reduce(getattr, target.split("."), gm)
-
 
 def nbytes(value) -> int:
     if isinstance(value, torch.Tensor):

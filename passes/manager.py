@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import time
 import traceback
-from functools import reduce
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
@@ -21,6 +20,7 @@ import torch.utils._pytree as pytree
 
 from passlab.graphs import check_metadata, clone
 from passlab.runtime import costmodel
+from passlab.runtime.executor import fetch_attr
 from passlab.runtime.executor import compile_graph
 
 from .api import PassContext, as_result
@@ -135,7 +135,7 @@ class CheckNumerics:
     def error(self, gm) -> float:
         # a pass that changed nothing leaves the same code over the same weights and kernels: same
         # error, no rerun (the key holds those objects, so no id is reused while it lives)
-        key = (gm.code, tuple(reduce(getattr, n.target.split("."), gm) if n.op == "get_attr" else n.target
+        key = (gm.code, tuple(fetch_attr(gm, n.target) if n.op == "get_attr" else n.target
                               for n in gm.graph.nodes if n.op in ("get_attr", "call_function")))
         if key not in self.known:
             with torch.no_grad():

@@ -46,7 +46,7 @@ def propagate(gm: torch.fx.GraphModule, keep=()) -> torch.fx.GraphModule:
     old = mode.allow_non_fake_inputs
     mode.allow_non_fake_inputs = True  # parameters are real tensors read through get_attr
     try:
-        (_KeepingProp(gm, mode, set(keep)) if keep else FakeTensorProp(gm, mode)).propagate_dont_convert_inputs(*inputs)
+        _KeepingProp(gm, mode, set(keep)).propagate_dont_convert_inputs(*inputs)
     finally:
         mode.allow_non_fake_inputs = old
     return gm

@@ -594,13 +594,14 @@ def overlap_chunk(gm: torch.fx.GraphModule, ctx, *, k: int = 0, link: str = "", 
         for ch in candidates(gm, coll, est)[:candidates_per_collective]:
             size = chunk_size(ch.layout[ch.seed])
             last = None
-            region = (ch.seed.name, ch.layout[ch.seed], frozenset(n.name for n in ch.region))
+            which = (ch.seed.name, ch.layout[ch.seed], frozenset(n.name for n in ch.region))
             for kk in ks_here:
-                if (region, kk) in tried:
+                if (which, kk) in tried:
                     repeated = True
-                if size % kk or kk < 2 or (region, kk) in tried:
                     continue
-                tried.add((region, kk))
+                if size % kk or kk < 2:
+                    continue
+                tried.add((which, kk))
                 new, sim = scheduled(rewrite(gm, ch, kk, estimate_only=True), est)
                 if best is None or sim.step_s < best[1].step_s:
                     best = (new, sim, kk, ch)

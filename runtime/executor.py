@@ -37,6 +37,11 @@ HEAP_KEEP_BYTES = 1 << 30        # blocks below this come from (and go back to) 
 _HEAP = {"done": False, "ok": False}
 
 
+
+def fetch_attr(gm: torch.nn.Module, target: str):
+    """What a `get_attr` node with this (dotted) target reads from `gm`."""
+    return reduce(getattr, target.split("."), gm)
+
 def fused_kernels(gm: torch.fx.GraphModule) -> list:
     return [n.target for n in gm.graph.nodes
             if n.op == "call_function" and getattr(n.target, "is_fused_kernel", False)]
@@ -95,7 +100,7 @@ def _bind(gm: torch.fx.GraphModule):
         if n.op == "get_attr":
             env[n] = g.placeholder(n.name)
             env[n].meta = n.meta
-            consts.append(reduce(getattr, n.target.split("."), gm))
+            consts.append(fetch_attr(gm, n.target))
     for n in gm.graph.nodes:
         if n.op != "get_attr":
             env[n] = g.node_copy(n, lambda a: env[a])

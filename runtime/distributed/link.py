@@ -276,7 +276,7 @@ class Namespace:
             raise RuntimeError(f"the relay did not start: {err[-1] if err else line or 'no answer in 20 s'}")
         self.master_addr, self.ifname = relay.address(0), relay.TUN_NAME
         return {"method": "tun-relay", "namespaces": list(self.names), "latency_emulated": True,
-                "mtu": TUN_MTU, "relay_pid": self.relay.pid, "socket_buffer_bytes": socket_buffer_bytes(self.link),
+                "mtu": TUN_MTU, "relay_pid": self.relay.pid, "socket_buffer_bytes": buf,
                 "shaping": f"userspace delay line: each rank's uplink metered at {self.link.bytes_per_s:.6g} B/s, "
                            f"every packet held {self.link.latency_s * 1e6:.6g} us"}
 

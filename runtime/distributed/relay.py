@@ -11,9 +11,10 @@ packets before it) and delivered to the destination rank's TUN one latency
 after it left. TCP segments without payload (acknowledgements) are delayed
 but not queued behind data on the uplink: the links emulated (InfiniBand,
 NVLink) acknowledge at the link level, and a TCP ack stuck behind a rank's own
-megabytes would stall the other direction's window for a whole message. Packets whose IP TOS byte is `PROBE_TOS` skip the delay (not
-the rate): the latency probe times a delayed and an undelayed round trip over
-the same path, so their difference is the delay the relay really applied.
+megabytes would stall the other direction's window for a whole message.
+Packets whose IP TOS byte is `PROBE_TOS` skip the delay (not the rate): the
+latency probe times a delayed and an undelayed round trip over the same path,
+so their difference is the delay the relay really applied.
 
 `python -m passlab.runtime.distributed.relay RATE LATENCY NS0 NS1 ...` prints
 "ready" once it holds every device; it ends when its parent dies.
