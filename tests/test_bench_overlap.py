@@ -45,6 +45,16 @@ def test_markdown_has_the_targets_the_error_and_shapley():
     assert "interaction -0.020" in text and "failed: RuntimeError: boom" in text
 
 
+def test_peers_beside_the_final_graph():
+    r = result()
+    for x in r["bench"]["ranks"]:
+        x["peer_step_s"] = {"eager": 8.0, "torch.compile": 6.0, "torch.compile freezing": 4.0 + x["rank"]}
+        x["peer_setup_s"] = {"torch.compile": 30.0, "torch.compile freezing": 20.0}
+    assert bench_overlap.peers_row(r) == ["ep_mixtral", "2", "8,000", "6,000", "5,000", "5,000", "1.60x", "1.00x",
+                                          "30 / 20"]
+    assert "| ep_mixtral | 2 | 8,000 | 6,000 | 5,000 | 5,000 | 1.60x |" in bench_overlap.markdown([r], "m", "d")
+
+
 def test_unknown_model_is_a_bad_argument(tmp_path):
     with pytest.raises(BadArguments, match="not distributed samples: mlp"):
         bench_overlap.main(["--models", "mlp", "--out", str(tmp_path)])

@@ -28,10 +28,11 @@ WORLDS = [2, 4]
 SHAPLEY = {"ep_mixtral"}
 
 
-def measure(model: str, world: int, link: str, reps: int, say) -> dict:
+def measure(model: str, world: int, link: str, reps: int, say, peers: bool = True) -> dict:
     from . import simulate
     t0 = time.monotonic()
-    b = simulate.bench(model, "bench", world, link, reps=reps, shapley=model in SHAPLEY, timeout=1800)
+    b = simulate.bench(model, "bench", world, link, reps=reps, shapley=model in SHAPLEY, timeout=1800,
+                       peers=peers)
     say(f"  measured in {time.monotonic() - t0:.0f} s; predicting")
     pred = simulate.compare_bench(b)
     return {"model": model, "world": world, "bench": b, "prediction": pred}
@@ -77,6 +78,18 @@ def rows_of(r: dict) -> list[dict]:
                     "max_error_vs_reference": max((x.get("error_vs_reference") or {}).get(key, 0.0)
                                                   for x in ranks)})
     return out
+
+
+def peers_row(r: dict) -> list[str]:
+    """Slowest rank's step of each peer and of the graph after the last overlap pass."""
+    ranks = r["bench"]["ranks"]
+    step = lambda k: max(x["peer_step_s"][k] for x in ranks)
+    ours = max(x["step_s"][[k for k in x["step_s"] if "(subset)" not in k][-1]] for x in ranks)
+    eager, comp, frz = step("eager"), step("torch.compile"), step("torch.compile freezing")
+    setup = lambda k: max(x["peer_setup_s"][k] for x in ranks)
+    return [r["model"], str(r["world"]), f"{eager * 1e3:,.0f}", f"{comp * 1e3:,.0f}", f"{frz * 1e3:,.0f}",
+            f"{ours * 1e3:,.0f}", f"{eager / ours:.2f}x", f"{min(comp, frz) / ours:.2f}x",
+            f"{setup('torch.compile'):.0f} / {setup('torch.compile freezing'):.0f}"]
 
 
 def latency_cell(link: dict) -> str:
@@ -128,6 +141,13 @@ def markdown(results: list[dict], machine: str, date: str) -> str:
     if targets:
         parts += ["", md_table(["model", "W", "one-way latency configured / probed", "chunk vs reorder",
                                 "exposed comm cut", "overlap eff."], targets)]
+    peer_rows = [peers_row(r) for r in results if (r.get("bench") or {}).get("ranks")
+                 and r["bench"]["ranks"][0].get("peer_step_s")]
+    if peer_rows:
+        parts += ["", "Beside eager and torch.compile (default, and `freezing=True`), timed in the same rounds; "
+                      "passlab = the captured graph after `overlap_reorder,overlap_chunk`, run op by op:", "",
+                  md_table(["model", "W", "eager ms", "compile ms", "freezing ms", "passlab ms", "passlab vs eager",
+                            "vs best compile", "compile s / freezing s"], peer_rows)]
     for r in results:
         b = r.get("bench") or {}
         if b.get("shapley"):
@@ -154,6 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--worlds", default=",".join(map(str, WORLDS)))
     ap.add_argument("--link", default="ib-400g")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-peers", dest="peers", action="store_false",
+                    help="leave out eager and torch.compile (default: timed beside the passes)")
     ap.add_argument("--out", default="out/bench-overlap")
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args(argv)
@@ -173,7 +195,7 @@ def main(argv=None) -> int:
     for i, (model, world) in enumerate(configs, 1):
         say(f"[{i}/{len(configs)}] {model} at W={world} on {args.link}")
         try:
-            results.append(measure(model, world, args.link, args.reps, say))
+            results.append(measure(model, world, args.link, args.reps, say, peers=args.peers))
             say("  wrote " + ", ".join(os.path.basename(p) for p in write_traces(results[-1], args.out)[::2]))
         except Exception as e:                       # one failed configuration keeps the others
             say(f"  failed: {type(e).__name__}: {e}")

@@ -324,14 +324,22 @@ def bench_rank(p: dict) -> dict:
                 g = apply(steps[i], g).gm
             variants[subset_key(steps, subset)] = g
     x = sample.make_inputs(3)
-    times = {k: [] for k in variants}
+    peers = {"eager": sample.module, "torch.compile": torch.compile(sample.module),
+             "torch.compile freezing": torch.compile(sample.module, options={"freezing": True})
+             } if p.get("peers") else {}
+    timed = {**variants, **peers}                 # the peers in the same interleaved rounds
+    times = {k: [] for k in timed}
     out = {"rank": rank, "stats": stats, "metrics": {}, "pass_link": link, "pass_link_source": source,
-           "profile": box[0]}
+           "profile": box[0], "peer_setup_s": {}}
     with torch.no_grad():
-        for g in variants.values():
-            g(*x)
+        for name, g in timed.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            g(*x)                                 # warm-up; a peer's first call compiles it
+            if name in peers:
+                out["peer_setup_s"][name] = time.perf_counter() - t0
         for _ in range(p["reps"]):
-            for name, g in variants.items():
+            for name, g in timed.items():
                 dist.barrier()
                 t0 = time.perf_counter()
                 g(*x)
@@ -342,7 +350,8 @@ def bench_rank(p: dict) -> dict:
             traced(g, x, tl, name)
             t0 = min((e["start_ns"] for e in tl.events), default=0)
             evs = [{"ph": "X", "cat": e["cat"], "name": e.get("name", e["cat"]), "pid": rank,
-                    "tid": e.get("lane") or e["cat"], "ts": (e["start_ns"] - t0) / 1e3, "dur": (e["end_ns"] - e["start_ns"]) / 1e3}
+                    "tid": e.get("lane") or e["cat"], "ts": (e["start_ns"] - t0) / 1e3,
+                    "dur": (e["end_ns"] - e["start_ns"]) / 1e3}
                    for e in tl.events]
             out["metrics"][name] = {k: v for k, v in overlap_metrics(evs).items() if k != "ranks"}
             out.setdefault("trace", {})[name] = evs          # one step, from its own start (Chrome trace)
@@ -352,7 +361,8 @@ def bench_rank(p: dict) -> dict:
             want = ref(*xr)
             out["error_vs_reference"] = {k: float((g(*xr) - want).abs().max() / want.abs().max())
                                          for k, g in variants.items()}
-    out["step_s"] = {k: statistics.median(v) for k, v in times.items()}
+    out["step_s"] = {k: statistics.median(times[k]) for k in variants}
+    out["peer_step_s"] = {k: statistics.median(times[k]) for k in peers}
     return out
 
 
@@ -411,7 +421,7 @@ def shapley_of(b: dict) -> dict:
 
 
 def bench(model: str, preset: str, world: int, link: str, *, reps: int = 5, passes=None,
-          timeout: float = 600, shapley: bool = False) -> dict:
+          timeout: float = 600, shapley: bool = False, peers: bool = False) -> dict:
     """Launch `world` ranks on the emulated `link` and measure the captured
     graph and each overlap pass, in one run. The passes are told the link's
     per-rank rate."""
@@ -422,7 +432,7 @@ def bench(model: str, preset: str, world: int, link: str, *, reps: int = 5, pass
     cfg = (links.resolve(link, links.host_flops(preset_dtype(preset, "cpu", None), threads)) if link in links.PRESETS
            else links.resolve(link))
     pass_link = f"rate={cfg.rate_bytes_per_s:.6g}B;latency={cfg.latency_s:.6g}s"
-    p = {"model": model, "preset": preset, "passes": passes or BENCH_PIPELINE, "reps": reps, "pass_link": pass_link,
+    p = {"model": model, "preset": preset, "passes": passes or BENCH_PIPELINE, "reps": reps, "pass_link": pass_link, "peers": peers,
          "shapley": shapley}
     launched = spawn("passlab.tools.simulate:bench_rank", p, world, timeout=timeout, link=cfg, threads=threads)
     pass_link = launched.results[0].get("pass_link", pass_link)
