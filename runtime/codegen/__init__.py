@@ -28,9 +28,11 @@ code only as far as it can be:
 Triton modules are executed from the text generated in this process (the
 copy written to the cache is for reading only, never read back).
 
-Every runner checks its inputs' sizes and dtypes against what its kernel was
-generated for (`KernelInputError`), so a wrong call is an error, never an
-out-of-bounds read or a truncated result.
+Every runner checks its inputs against what its kernel was generated for
+(`KernelInputError`): count, tensor-ness, device, sizes, dtypes and strides
+(a differently strided input is copied into the generated layout, except
+where the kernel reads it expanded); no runner exists for an empty kernel.
+So a wrong call is an error, never an out-of-bounds read or a truncated result.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import ctypes
 import hashlib
 import hmac
 import linecache
+import math
 import os
 import platform
 import secrets
@@ -57,8 +60,8 @@ EXPR = {
     "sub": ("({0} - {1})", "({0} - {1})"),
     "mul": ("({0} * {1})", "({0} * {1})"),
     "div": ("((float){0} / (float){1})", "({0}.to(tl.float32) / {1})"),
-    "maximum": ("pl_max({0}, {1})", "tl.maximum({0}, {1})"),
-    "minimum": ("pl_min({0}, {1})", "tl.minimum({0}, {1})"),
+    "maximum": ("pl_max({0}, {1})", "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"),
+    "minimum": ("pl_min({0}, {1})", "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"),
     "neg": ("(-{0})", "(-{0})"),
     "exp": ("pl_exp({0})", "tl.exp({0})"),
     "log": ("pl_log({0})", "tl.log({0})"),
@@ -84,6 +87,12 @@ EXPR = {
     "and": ("({0} && {1})", "({0} & {1})"),
     "or": ("({0} || {1})", "({0} | {1})"),
     "where": ("({0} ? {1} : {2})", "tl.where({0}, {1}, {2})"),
+    # integer results in eager's storage width (runtime/kernel/primitives.py `narrow`)
+    "f2i32": ("pl_f2i32({0})", "({0}).to(tl.int32).to(tl.int64)"),
+    "wrap_i32": ("(int64_t)(int32_t)({0})", "({0}).to(tl.int32).to(tl.int64)"),
+    "wrap_i16": ("(int64_t)(int16_t)({0})", "({0}).to(tl.int16).to(tl.int64)"),
+    "wrap_i8": ("(int64_t)(int8_t)({0})", "({0}).to(tl.int8).to(tl.int64)"),
+    "wrap_u8": ("(int64_t)(uint8_t)({0})", "({0}).to(tl.uint8).to(tl.int64)"),
 }
 CAST = {  # value type -> (C++ cast, Triton cast)
     "f": ("(float)({0})", "({0}).to(tl.float32)"),
@@ -454,21 +463,45 @@ def same_layout(t, strides) -> bool:
     return all(a == b for a, b, n in zip(t.stride(), strides, t.shape) if n > 1)
 
 
-def input_error(fk, i: int | None, inputs) -> KernelInputError:
+def input_error(fk, i: int | None, inputs, what: str = "differs") -> KernelInputError:
     bufs = fk.kernel.inputs
     fmt = lambda shape, dt: f"{list(shape)}:{str(dt).replace('torch.', '')}"   # noqa: E731
     want = ", ".join(fmt(b.shape, b.dtype) for b in bufs)
     got = ", ".join(fmt(t.shape, t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)
     where = f"input {i} ({bufs[i].name})" if i is not None else f"{len(inputs)} inputs instead of {len(bufs)}"
     return KernelInputError(f"kernel {fk.name} was generated for inputs ({want}) and called with ({got}): "
-                            f"{where} differs. Generated kernels have fixed sizes and dtypes; capture and "
+                            f"{where} {what}. Generated kernels have fixed sizes, dtypes and layouts; capture and "
                             f"optimize again for these inputs (passlab.optimize re-specializes on new shapes)")
 
 
+def check_generated(fk, device: str) -> None:
+    """What no runner is made for: a kernel over no elements (lowering refuses
+    them; a description built by hand must too), or one writing an output
+    through overlapping strides."""
+    from ..kernel.ir import overlaps
+    k = fk.kernel
+    for b in k.inputs + k.outputs:
+        if math.prod(b.shape) == 0:
+            raise KernelInputError(f"kernel {fk.name}: {b.name} {list(b.shape)} has no elements; empty tensors "
+                                   f"run in ATen (runtime/kernel/materialize.py `refuse`)")
+    for b in k.outputs:
+        if overlaps(b.shape, b.strides):
+            raise KernelInputError(f"kernel {fk.name}: output {b.name} has overlapping strides {b.strides}")
+
+
 def make_runner(fk, fn, device: str, keepalive):
-    """The per-call path: check inputs, fix up input strides, allocate outputs, launch."""
+    """The per-call path: check inputs (count, tensor, device, shape, dtype,
+    layout) before any memory is touched, fix up input strides, allocate
+    outputs, launch. An input whose strides differ from the generated ones is
+    copied into them, unless the kernel was generated for an overlapping
+    (expanded, stride 0) layout: a dense input's values cannot be read that
+    way, so that call is refused. A storage offset is part of the data
+    pointer the kernel gets, so any offset is read in place."""
+    from ..kernel.ir import overlaps
+    check_generated(fk, device)
     k = fk.kernel
     expect = [b.strides for b in k.inputs]
+    expanded = [overlaps(b.shape, b.strides) for b in k.inputs]
     sig = [(torch.Size(b.shape), b.dtype) for b in k.inputs]
     outs = [(b.shape, b.strides, b.dtype) for b in k.outputs]
     n_in, n_out = len(expect), len(outs)
@@ -488,6 +521,8 @@ def make_runner(fk, fn, device: str, keepalive):
             fn[grid](*ins, *res, XBLOCK=xblock, RBLOCK=rblock)
 
     home = torch.device("cuda" if device == "cuda" else "cpu")
+    want_dev = {"cpu": ("cpu",), "cuda": ("cuda",)}.get(device, ("cpu", "cuda"))   # "triton": either
+    Tensor = torch.Tensor
 
     def run(*inputs):
         if len(inputs) != n_in:
@@ -495,10 +530,17 @@ def make_runner(fk, fn, device: str, keepalive):
         ins = list(inputs)
         for i in range(n_in):
             t = ins[i]
+            if not isinstance(t, Tensor):
+                raise input_error(fk, i, inputs, f"is a {type(t).__name__}, not a tensor")
             shape, dtype = sig[i]
             if t.shape != shape or t.dtype != dtype:
                 raise input_error(fk, i, inputs)
+            if t.device.type not in want_dev:
+                raise input_error(fk, i, inputs, f"is on {t.device}, the kernel runs on {device}")
             if t.stride() != expect[i] and not same_layout(t, expect[i]):
+                if expanded[i]:
+                    raise input_error(fk, i, inputs, f"has strides {t.stride()}, the kernel reads it expanded "
+                                                     f"with strides {expect[i]}")
                 ins[i] = empty(t.shape, expect[i], dtype=t.dtype, device=t.device).copy_(t)
         dev = ins[0].device if ins else home
         res = [empty(s, st, dtype=dt, device=dev) for s, st, dt in outs]

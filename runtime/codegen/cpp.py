@@ -41,25 +41,31 @@ static inline uint16_t pl_to_bf16(float f) {
   uint16_t r = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
   return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : r;
 }
-static inline float pl_max(float a, float b) { return a > b ? a : b; }
-static inline float pl_min(float a, float b) { return a < b ? a : b; }
+// as ATen's maximum/minimum: NaN wins, and of two equal values (-0.0, 0.0) the first
+static inline float pl_max(float a, float b) { return (a < b || b != b) ? b : a; }
+static inline float pl_min(float a, float b) { return (b < a || b != b) ? b : a; }
 static inline int64_t pl_max(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t pl_min(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline bool pl_max(bool a, bool b) { return a || b; }
+static inline bool pl_min(bool a, bool b) { return a && b; }
 static inline int64_t pl_clampi(int64_t i, int64_t hi) { return i < 0 ? 0 : (i > hi ? hi : i); }
-static inline float pl_abs(float a) { return a < 0.0f ? -a : a; }
+static inline float pl_abs(float a) { return fabsf(a); }
 static inline int64_t pl_abs(int64_t a) { return a < 0 ? -a : a; }
-static inline float pl_exp(float x) {  // Cephes expf
-  float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+static inline float pl_exp(float x) {  // Cephes expf; overflows to inf where expf does (x > 88.7228394)
+  float xc = x < -103.972084f ? -103.972084f : (x > 88.7228394f ? 88.7228394f : x);
   float fx = floorf(xc * 1.44269504088896341f + 0.5f);
   float r = xc - fx * 0.693359375f + fx * 2.12194440e-4f;
   float y = 1.9875691500E-4f;
   y = y * r + 1.3981999507E-3f; y = y * r + 8.3334519073E-3f; y = y * r + 4.1665795894E-2f;
   y = y * r + 1.6666665459E-1f; y = y * r + 5.0000001201E-1f;
   y = y * r * r + r + 1.0f;
-  int32_t n = (int32_t)fx; uint32_t b = (uint32_t)(n + 127) << 23; float p; memcpy(&p, &b, 4);
-  float res = y * p;
-  res = x > 88.0f ? INFINITY : res;
-  return x < -87.0f ? 0.0f : res;
+  int32_t n = (int32_t)fx;   // 2^n for n in [-150, 128]: 2^128 = 2 * 2^127, below 2^-126 scaled by 2^-32 (denormals)
+  float s = n > 127 ? 2.0f : (n < -126 ? 2.3283064365386963e-10f : 1.0f);
+  n = n > 127 ? 127 : (n < -126 ? n + 32 : n);
+  uint32_t b = (uint32_t)(n + 127) << 23; float p; memcpy(&p, &b, 4);
+  float res = y * p * s;
+  res = x > 88.7228394f ? INFINITY : res;
+  return x < -103.972084f ? 0.0f : res;
 }
 static inline float pl_log(float x) {  // Cephes logf
   uint32_t u; memcpy(&u, &x, 4);
@@ -79,7 +85,7 @@ static inline float pl_log(float x) {  // Cephes logf
   float res = m + y + ef * 0.693359375f;
   res = x == INFINITY ? INFINITY : res;
   res = x == 0.0f ? -INFINITY : res;
-  return x < 0.0f ? NAN : res;
+  return (x < 0.0f || x != x) ? NAN : res;
 }
 static inline float pl_erf(float x) {  // rational approximation (Eigen's fast erf), |error| < 4e-7, no exp
   float xc = x < -4.0f ? -4.0f : (x > 4.0f ? 4.0f : x);
@@ -89,7 +95,17 @@ static inline float pl_erf(float x) {  // rational approximation (Eigen's fast e
   p = p * x2 - 2.95459980854025e-03f; p = p * x2 - 1.60960333262415e-02f; p = p * xc;
   float q = x2 * -1.45660718464996e-05f - 2.13374055278905e-04f;
   q = q * x2 - 1.68282697438203e-03f; q = q * x2 - 7.37332916720468e-03f; q = q * x2 - 1.42647390514189e-02f;
-  return p / q;
+  float res = p / q;   // |erf| <= 1, and erf(+-inf) = +-1 exactly (gelu(-inf) = -inf * 0 = NaN, as eager)
+  res = (res > 1.0f || x >= 4.0f) ? 1.0f : res;
+  return (res < -1.0f || x <= -4.0f) ? -1.0f : res;
+}
+// float -> integer as ATen's conversion gives it on x86 (NaN and out of range: the minimum), never
+// folded away by the compiler (a float -> int -> float round trip is not a trunc)
+static inline int64_t pl_f2i64(float x) {
+  return (x >= -9223372036854775808.0f && x < 9223372036854775808.0f) ? (int64_t)x : INT64_MIN;
+}
+static inline int64_t pl_f2i32(float x) {
+  return (x >= -2147483648.0f && x < 2147483648.0f) ? (int64_t)(int32_t)x : (int64_t)INT32_MIN;
 }
 static inline float pl_sigmoid(float x) { return 1.0f / (1.0f + pl_exp(-x)); }
 static inline float pl_tanh(float x) { return 1.0f - 2.0f / (pl_exp(2.0f * x) + 1.0f); }
@@ -148,12 +164,14 @@ def expr(k, v, vals, scratch=frozenset()) -> str:
         d, start, step = v.args
         return CAST[v.type][0].format(f"{start} + {step} * i{d}")
     if v.op == "cast":
+        if v.type == "i" and vals[v.args[0]].type == "f":
+            return f"pl_f2i64(v{v.args[0]})"
         return CAST[v.type][0].format(f"v{v.args[0]}")
     args = []
     for a in v.args:
         t = vals[a].type
         want = v.type if v.op not in ("where", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not") else t
-        args.append(CAST[want][0].format(f"v{a}") if (t != want and v.op not in ("div",)) else f"v{a}")
+        args.append(CAST[want][0].format(f"v{a}") if (t != want and v.op not in ("div", "f2i32")) else f"v{a}")
     if v.op == "where":
         args = [f"v{v.args[0]}"] + [CAST[v.type][0].format(f"v{a}") if vals[a].type != v.type else f"v{a}"
                                     for a in v.args[1:]]
@@ -199,16 +217,23 @@ class Body(Printer):
     def declare(self, loop):
         out = [f"{SCRATCH_T[self.vals[vid].type]} sv{vid}[{self.k.r_size}];" for vid in loop.keep]
         for v in loop.reductions:
-            acc_t = "int" if v.type == "b" else CTYPE[self.vals[v.args[0]].type if v.type != "f" else "f"]
+            acc_t = "int" if v.type == "b" else CTYPE[v.type]    # a sum of bools counts in int64
             init = {"sum": "0", "max": "-INFINITY" if acc_t == "float" else "INT64_MIN",
                     "min": "INFINITY" if acc_t == "float" else "INT64_MAX"}[v.op]
             if v.type == "b":
                 init = {"max": "0", "min": "1", "sum": "0"}[v.op]
             out.append(f"{acc_t} acc{v.id} = {init};")
+            if nan_flagged(v):
+                out.append(f"int nan{v.id} = 0;")
         return out
+
+    def accumulate(self, v):
+        line = super().accumulate(v)
+        return line + " " + self.stmt("nan_seen", id=v.id, x=v.args[0]) if nan_flagged(v) else line
 
     def loop_head(self, loop):
         clauses = [f"reduction({'+' if v.op == 'sum' else v.op}:acc{v.id})" for v in loop.reductions]
+        clauses += [f"reduction(|:nan{v.id})" for v in loop.reductions if nan_flagged(v)]
         return [f"#pragma omp simd {' '.join(clauses)}".rstrip(), f"for (int64_t r = 0; r < {self.k.r_size}; ++r) {{"]
 
     def loop_end(self):
@@ -227,6 +252,11 @@ class Body(Printer):
 
 def body(fk, name: str) -> str:
     return Body(fk, name).render()
+
+
+def nan_flagged(v) -> bool:
+    """A float max/min reduction: NaN-propagating via a flag, so the accumulation stays a plain simd max."""
+    return v.type == "f" and v.op in ("max", "min")
 
 
 def store(b, vid) -> str:

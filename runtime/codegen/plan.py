@@ -37,9 +37,14 @@ STATEMENTS = {kind: (cpp, triton) for kind, cpp, triton in [
     ("clamp", "pl_clampi({} - {}, {})", "tl.minimum(tl.maximum({} - {}, 0), {})"),   # a cat input's index
     ("sum", "acc{id} += v{x};", "acc{id} = acc{id} + tl.where(emask, v{x}.to({acc}), 0)"),
     ("max", "acc{id} = acc{id} > v{x} ? acc{id} : v{x};",
-            "acc{id} = tl.where(emask, tl.maximum(acc{id}, v{x}.to({acc})), acc{id})"),
+            "acc{id} = tl.where(emask, tl.maximum(acc{id}, v{x}.to({acc}), propagate_nan=tl.PropagateNan.ALL), acc{id})"),
     ("min", "acc{id} = acc{id} < v{x} ? acc{id} : v{x};",
-            "acc{id} = tl.where(emask, tl.minimum(acc{id}, v{x}.to({acc})), acc{id})"),
+            "acc{id} = tl.where(emask, tl.minimum(acc{id}, v{x}.to({acc}), propagate_nan=tl.PropagateNan.ALL), acc{id})"),
+    # a float max/min is NaN when any element is (ATen's amax): a flag beside the accumulator
+    ("nan_seen", "nan{id} |= v{x} != v{x};", None),
+    ("nan_reduced", "const float v{id} = nan{id} ? NAN : (float)acc{id};",
+                    'v{id} = tl.where(tl.sum((acc{id} != acc{id}).to(tl.int32), 1)[:, None] > 0, float("nan"), '
+                    'tl.{op}(acc{id}, 1)[:, None])'),
     ("reduced", "const {type} v{id} = ({type})acc{id};", "v{id} = tl.{op}(acc{id}, 1)[:, None]{nonzero}"),
     ("store", "out{j}[{off}] = {val};", "tl.store(out{j} + {off}, {val}, mask=emask)"),
     ("row_store", "out{j}[{off}] = {val};", "tl.store(out{j} + {off}, {val}, mask=mmask)"),
@@ -196,6 +201,8 @@ class Printer:
         return self.stmt(v.op, id=v.id, x=v.args[0], acc=self.acc_types.get(v.type))
 
     def reduced(self, v) -> str:
+        if v.type == "f" and v.op in ("max", "min"):
+            return self.stmt("nan_reduced", id=v.id, op=v.op)
         return self.stmt("reduced", type=self.types.get(v.type), id=v.id, op=v.op,
                          nonzero=" != 0" if v.type == "b" else "")
 

@@ -5,6 +5,8 @@ dims in masked blocks of RBLOCK lanes, once per reduction phase (accumulating
 in fp32 lanes, combined with tl.sum/tl.max at the end) and once more to store
 the elementwise outputs; row values are [XBLOCK, 1] columns. Small inner dims
 get many rows per program. Runs on CPU tensors under TRITON_INTERPRET=1.
+Row indices are int64; the inner lane index is int32 unless the kernel's
+`index_bits` is 64 (an offset or flat index reaches 2^31 elements).
 """
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ def expr(k, v, vals) -> str:
         args = [f"v{v.args[0]}"] + [CAST[v.type][1].format(f"v{a}") if vals[a].type != v.type else f"v{a}"
                                     for a in v.args[1:]]
         return EXPR["where"][1].format(*args)
-    logical = v.op in ("eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "div")
+    logical = v.op in ("eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "div", "f2i32")
     args = [f"v{a}" if logical or vals[a].type == v.type else CAST[v.type][1].format(f"v{a}") for a in v.args]
     return EXPR[v.op][1].format(*args)
 
@@ -110,7 +112,8 @@ class Body(Printer):
 
     def loop_head(self, loop):
         R = self.k.r_size
-        return [f"for r0 in range(0, {R}, RBLOCK):", "    r = (r0 + tl.arange(0, RBLOCK))[None, :]",
+        lanes = "(r0 + tl.arange(0, RBLOCK))" + (".to(tl.int64)" if self.k.index_bits == 64 else "")
+        return [f"for r0 in range(0, {R}, RBLOCK):", f"    r = {lanes}[None, :]",
                 f"    emask = mmask & (r < {R})"]
 
     def stored(self, j, vid, elem_loop):

@@ -21,7 +21,14 @@ import torch
 
 
 class LoweringError(ValueError):
-    """The group cannot be expressed as one kernel."""
+    """The group cannot be expressed as one kernel. `reason` names the kind of
+    refusal (the fusion pass counts its fallbacks by it): "not_one_kernel" for
+    groups that do not map onto one loop nest, or the input class a kernel is
+    never generated for ("empty_tensor", "overlapping_output", ...)."""
+
+    def __init__(self, msg: str, reason: str = "not_one_kernel"):
+        super().__init__(msg)
+        self.reason = reason
 
 
 TYPE_OF = {torch.float32: "f", torch.bfloat16: "f", torch.float16: "f", torch.bool: "b",
@@ -31,6 +38,23 @@ LOGICAL = {"and", "or", "not"}
 REDUCE_INIT = {"sum": 0, "max": "-inf", "min": "inf"}
 
 # ---------------------------------------------------------------- the description
+
+def extent(shape, strides) -> int:
+    """How many elements a strided view spans from its first element on."""
+    return 1 + sum((n - 1) * abs(s) for n, s in zip(shape, strides) if n > 0)
+
+
+def overlaps(shape, strides) -> bool:
+    """Whether two indices of a strided view can address one element
+    (an expanded dim: stride 0 along a dim of size > 1, or interleaved strides)."""
+    dims = sorted(((abs(s), n) for n, s in zip(shape, strides) if n > 1))
+    span = 1
+    for s, n in dims:
+        if s < span:
+            return True
+        span = s * n
+    return False
+
 
 @dataclass
 class Buffer:
@@ -110,6 +134,14 @@ class Kernel:
             if v.op not in ("load", "const", "iota") and v.op not in REDUCE_INIT:
                 stack.extend(v.args)
         return [v for v in self.values if v.id in seen]
+
+    @property
+    def index_bits(self) -> int:
+        """32 when every flat index and element offset of the kernel fits an
+        int32, else 64 (a printer whose index arithmetic is 32-bit by default,
+        Triton's, widens it then)."""
+        span = max([self.m_size * self.r_size] + [extent(b.shape, b.strides) for b in self.inputs + self.outputs])
+        return 32 if span < 2 ** 31 else 64
 
     def bytes_moved(self):
         return sum(math.prod(b.shape) * b.dtype.itemsize for b in self.inputs + self.outputs)

@@ -10,14 +10,27 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from .ir import REDUCE_INIT, TYPE_OF, Buffer, Kernel, LoweringError, Value
-from .primitives import DECOMP, P, Builder, bshape
+from .ir import REDUCE_INIT, TYPE_OF, Buffer, Kernel, LoweringError, Value, overlaps
+from .primitives import DECOMP, P, Builder, bshape, narrow
 
 
 # ---------------------------------------------------------------- step 2-3: anchor and materialization
 
+def refuse(gm: torch.fx.GraphModule) -> None:
+    """Input classes no kernel is generated for (`LoweringError` with the
+    class as its reason; the group runs in ATen, counted as a fallback):
+    a tensor with no elements anywhere in the group (any dim 0: nothing to
+    compute, and reductions over an empty dim have eager's own rules)."""
+    for n in gm.graph.nodes:      # (a tuple's parts count where a getitem takes them: batch norm's unused stats are empty)
+        v = n.meta.get("val")
+        if n.op != "output" and isinstance(v, torch.Tensor) and v.numel() == 0:
+            raise LoweringError(f"{n.name} has no elements (shape {list(v.shape)}): no kernel for empty "
+                                f"tensors, ATen runs it", reason="empty_tensor")
+
+
 def lower(gm: torch.fx.GraphModule) -> Kernel:
     """Lower a fused subgraph (placeholders = kernel inputs) into a Kernel."""
+    refuse(gm)
     b = Builder()
     env, placeholders = {}, []
     for n in gm.graph.nodes:
@@ -33,6 +46,8 @@ def lower(gm: torch.fx.GraphModule) -> Kernel:
             kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype", "layout", "device", "pin_memory",
                                                                     "memory_format", "non_blocking")}
             env[n] = fn(b, n, *args, **kwargs)
+            if isinstance(n.meta.get("val"), torch.Tensor):
+                env[n] = narrow(env[n], n.meta["val"].dtype)
             if isinstance(env[n], P) and isinstance(n.meta.get("val"), torch.Tensor) \
                     and tuple(n.meta["val"].shape) != env[n].shape:
                 raise LoweringError(f"{n.name}: lowered shape {env[n].shape} != {tuple(n.meta['val'].shape)}")
@@ -149,6 +164,8 @@ class Materializer:
             for i, d in enumerate(amap):
                 if d is not None:
                     astr[d] = val.stride()[i]
+            if overlaps(val.shape, val.stride()):
+                raise LoweringError(f"output {k} has overlapping strides {val.stride()}", reason="overlapping_output")
             outputs.append(Buffer(f"out{k}", val.dtype, tuple(val.shape), tuple(val.stride()), tuple(astr)))
             stores.append((k, vid))
         inputs = []   # every placeholder, loaded or not (one read only for its shape): call order = pointer order

@@ -67,6 +67,8 @@ class Builder:
                 type_ = "f"
             else:
                 type_ = promote(*[p.type for p in ps])
+        if op == "add" and type_ == "b":    # bool + bool is bool (or), not 1-bit arithmetic
+            op = "or"
         return P(op, tuple(ps), bshape(*[p.shape for p in ps]), type_)
 
     def reduce(self, op, x, dims, keepdim):
@@ -106,7 +108,10 @@ def _var(b, x, dims, correction=1, keepdim=False):
     dims = _dims(x, dims)
     n = _numel(x, dims)
     xc = b.ew("sub", x, _mean(b, x, dims, True))
-    return b.ew("mul", b.reduce("sum", b.ew("mul", xc, xc), dims, keepdim), 1.0 / max(1, n - correction))
+    ss = b.reduce("sum", b.ew("mul", xc, xc), dims, keepdim)
+    if n - correction <= 0:     # no degrees of freedom: ATen divides by 0 (NaN, or inf)
+        return b.ew("div", ss, 0.0)
+    return b.ew("mul", ss, 1.0 / (n - correction))
 
 
 def _softmax(b, x, dim, _half=False, log=False):
@@ -147,7 +152,8 @@ def _gelu(b, x, approximate="none"):
         inner = b.ew("mul", b.ew("add", x, b.ew("mul", b.ew("mul", b.ew("mul", x, x), x), 0.044715)),
                      math.sqrt(2.0 / math.pi))
         return b.ew("mul", b.ew("mul", x, 0.5), b.ew("add", b.ew("tanh", inner), 1.0))
-    return b.ew("mul", b.ew("mul", x, 0.5), b.ew("add", b.ew("erf", b.ew("mul", x, 1 / math.sqrt(2.0))), 1.0))
+    out = b.ew("mul", b.ew("mul", x, 0.5), b.ew("add", b.ew("erf", b.ew("mul", x, 1 / math.sqrt(2.0))), 1.0))
+    return b.ew("where", b.ew("eq", b.ew("abs", x), math.inf), math.nan, out)   # ATen's gelu(+-inf) is NaN
 
 
 def _pow(b, x, e):
@@ -305,6 +311,23 @@ def _getitem(x, i):
     if not isinstance(x, tuple) or x[i] is None:
         raise LoweringError("getitem of an output the kernel does not compute")
     return x[i]
+
+
+# integer dtypes narrower than the kernel's int64 arithmetic: a result that may leave their range
+# wraps as eager's does (uint8 neg, int8 add), and a float converts through int32 as ATen's cast does
+WRAP = {torch.int32: "wrap_i32", torch.int16: "wrap_i16", torch.int8: "wrap_i8", torch.uint8: "wrap_u8"}
+MAY_LEAVE_RANGE = {"add", "sub", "mul", "neg", "abs", "cast"}
+
+
+def narrow(p, dtype):
+    """`p` (the kernel's int64 value of a node of integer `dtype`) as eager holds it in `dtype`."""
+    if dtype not in WRAP or not isinstance(p, P) or p.type != "i" or p.op not in MAY_LEAVE_RANGE:
+        return p
+    if p.op == "cast" and p.args[0].type == "f":
+        p = P("f2i32", p.args, p.shape, "i")
+        if dtype == torch.int32:
+            return p
+    return P(WRAP[dtype], (p,), p.shape, "i")
 
 
 def can_lower(node: torch.fx.Node) -> bool:
