@@ -140,8 +140,8 @@ class Grouper:
             return False
         try:
             lower(self.subgraph(nodes)[0])
-        except LoweringError:
-            self.skip("not_one_kernel")
+        except LoweringError as e:   # "not_one_kernel", or an input class no kernel is made for ("empty_tensor")
+            self.skip(e.reason)
             return False
         except Exception:  # an op with arguments the lowering did not foresee: leave it to ATen
             self.skip("lowering_error")
@@ -186,6 +186,8 @@ class Grouper:
                             break
             if placed is None:
                 placed = set(unit)
+                if not self.legal(placed):   # not even alone (an empty tensor): it stays in ATen
+                    continue
                 groups.append(placed)
             for m in placed:
                 where[m] = placed
