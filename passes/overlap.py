@@ -32,7 +32,7 @@ from .api import PassResult
 from .registry import register_pass
 
 
-def estimator(ctx, link: str, device: str, world: int) -> Estimator:
+def estimator(ctx, link: str, device: str, world: int, gm=None) -> Estimator:
     """World, link and device from the options, else the run's context. A
     launched run fills `link` with the link exactly as it emulates it (latency
     0 where none is applied); without one, plain loopback. In a launched run
@@ -42,52 +42,120 @@ def estimator(ctx, link: str, device: str, world: int) -> Estimator:
     w = world or max(ctx.world_size, 2)
     dev = device or ("cpu" if ctx.device.startswith("cpu") else ctx.device)
     lk = simulator.get_link(link or "loopback")
-    return Estimator(ctx.device_profile or run_profile(dev, ctx.dtype, lk), lk, w)
+    return Estimator(ctx.device_profile or run_profile(dev, ctx.dtype, lk, gm), lk, w)
 
 
 _RUN_PROFILE: dict = {}
 
 
-def run_profile(device: str, dtype, link) -> dict:
+def run_profile(device: str, dtype, link, gm=None) -> dict:
     """The device profile the overlap passes estimate with. In a launched CPU
-    run: this machine measured now by rank 0 at its thread count, the share of
-    one of the ranks on this host, and the fixed cost of one collective here
-    (a one-element all_to_all less the latency the link adds), broadcast so
-    every rank has the same numbers; measured once per process and link.
-    Elsewhere `simulator.device_profile`."""
+    run: this machine measured now by rank 0 at its thread count (the matmul
+    rate and its fall with rows fitted on `gm`'s largest GEMM, `gemm_profile`),
+    the share of one of the ranks on this host, and the collectives' costs on
+    this link (`collective_costs`), broadcast so every rank has the same
+    numbers; measured once per process, link and largest GEMM. Elsewhere
+    `simulator.device_profile`."""
     import torch.distributed as dist
-    if not (device == "cpu" and dist.is_initialized() and dist.get_world_size() > 1
-            and dist.get_backend() != "fake"):
+    from passlab.runtime.distributed.measure import multi_rank
+    if not (device == "cpu" and multi_rank()):
         return simulator.device_profile(device)
-    key = (device, str(dtype), link.bytes_per_s, link.latency_s)
+    top = largest_gemm(gm) if gm is not None else None
+    key = (device, str(dtype), link.bytes_per_s, link.latency_s, gemm_key(top))
     if key not in _RUN_PROFILE:
-        fixed = collective_cost(link)
+        costs = collective_costs(link, dtype)
         box = [None]
         if dist.get_rank() == 0:
             here = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
             prof = simulator.quick_cpu_profile(torch.get_num_threads(), dtypes=("float32", dtype))
-            prof["collective_overhead_s"] = fixed
-            prof["source"] += f"; one collective's fixed cost measured now: {fixed * 1e6:.0f} us"
+            prof.update(costs)
+            prof["source"] += (f"; one collective holds its worker {costs['collective_overhead_s'] * 1e6:.0f} us "
+                               f"beyond its latencies, compute x{costs['comm_compute_slowdown']:.2f} while "
+                               "collectives are in flight (measured now on this link)")
+            if top is not None:
+                prof.update(gemm_profile(top, prof))
             box = [simulator.share(simulator.with_overheads(prof), here)]
         dist.broadcast_object_list(box, src=0)
         _RUN_PROFILE[key] = box[0]
     return _RUN_PROFILE[key]
 
 
-def collective_cost(link, reps: int = 5) -> float:
-    """On every rank: the median time of a one-element-per-rank all_to_all less
-    the latency `link` adds to it (rank 0's number is the one kept)."""
-    import time
+def collective_costs(link, dtype, burst: int = 8, rounds: int = 3) -> dict:
+    """On every rank (the calls are collective; rank 0's numbers are kept):
+    `burst` one-element all_to_alls issued at once while this rank computes
+    (bf16/fp32 GEMMs of the run's dtype), as a chunked graph issues them.
+    gloo runs them two at a time, each paying its latencies (measured through
+    the delay line: pairs complete one hop apart), so the burst takes
+    burst/2 x (hop + the time a collective holds its worker beyond the link);
+    that time is `collective_overhead_s`. The GEMMs done meanwhile, against
+    the same GEMMs alone, give `comm_compute_slowdown`."""
     import torch.distributed as dist
+    from passlab.runtime import timing
     w = dist.get_world_size()
-    x, out, times = torch.zeros(w), torch.empty(w), []
-    dist.barrier()
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        dist.all_to_all_single(out, x)
-        times.append(time.perf_counter() - t0)
+    x, outs = torch.zeros(w), [torch.empty(w) for _ in range(burst)]
+    a = torch.randn(128, 256).to(dtype)
+    b = torch.randn(256, 512).to(dtype)
+    done = [0]
+
+    def issue_and_compute():
+        works = [dist.all_to_all_single(o, x, async_op=True) for o in outs]
+        while not all(wk.is_completed() for wk in works):
+            torch.mm(a, b)
+            done[0] += 1
+        for wk in works:
+            wk.wait()
+    times = timing.measure_lockstep({"burst": issue_and_compute}, [()], rounds=rounds, before=dist.barrier)
+    alone = timing.measure_lockstep({"gemm": lambda: torch.mm(a, b)}, [()], rounds=50, warmup=5)["gemm"]
+    busy = sum(times["burst"].samples_s)
+    during = busy / done[0] if done[0] else alone.median_s
     lat, _ = simulator.collective_parts("all_to_all", 4 * w, w, link)
-    return max(0.0, sorted(times)[len(times) // 2] - lat)
+    slots = 2
+    hold = max(0.0, times["burst"].median_s / max(1.0, burst / slots) - lat)
+    return {"collective_overhead_s": hold, "comm_compute_slowdown": max(1.0, during / alone.median_s),
+            "collective_burst": {"collectives": burst, "median_s": times["burst"].median_s,
+                                 "gemm_alone_s": alone.median_s, "gemm_during_s": during}}
+
+
+def largest_gemm(gm):
+    gemms = [n for n in gm.graph.nodes if n.op == "call_function" and op_class(n) == OpClass.GEMM
+             and simulator.gemm_rows(n)]
+    from passlab.runtime import costmodel
+    return max(gemms, key=lambda n: costmodel.node_cost(n).flops, default=None)
+
+
+def gemm_key(node):
+    if node is None:
+        return None
+    return (str(node.target), tuple(tuple(a.meta["val"].shape) for a in node.all_input_nodes
+                                    if isinstance(a.meta.get("val"), torch.Tensor)))
+
+
+def gemm_profile(node, prof: dict, split: int = 16) -> dict:
+    """The matmul rate of the graph's largest GEMM at its own shapes and at a
+    `split`-th of its rows, fitted to rate(rows) = peak x rows / (rows + half):
+    {'matmul_flops_per_s': {dtype: peak}, 'gemm_rows_half': half}. A chunk re-reads the
+    whole weight for fewer rows; a 512x512 product (the quick profile) says nothing of that."""
+    from passlab.runtime import costmodel, timing
+    vals = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in node.args]
+    ins = [torch.randn(v.shape).to(v.dtype) if isinstance(v, torch.Tensor) else v for v in vals]
+    lhs = 1 if node.target == aten.addmm.default else 0
+    rows = ins[lhs].shape[-2]
+    few = max(1, rows // split)
+    small = list(ins)
+    small[lhs] = ins[lhs].narrow(ins[lhs].dim() - 2, 0, few).contiguous()
+    if node.target == aten.addmm.default and ins[0].dim() == 2 and ins[0].shape[0] == rows:
+        small[0] = ins[0][:few].contiguous()
+    flops = costmodel.node_cost(node).flops
+    t = timing.measure_many({"all": lambda: node.target(*ins), "few": lambda: node.target(*small)}, [()],
+                            budget_s=0.3, min_reps=3, warmup=1)
+    r_all, r_few = flops / t["all"].median_s, flops * few / rows / t["few"].median_s
+    ratio = r_all / r_few
+    half = rows * (ratio - 1) / (rows / few - ratio) if ratio > 1 and rows / few > ratio else 0.0
+    dtype = str(vals[lhs].dtype).replace("torch.", "")
+    peak = r_all * (rows + half) / rows
+    return {"matmul_flops_per_s": {**prof["matmul_flops_per_s"], dtype: peak}, "gemm_rows_half": half,
+            "source": prof["source"] + f"; matmul rate fitted on the graph's largest GEMM ({node.name}: "
+                      f"{r_all / 1e9:.0f} GFLOP/s at {rows} rows, {r_few / 1e9:.0f} at {few})"}
 
 
 # ---------------------------------------------------------------- list scheduling
@@ -161,7 +229,7 @@ def schedule(graph: torch.fx.Graph, est: Estimator) -> list[torch.fx.Node]:
                 ready_waits.remove(n)
             elif ready_compute:
                 n = heapq.heappop(ready_compute)[2]
-                t += est.compute(n)
+                t += est.compute_at(n, t, stream)
             elif ready_waits:
                 n = min(ready_waits, key=lambda w: (finish[w.args[0]], pos[w]))
                 ready_waits.remove(n)
@@ -197,9 +265,9 @@ def replay(gm, est) -> simulator.Simulation:
 @register_pass("overlap_reorder")
 def overlap_reorder(gm: torch.fx.GraphModule, ctx, *, link: str = "", device: str = "", world: int = 0) -> PassResult:
     """Issue each collective as early as its inputs allow and wait as late as its users allow."""
-    est = estimator(ctx, link, device, world)
     if not collectives(gm.graph.nodes):
         return PassResult(gm, False, {"collectives": 0})
+    est = estimator(ctx, link, device, world, gm)
     before = replay(gm, est)
     moved = apply_order(gm.graph, schedule(gm.graph, est))
     gm.graph.lint()
@@ -574,15 +642,12 @@ def scheduled(gm, est):
     return gm, replay(gm, est)
 
 
-@register_pass("overlap_chunk")
-def overlap_chunk(gm: torch.fx.GraphModule, ctx, *, k: int = 0, link: str = "", device: str = "",
-                  world: int = 0, candidates_per_collective: int = 3) -> PassResult:
-    """Split collectives and the compute that depends on them into k chunks (k=0: chosen by the cost model) so chunk i's compute hides chunk i+1's transfer."""
-    est = estimator(ctx, link, device, world)
-    if not collectives(gm.graph.nodes):
-        return PassResult(gm, False, {"collectives": 0})
-    before = replay(gm, est)
-    gm, current = scheduled(gm, est)
+def search(gm, est, k: int, candidates_per_collective: int):
+    """Greedy over the collectives in order: each split with the chunking and k
+    (`k`, or the best of K_TRIED where k=0) the estimate ranks best, kept where
+    it gains (k=0) or always (a given k). `gm` is scheduled already and left
+    as it is. Returns (graph, its simulation, collectives split, k per seed, skipped)."""
+    current = replay(gm, est)
     split, ks, skipped = 0, {}, {}
     tried: set = set()                 # (region, k) estimated on the current graph: a later collective's
     for name in [c.name for c in collectives(gm.graph.nodes)]:    # candidates often are the same region
@@ -623,12 +688,82 @@ def overlap_chunk(gm: torch.fx.GraphModule, ctx, *, k: int = 0, link: str = "", 
     if split:
         from .meta import propagate
         propagate(gm)                  # the chosen graph's metadata exact (candidates kept the old strides)
+    return gm, current, split, ks, skipped
+
+
+def estimate_row(est, before, after) -> dict:
+    return {"world": est.world, "link": est.link.name, "profile": est.profile.get("source"),
+            "exposed_comm_us_before": round(before.exposed_comm_s * 1e6, 2),
+            "exposed_comm_us_after": round(after.exposed_comm_s * 1e6, 2),
+            "step_us_before": round(before.step_s * 1e6, 2), "step_us_after": round(after.step_s * 1e6, 2)}
+
+
+def confirm_choice(plain, found: dict, ctx, keep: int, rounds: int) -> tuple[str, dict]:
+    """The measured guard of the chunk factor, on the real link: the `keep`
+    candidates the estimate ranks best and "no split" timed for a few steps on
+    every rank (paired rounds, each sample the slowest rank's); rank 0 keeps
+    the fastest median ("no split" where no split beats it) and broadcasts
+    the choice. Returns (choice, record)."""
+    from passlab.runtime.distributed.measure import decide, time_on_every_rank, timing_row
+    from passlab.runtime.executor import compile_graph
+    ranked = sorted(found, key=lambda name: found[name][1].step_s)[:keep]
+    graphs = {"no split": plain, **{name: found[name][0] for name in ranked}}
+    fns = {name: compile_graph(g, ctx.device) for name, g in graphs.items()}
+    times = time_on_every_rank(fns, tuple(ctx.example_inputs), rounds=rounds, device=ctx.device)
+    rows = {name: timing_row(t, times["no split"]) for name, t in times.items()}
+
+    def choose():
+        return min(times, key=lambda n: times[n].median_s)
+    chosen = decide(choose)
+    return chosen, {"chosen": chosen, "candidates": rows, "rounds": rounds,
+                    "estimated_step_us": {n: round(found[n][1].step_s * 1e6, 2) for n in ranked},
+                    "how": "every rank, paired rounds, slowest rank per round; the fastest median kept (rank 0 "
+                           "decides and broadcasts); speedup: over no split, with its paired-bootstrap 95% CI"}
+
+
+def confirming(ctx, option: str) -> bool:
+    """Measure the choice: 'on' always, 'off' never, 'auto' where a real multi-rank process group runs it."""
+    if option not in ("auto", "on", "off"):
+        raise ValueError(f"overlap_chunk: confirm={option!r}; use auto, on or off")
+    from passlab.runtime.distributed.measure import multi_rank
+    return option == "on" or (option == "auto" and multi_rank() and bool(ctx.example_inputs))
+
+
+@register_pass("overlap_chunk")
+def overlap_chunk(gm: torch.fx.GraphModule, ctx, *, k: int = 0, link: str = "", device: str = "",
+                  world: int = 0, candidates_per_collective: int = 3, confirm: str = "auto",
+                  confirm_candidates: int = 2, confirm_rounds: int = 5) -> PassResult:
+    """Split collectives and the compute that depends on them into k chunks (k=0: chosen by the cost model, confirmed by measurement on a real multi-rank link) so chunk i's compute hides chunk i+1's transfer."""
+    if not collectives(gm.graph.nodes):
+        return PassResult(gm, False, {"collectives": 0})
+    est = estimator(ctx, link, device, world, gm)
+    measure_it = confirming(ctx, confirm)
+    before = replay(gm, est)
+    plain, plain_sim = scheduled(gm, est)
+    best = search(plain, est, k, candidates_per_collective)
+    found = {f"estimate's choice k={fmt_ks(best[3])}": best} if best[2] else {}
+    if measure_it and not k:
+        for kk in K_TRIED:                      # the other factors, each as the estimate would split with it
+            alt = search(plain, est, kk, candidates_per_collective)
+            if alt[2] and all(str(alt[0].graph) != str(f[0].graph) for f in found.values()):
+                found[f"k={kk}"] = alt
+    measured = None
+    if measure_it and found:
+        chosen, measured = confirm_choice(plain, found, ctx, confirm_candidates, confirm_rounds)
+        gm, current, split, ks, skipped = (plain, plain_sim, 0, {}, dict(best[4])) if chosen == "no split" \
+            else found[chosen]
+        if chosen == "no split":
+            skipped["slower on the link than no split (measured)"] = len(best[3]) or 1
+    else:
+        gm, current, split, ks, skipped = best if best[2] else (plain, plain_sim, 0, {}, best[4])
     stats = {"collectives": len(collectives(gm.graph.nodes)), "split": split, "k": ks,
-             "estimate": {"world": est.world, "link": est.link.name, "profile": est.profile.get("source"),
-                          "exposed_comm_us_before": round(before.exposed_comm_s * 1e6, 2),
-                          "exposed_comm_us_after": round(current.exposed_comm_s * 1e6, 2),
-                          "step_us_before": round(before.step_s * 1e6, 2),
-                          "step_us_after": round(current.step_s * 1e6, 2)}}
+             "estimate": estimate_row(est, before, current)}
+    if measured is not None:
+        stats["measured"] = measured
     if skipped:
         stats["skipped"] = skipped
     return PassResult(gm, None, stats)
+
+
+def fmt_ks(ks: dict) -> str:
+    return "/".join(str(v) for v in sorted(set(ks.values()))) or "-"

@@ -8,7 +8,16 @@ process group does: in issue order on two worker threads, their bytes
 serialized on the rank's uplink, their latency (counted as gloo's schedules
 pay it, `collective_parts`) delaying but not occupying the link, so chunks in
 flight share one latency. A `wait_tensor` blocks the compute stream until its
-collective is done; the blocked time is the exposed communication. All ranks
+collective is done; the blocked time is the exposed communication.
+
+On CPU ranks two things the roofline alone misses are measured on the run's
+own link and graph and modelled (`passes.overlap.run_profile`): compute runs
+slower while collectives are in flight (`comm_compute_slowdown`: gloo's worker
+threads, the TCP stack and the delay line share the cores), and a GEMM's rate
+falls with its rows (`rows_efficiency`: a chunk of a GEMM re-reads the whole
+weight for a k-th of the rows); `collective_overhead_s` is then the time one
+collective holds its worker beyond the link's latencies, fitted to a burst of
+collectives issued at once while the rank computes. All ranks
 are assumed to run the same program in lock step (no skew, no stragglers), so
 one rank's timeline is the step.
 
@@ -221,6 +230,11 @@ class CommStream:
         self.est, self.free = est, [0.0] * max(1, slots)
         self.link_free = 0.0
         self.last_end = 0.0
+        self.spans: list[tuple[float, float]] = []
+
+    def in_flight(self, t: float) -> bool:
+        """Whether a collective is in flight at time `t`."""
+        return any(a <= t < b for a, b in self.spans)
 
     def issue(self, node, t: float) -> tuple[float, float]:
         """(start, end) of collective `node` issued at time `t`."""
@@ -234,6 +248,7 @@ class CommStream:
         end = self.link_free + lat / 2
         self.free[slot] = end
         self.last_end = max(self.last_end, end)
+        self.spans = [sp for sp in self.spans if sp[1] > t] + [(start, end)]
         return start, end
 
 
@@ -242,9 +257,24 @@ def matmul_rate(profile: dict, dtype) -> float:
     return rates.get(str(dtype).replace("torch.", "")) or rates["float32"]
 
 
+def gemm_rows(node: torch.fx.Node) -> int | None:
+    """The rows of a GEMM's left operand (per batch): what chunking divides."""
+    out = costmodel.tensors(node.meta.get("val"))
+    return int(out[0].shape[-2]) if out and out[0].dim() >= 2 else None
+
+
+def rows_efficiency(rows: int | None, profile: dict) -> float:
+    """The share of the matmul rate a GEMM of `rows` rows gets: rows / (rows +
+    gemm_rows_half), fitted on the graph's own largest GEMM at its rows and a
+    sixteenth of them (a chunked GEMM re-reads its whole weight for fewer rows)."""
+    half = profile.get("gemm_rows_half") or 0.0
+    return 1.0 if not rows or half <= 0 else rows / (rows + half)
+
+
 def compute_time(node: torch.fx.Node, profile: dict) -> float:
     """Roofline time of one node plus its dispatch cost; views and getitem cost
-    only dispatch; placeholders, weights and the output cost nothing."""
+    only dispatch; placeholders, weights and the output cost nothing. A GEMM's
+    matmul rate falls with its rows (`rows_efficiency`)."""
     if node.op != "call_function":
         return 0.0
     over = profile.get("op_overhead_s", 0.0)
@@ -255,7 +285,10 @@ def compute_time(node: torch.fx.Node, profile: dict) -> float:
     t = c.bytes / profile["copy_bytes_per_s"]
     if cls in (OpClass.GEMM, OpClass.FUSED):
         out = costmodel.tensors(node.meta.get("val"))
-        t = max(t, c.flops / matmul_rate(profile, out[0].dtype if out else torch.float32))
+        rate = matmul_rate(profile, out[0].dtype if out else torch.float32)
+        if cls == OpClass.GEMM:
+            rate *= rows_efficiency(gemm_rows(node), profile)
+        t = max(t, c.flops / rate)
     return t + over
 
 
@@ -298,6 +331,14 @@ class Estimator:
     def compute(self, node) -> float:
         return compute_time(node, self.profile)
 
+    def compute_at(self, node, t: float, stream: CommStream) -> float:
+        """The node's time when it starts at `t`: stretched by the profile's
+        `comm_compute_slowdown` while a collective is in flight (gloo's threads,
+        the TCP stack and the link share the rank's cores with its compute)."""
+        dur = self.compute(node)
+        slow = self.profile.get("comm_compute_slowdown") or 1.0
+        return dur * slow if dur > 0 and slow != 1.0 and stream.in_flight(t) else dur
+
     def comm_parts(self, node) -> tuple[float, float]:
         """(latency + fixed overhead, wire seconds) of a collective node; (0, 0) for others."""
         kind = collective_kind(node)
@@ -330,7 +371,7 @@ def replay(nodes, est: Estimator) -> Simulation:
                 events.append(Event(n.name, "comm", start, done[n]))
             t += est.profile.get("op_overhead_s", 0.0)
             continue
-        dur = est.compute(n)
+        dur = est.compute_at(n, t, stream)
         if dur > 0:
             events.append(Event(n.name, "compute", t, t + dur))
         t += dur

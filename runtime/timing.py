@@ -187,6 +187,31 @@ def measure(fn: Callable, input_sets: list[tuple], **kw) -> Timing:
     return measure_many({"f": fn}, input_sets, **kw)["f"]
 
 
+def measure_lockstep(fns: dict[str, Callable], input_sets: list[tuple], *, rounds: int, warmup: int = 1,
+                     device: str = "cpu", before: Callable[[], None] | None = None) -> dict[str, Timing]:
+    """Time every callable in exactly `rounds` paired rounds of one call each
+    (the order rotated from round to round), after `warmup` calls each: the
+    same sequence of calls wherever it runs, for callables that are collective
+    (every rank of a distributed run must make the same calls; `measure_many`
+    adapts its counts to each process's own timings). `before()` runs before
+    every timed call, outside the timed region (e.g. a barrier)."""
+    clock = CudaClock() if device.startswith("cuda") else CpuClock()
+    names = list(fns)
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    with torch.no_grad():
+        for k in names:
+            for i in range(warmup):
+                fns[k](*input_sets[i % len(input_sets)])
+        for rnd in range(rounds):
+            shift = rnd % len(names)
+            for k in names[shift:] + names[:shift]:
+                if before is not None:
+                    before()
+                samples[k].append(clock.time(fns[k], input_sets[rnd % len(input_sets)]))
+    return {k: Timing(*median_ci(xs), len(xs), clock.method, torch.get_num_threads(), xs, list(range(rounds)))
+            for k, xs in samples.items()}
+
+
 def peak_memory(fn: Callable, inputs: tuple, device: str = "cpu") -> tuple[int | None, str]:
     """Peak bytes allocated during one call, and how it was measured."""
     with torch.no_grad():

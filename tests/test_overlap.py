@@ -227,3 +227,74 @@ def test_default_pipeline_runs_the_overlap_passes():
     for p in (overlap.overlap_reorder, overlap.overlap_chunk):
         res = p(clone(gm), PassContext())
         assert res.changed is False and res.stats == {"collectives": 0}
+
+
+# ---------------------------------------------------------------- the measured guard on the link
+
+def slowed_chunks(payload):
+    """Rank target: ep_moe (tiny) through overlap_reorder and overlap_chunk(k=2)
+    under the run's agreement and link guard, with every chunked graph made
+    slower (a sleep per call) where it is timed: the chunk factor's own
+    confirmation must keep "no split", and a split forced past it (confirm=off)
+    must be rolled back by the link guard."""
+    import time as _time
+    import torch.distributed as dist
+    from passlab.passes import PassManager, parse
+    from passlab.runtime import executor
+    from passlab.tools.distributed_run import agreeing
+    real = executor.compile_graph
+
+    def slowed(gm, device="cpu"):
+        run = real(gm, device)
+        if not any("overlap_chunk" in n.meta for n in gm.graph.nodes):
+            return run
+
+        def slow(*args):
+            _time.sleep(payload["delay_s"])
+            return run(*args)
+        return slow
+    executor.compile_graph = slowed
+    s = load("ep_moe", "tiny")
+    gm = capture(s.module, s.example_inputs)
+    ctx = PassContext(world_size=dist.get_world_size(), rank=dist.get_rank(), example_inputs=s.flat_inputs,
+                      sample=s)
+    out = {}
+    for name, pipeline in (("confirmed", "overlap_chunk(k=2)"), ("forced", "overlap_chunk(k=2,confirm=off)")):
+        res = agreeing(PassManager(parse(pipeline), instruments=[]), guard_rounds=3).run(clone(gm), ctx)
+        rec = res.steps[0]
+        out[name] = {"status": rec.status, "error": rec.error, "stats": {k: v for k, v in rec.stats.items()
+                                                                          if k != "traceback"},
+                     "split_in_final": sum("overlap_chunk" in n.meta for n in res.gm.graph.nodes)}
+    return out
+
+
+@pytest.mark.distributed
+def test_a_chunking_slower_on_the_link_is_never_the_graph_that_runs():
+    from passlab.runtime.distributed import link, spawn
+    r = spawn(f"{os.path.abspath(__file__)}:slowed_chunks", {"delay_s": 0.2}, 2, timeout=240,
+              link=link.resolve("rate=1gbit,latency=1ms"))
+    for out in r.results:
+        conf, forced = out["confirmed"], out["forced"]
+        # the chunk factor confirmed on the link: "no split" measured faster, kept, candidates on record
+        m = conf["stats"]["measured"]
+        assert m["chosen"] == "no split" and conf["split_in_final"] == 0, m
+        assert set(m["candidates"]) == {"no split", "estimate's choice k=2"} and m["rounds"] == 5
+        assert all(c["n"] == 5 and len(c["speedup"]) == 3 for c in m["candidates"].values())
+        assert conf["stats"]["split"] == 0 and "slower on the link than no split (measured)" in conf["stats"]["skipped"]
+        # forced past it: rolled back by the link guard, the measured loss in its error and stats
+        assert forced["status"] == "rolled_back" and forced["split_in_final"] == 0, forced
+        assert forced["error"].startswith("SlowerOnTheLink: slower on the emulated link: +"), forced["error"]
+        guard = forced["stats"]["measured_on_link"]
+        assert guard["slower"] is True and guard["after"]["speedup"][0] < 1 and guard["rounds"] == 3
+        assert forced["stats"]["split"] > 0          # what the pass did is still on record
+    assert r.results[0]["forced"]["error"] == r.results[1]["forced"]["error"]   # rank 0 decided for both
+
+
+def test_confirm_option_checked():
+    s = load("ep_moe", "tiny")
+    gm = capture(s.module, s.example_inputs)
+    with pytest.raises(ValueError, match="confirm='maybe'; use auto, on or off"):
+        overlap.overlap_chunk(clone(gm), PassContext(world_size=2), link="eth-10g", confirm="maybe")
+    # outside a multi-rank process group nothing is timed: the estimate decides
+    res = overlap.overlap_chunk(clone(gm), PassContext(world_size=2), link="eth-10g", k=2)
+    assert "measured" not in res.stats and res.stats["split"] > 0

@@ -184,3 +184,91 @@ def test_shapley_of_a_bench_with_subsets():
     assert sum(out["shapley"].values()) == pytest.approx(total)
     assert out["interaction"] == pytest.approx(total - solo_r - solo_c)
     assert out["shapley"]["overlap_reorder"] == pytest.approx(0.5 * solo_r + 0.5 * (total - solo_c))
+
+
+# ---------------------------------------------------------------- the collective model (issue 25)
+
+def test_compute_slows_while_collectives_are_in_flight():
+    """mm 0-1 | all_reduce 1-3 | mm beside it, x`comm_compute_slowdown` | wait | add."""
+    for slow, step, compute in ((1.0, 4.0, 3.0), (1.5, 4.0, 3.5), (3.0, 5.0, 5.0)):
+        est = Fixed()
+        est.profile = {"op_overhead_s": 0.0, "comm_compute_slowdown": slow}
+        sim = simulator.replay(list(hand_graph(early=True).nodes), est)
+        assert sim.step_s == pytest.approx(step) and sim.compute_s == pytest.approx(compute), slow
+    # nothing in flight: nothing slowed
+    est = Fixed()
+    est.profile = {"op_overhead_s": 0.0, "comm_compute_slowdown": 3.0}
+    assert simulator.replay(list(hand_graph(early=False).nodes), est).compute_s == pytest.approx(3.0)
+
+
+def test_a_burst_of_collectives_completes_in_pairs():
+    """gloo's two workers each run one collective at a time, each paying its
+    latencies (measured through the delay line: 8 one-element all_to_alls
+    issued at once complete in pairs one hop apart), plus the time a collective
+    holds its worker (`collective_overhead_s`, fitted to such a burst)."""
+    link = Link("t", 1e9, 5e-3)
+    est = simulator.Estimator({"op_overhead_s": 0.0, "collective_overhead_s": 1e-3}, link, 2)
+    est.comm_parts = lambda node: (2 * link.latency_s + 1e-3, 0.0)
+    s = simulator.CommStream(est)
+    ends = [s.issue(f"c{i}", 0.0)[1] for i in range(8)]
+    assert ends == pytest.approx([11e-3 * (i // 2 + 1) for i in range(8)])
+
+
+def gemm_graph(rows: int, chunks: int) -> torch.fx.Graph:
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    x, w = g.placeholder("x"), g.placeholder("w")
+    x.meta["val"], w.meta["val"] = torch.empty(rows, 64), torch.empty(64, 256)
+    outs = []
+    for j in range(chunks):
+        part = g.call_function(aten.slice.Tensor, (x, 0, j * rows // chunks, (j + 1) * rows // chunks))
+        part.meta["val"] = torch.empty(rows // chunks, 64)
+        mm = g.call_function(aten.mm.default, (part, w))
+        mm.meta["val"] = torch.empty(rows // chunks, 256)
+        outs.append(mm)
+    g.output(outs)
+    return g
+
+
+def test_gemm_rate_falls_with_rows():
+    """A GEMM split in k chunks of rows: each chunk re-reads the weight, so at
+    rate(rows) = peak x rows / (rows + half) the k chunks take 2KN(M + k half)/peak."""
+    prof = {"copy_bytes_per_s": 1e18, "matmul_flops_per_s": {"float32": 1e9}, "op_overhead_s": 0.0}
+    mms = lambda g: [n for n in g.nodes if n.target == torch.ops.aten.mm.default]
+    t = lambda g, p: sum(simulator.compute_time(n, p) for n in mms(g))
+    for k in (1, 4, 16):
+        assert t(gemm_graph(256, k), prof) == pytest.approx(2 * 256 * 64 * 256 / 1e9)    # no fall: same time
+        fitted = dict(prof, gemm_rows_half=32.0)
+        assert t(gemm_graph(256, k), fitted) == pytest.approx(2 * 64 * 256 * (256 + k * 32) / 1e9)
+    assert simulator.rows_efficiency(96, {"gemm_rows_half": 32.0}) == pytest.approx(0.75)
+    assert simulator.rows_efficiency(None, {"gemm_rows_half": 32.0}) == 1.0
+
+
+def measured_profile(payload):
+    """Rank target: the overlap passes' run profile on this link for ep_moe (tiny)."""
+    from passlab.graphs import capture, load
+    from passlab.passes import overlap
+    s = load("ep_moe", "tiny")
+    gm = capture(s.module, s.example_inputs)
+    link = simulator.get_link(payload["link"])
+    prof = overlap.run_profile("cpu", s.dtype, link, gm)
+    est = simulator.Estimator(prof, link, 2)
+    sim = simulator.replay(list(gm.graph.nodes), est)
+    return {"profile": prof, "step_s": sim.step_s}
+
+
+@pytest.mark.distributed
+def test_the_collective_model_is_measured_on_the_link():
+    """On the delay line (where root can make namespaces; loopback elsewhere):
+    every rank gets rank 0's profile, with the collectives' costs and the
+    GEMM's rows fall measured there. Values are checked for sense, never timed."""
+    from passlab.runtime.distributed import link, spawn
+    lk = link.resolve("rate=1gbit,latency=1ms")
+    r = spawn(f"{__file__}:measured_profile", {"link": lk.spec()}, 2, timeout=240, link=lk)
+    p0, p1 = (x["profile"] for x in r.results)
+    assert p0 == p1                                                  # rank 0's numbers, broadcast
+    assert p0["collective_overhead_s"] >= 0 and p0["comm_compute_slowdown"] >= 1.0
+    burst = p0["collective_burst"]
+    assert burst["collectives"] == 8 and burst["median_s"] > 0 and burst["gemm_alone_s"] > 0
+    assert p0["gemm_rows_half"] >= 0 and "largest GEMM" in p0["source"] and "in flight" in p0["source"]
+    assert all(x["step_s"] > 0 for x in r.results)

@@ -53,7 +53,8 @@ def rank_main(p: dict) -> dict:
     names = [str(s) for s in steps]
     link_options(steps, applied_link() or "loopback", world)
     manager = agreeing(make_manager(steps, sample, device, strict=p["strict"], tolerance=p["tolerance"],
-                                    progress=lambda i, n, name: (stage(f"pass {name}"), say(f"[{i}/{n}] {name}"))))
+                                    progress=lambda i, n, name: (stage(f"pass {name}"), say(f"[{i}/{n}] {name}"))),
+                       guard_rounds=p.get("guard_rounds", 0) if world > 1 else 0)
     ctx = context(sample, device)
     ctx.world_size, ctx.rank = world, rank
     out = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "threads": torch.get_num_threads(),
@@ -71,11 +72,10 @@ def rank_main(p: dict) -> dict:
     runnable = distinct_graphs(result, device)
     warmup, reps = p["reps"]
     inputs = sample.make_inputs(7)
-    out["timings"] = {}
-    for key, g in runnable.items():
-        stage(f"timing {key}")
-        say(f"timing {label(key, result)} ({warmup} warm-up + {reps} runs on every rank)")
-        out["timings"][key] = time_graph(g, inputs, device, warmup, reps)
+    stage("timing")
+    say(f"timing {', '.join(label(k, result) for k in runnable)} ({warmup} warm-up + {reps} paired rounds "
+        "on every rank)")
+    out["timings"] = time_graphs(runnable, inputs, device, warmup, reps)
     stage("tracing")
     from passlab.runtime.executor import compile_graph
     compile_graph(result.gm, device)              # the tracer interprets the graph; its kernels must be built
@@ -126,13 +126,21 @@ def agree(what: str, error: str | None, fingerprint: str | None, disagreements: 
         raise RuntimeError(msg)
 
 
-def agreeing(manager):
+def agreeing(manager, guard_rounds: int = 0):
     """The manager with every pass and the numerics check wrapped so that the
     ranks agree on each outcome, and the pipeline stopping on every rank
-    (RanksDisagree, naming the rank and the pass) where their graphs differ."""
+    (RanksDisagree, naming the rank and the pass) where their graphs differ.
+    With `guard_rounds`, a pass that estimates communication and changed the
+    graph is timed against the graph before it on the link (`link_guard`) and
+    rolled back where it is slower."""
     import hashlib
+    from passlab.graphs import clone
     from passlab.passes import CheckNumerics
     from passlab.passes.api import Pass, as_result
+    from passlab.runtime.simulator import collective_kind
+
+    def simulator_collectives(g):
+        return any(collective_kind(n) not in (None, "wait") for n in g.graph.nodes)
 
     class AgreedPass(Pass):
         def __init__(self, inner):
@@ -140,12 +148,17 @@ def agreeing(manager):
 
         def run(self, gm, ctx):
             res, error = None, None
+            before = hashlib.sha1(str(gm.graph).encode()).hexdigest()
+            guarded = guard_rounds and "link" in self.inner.options and simulator_collectives(gm)
+            original = clone(gm) if guarded else None          # passes may rewrite gm in place
             try:
                 res = as_result(self.inner.run(gm, ctx), gm)
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
             code = hashlib.sha1(str(res.gm.graph).encode()).hexdigest() if res is not None else None
             agree(f"pass {self.name}", error, code, disagreements)
+            if guarded and code != before:
+                res.stats["measured_on_link"] = link_guard(self.name, original, res.gm, ctx, guard_rounds)
             return res
 
     class AgreedNumerics(CheckNumerics):
@@ -170,7 +183,8 @@ def agreeing(manager):
             inner(i, n, name)
     for step in manager.steps:
         step.pass_ = AgreedPass(step.pass_)
-    manager.instruments = [AgreedNumerics(i) if isinstance(i, CheckNumerics) else i for i in manager.instruments]
+    manager.instruments = [RollBackSlower()] * bool(guard_rounds) + [
+        AgreedNumerics(i) if isinstance(i, CheckNumerics) else i for i in manager.instruments]
     manager.progress = progress
     return manager
 
@@ -205,24 +219,51 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_graph(gm, inputs, device: str, warmup: int, reps: int) -> dict:
-    """Median and 95% CI of one forward on this rank, after a barrier; the same
-    count of runs on every rank, since every run is collective."""
-    import torch.distributed as dist
-    from passlab.runtime.timing import median_ci
-    with torch.no_grad():
-        for _ in range(warmup):
-            gm(*inputs)
-        sync(device)
-        dist.barrier()
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            gm(*inputs)
-            sync(device)
-            samples.append(time.perf_counter() - t0)
-    med, lo, hi = median_ci(samples)
-    return {"median_s": med, "ci_low_s": lo, "ci_high_s": hi, "n": reps}
+def time_graphs(graphs: dict, inputs, device: str, warmup: int, reps: int) -> dict:
+    """Every graph timed in `reps` paired rounds on every rank (`measure.time_on_every_rank`:
+    each sample the slowest rank's); median, 95% CI and the samples (for CIs on ratios)."""
+    from passlab.runtime.distributed.measure import time_on_every_rank
+    times = time_on_every_rank(graphs, inputs, rounds=reps, warmup=warmup, device=device)
+    return {k: {"median_s": t.median_s, "ci_low_s": t.ci_low_s, "ci_high_s": t.ci_high_s, "n": t.n,
+                "samples_s": t.samples_s} for k, t in times.items()}
+
+
+def link_guard(name: str, before, after, ctx, rounds: int) -> dict:
+    """The measured guard of a pass that estimates communication (it has a
+    `link` option): its graph and the one before it timed on the emulated link
+    on every rank (`measure.time_on_every_rank`); rank 0 decides. The record
+    says `slower` (and the measured `loss`) where the pass's graph is slower by
+    the median: `RollBackSlower` then rolls the pass back on every rank."""
+    from passlab.runtime.distributed import stage
+    from passlab.runtime.distributed.measure import decide, time_on_every_rank, timing_row
+    from passlab.runtime.executor import compile_graph
+    stage(f"measuring {name} on the link")
+    times = time_on_every_rank({"before": compile_graph(before, ctx.device), "after": compile_graph(after, ctx.device)},
+                               tuple(ctx.example_inputs), rounds=rounds, device=ctx.device)
+    row = {"before": timing_row(times["before"]), "after": timing_row(times["after"], times["before"]),
+           "rounds": rounds, "how": "every rank, paired rounds, slowest rank per round; rank 0 decides"}
+    gain, lo, hi = decide(lambda: row["after"]["speedup"])
+    row["slower"] = gain < 1.0
+    if row["slower"]:
+        row["loss"] = (f"slower on the emulated link: {(1 / gain - 1) * 100:+.1f}% (speedup {gain:.2f}x, "
+                       f"95% CI {lo:.2f}-{hi:.2f}; {times['after'].median_s * 1e3:.1f} ms vs "
+                       f"{times['before'].median_s * 1e3:.1f} ms without it, {rounds} paired rounds on every rank)")
+    return row
+
+
+class RollBackSlower:
+    """The first instrument of a distributed run: a pass whose graph measured
+    slower on the link than without it (`link_guard`) is rolled back (the
+    manager keeps its stats, the measurement among them, and the loss as its error)."""
+
+    def after_pass(self, step, gm, ctx, record):
+        measured = record.stats.get("measured_on_link") or {}
+        if measured.get("slower"):
+            raise SlowerOnTheLink(measured["loss"])
+
+
+class SlowerOnTheLink(RuntimeError):
+    """A distributed pass whose graph measured slower on the link than without it."""
 
 
 def trace(baseline, final, inputs, rank: int, between: dict | None = None) -> dict:
@@ -328,7 +369,8 @@ def payload_of(args) -> dict:
     from passlab.passes.pipeline import available_default
     return {"model": args.model, "preset": args.preset, "dtype": args.dtype, "device": args.device,
             "pipeline": args.pipeline if args.pipeline is not None else available_default(),
-            "strict": args.strict, "tolerance": args.tolerance, "reps": REPS[args.preset]}
+            "strict": args.strict, "tolerance": args.tolerance, "reps": REPS[args.preset],
+            "guard_rounds": REPS[args.preset][1]}
 
 
 def check_args(args, p: dict) -> None:
