@@ -63,7 +63,7 @@ def run_profile(device: str, dtype, link, gm=None) -> dict:
     top = largest_gemm(gm) if gm is not None else None
     key = (device, str(dtype), link.bytes_per_s, link.latency_s, gemm_key(top))
     if key not in _RUN_PROFILE:
-        costs = collective_costs(link, dtype)
+        costs = collective_costs(link, gemm_operands(top)[1] if top is not None else None, dtype)
         box = [None]
         if dist.get_rank() == 0:
             here = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
@@ -80,38 +80,41 @@ def run_profile(device: str, dtype, link, gm=None) -> dict:
     return _RUN_PROFILE[key]
 
 
-def collective_costs(link, dtype, burst: int = 8, rounds: int = 3) -> dict:
+def collective_costs(link, operands=None, dtype=torch.float32, burst: int = 8, rounds: int = 3) -> dict:
     """On every rank (the calls are collective; rank 0's numbers are kept):
     `burst` one-element all_to_alls issued at once while this rank computes
-    (bf16/fp32 GEMMs of the run's dtype), as a chunked graph issues them.
-    gloo runs them two at a time, each paying its latencies (measured through
-    the delay line: pairs complete one hop apart), so the burst takes
-    burst/2 x (hop + the time a collective holds its worker beyond the link);
-    that time is `collective_overhead_s`. The GEMMs done meanwhile, against
-    the same GEMMs alone, give `comm_compute_slowdown`."""
+    (the graph's largest GEMM at a sixteenth of its rows, `operands` =
+    (target, args), as a chunked graph computes beside its collectives; a
+    small GEMM of `dtype` without one). gloo runs them two at a time, each
+    paying its latencies (measured through the delay line: pairs complete one
+    hop apart), so the burst takes burst/2 x (hop + the time a collective holds
+    its worker beyond the link): `collective_overhead_s`. The GEMMs done
+    meanwhile, against the same GEMMs alone, give `comm_compute_slowdown`."""
     import torch.distributed as dist
     from passlab.runtime import timing
     w = dist.get_world_size()
     x, outs = torch.zeros(w), [torch.empty(w) for _ in range(burst)]
-    a = torch.randn(128, 256).to(dtype)
-    b = torch.randn(256, 512).to(dtype)
+    if operands is None:
+        operands = (torch.mm, (torch.randn(128, 256).to(dtype), torch.randn(256, 512).to(dtype)))
+    fn, args = operands
     done = [0]
 
     def issue_and_compute():
         works = [dist.all_to_all_single(o, x, async_op=True) for o in outs]
         while not all(wk.is_completed() for wk in works):
-            torch.mm(a, b)
+            fn(*args)
             done[0] += 1
         for wk in works:
             wk.wait()
     times = timing.measure_lockstep({"burst": issue_and_compute}, [()], rounds=rounds, before=dist.barrier)
-    alone = timing.measure_lockstep({"gemm": lambda: torch.mm(a, b)}, [()], rounds=50, warmup=5)["gemm"]
+    alone = timing.measure_many({"gemm": lambda: fn(*args)}, [()], budget_s=0.2, min_reps=3, warmup=1)["gemm"]
+    # the last GEMM of a burst outlasts it: count the time to its end, not the burst's
     busy = sum(times["burst"].samples_s)
-    during = busy / done[0] if done[0] else alone.median_s
+    during = max(busy / done[0], alone.median_s) if done[0] else alone.median_s
     lat, _ = simulator.collective_parts("all_to_all", 4 * w, w, link)
     slots = 2
     hold = max(0.0, times["burst"].median_s / max(1.0, burst / slots) - lat)
-    return {"collective_overhead_s": hold, "comm_compute_slowdown": max(1.0, during / alone.median_s),
+    return {"collective_overhead_s": hold, "comm_compute_slowdown": during / alone.median_s,
             "collective_burst": {"collectives": burst, "median_s": times["burst"].median_s,
                                  "gemm_alone_s": alone.median_s, "gemm_during_s": during}}
 
@@ -130,12 +133,9 @@ def gemm_key(node):
                                     if isinstance(a.meta.get("val"), torch.Tensor)))
 
 
-def gemm_profile(node, prof: dict, split: int = 16) -> dict:
-    """The matmul rate of the graph's largest GEMM at its own shapes and at a
-    `split`-th of its rows, fitted to rate(rows) = peak x rows / (rows + half):
-    {'matmul_flops_per_s': {dtype: peak}, 'gemm_rows_half': half}. A chunk re-reads the
-    whole weight for fewer rows; a 512x512 product (the quick profile) says nothing of that."""
-    from passlab.runtime import costmodel, timing
+def gemm_operands(node, split: int = 16):
+    """Random operands of GEMM `node` at its own shapes and at a `split`-th of its
+    rows: ((target, args), (target, fewer-row args), rows, fewer rows)."""
     vals = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in node.args]
     ins = [torch.randn(v.shape).to(v.dtype) if isinstance(v, torch.Tensor) else v for v in vals]
     lhs = 1 if node.target == aten.addmm.default else 0
@@ -145,13 +145,23 @@ def gemm_profile(node, prof: dict, split: int = 16) -> dict:
     small[lhs] = ins[lhs].narrow(ins[lhs].dim() - 2, 0, few).contiguous()
     if node.target == aten.addmm.default and ins[0].dim() == 2 and ins[0].shape[0] == rows:
         small[0] = ins[0][:few].contiguous()
+    return (node.target, ins), (node.target, small), rows, few
+
+
+def gemm_profile(node, prof: dict) -> dict:
+    """The matmul rate of the graph's largest GEMM at its own shapes and at a
+    sixteenth of its rows, fitted to rate(rows) = peak x rows / (rows + half):
+    {'matmul_flops_per_s': {dtype: peak}, 'gemm_rows_half': half}. A chunk re-reads the
+    whole weight for fewer rows; a 512x512 product (the quick profile) says nothing of that."""
+    from passlab.runtime import costmodel, timing
+    (fn, ins), (_, small), rows, few = gemm_operands(node)
     flops = costmodel.node_cost(node).flops
-    t = timing.measure_many({"all": lambda: node.target(*ins), "few": lambda: node.target(*small)}, [()],
+    t = timing.measure_many({"all": lambda: fn(*ins), "few": lambda: fn(*small)}, [()],
                             budget_s=0.3, min_reps=3, warmup=1)
     r_all, r_few = flops / t["all"].median_s, flops * few / rows / t["few"].median_s
     ratio = r_all / r_few
     half = rows * (ratio - 1) / (rows / few - ratio) if ratio > 1 and rows / few > ratio else 0.0
-    dtype = str(vals[lhs].dtype).replace("torch.", "")
+    dtype = str(node.meta["val"].dtype).replace("torch.", "")
     peak = r_all * (rows + half) / rows
     return {"matmul_flops_per_s": {**prof["matmul_flops_per_s"], dtype: peak}, "gemm_rows_half": half,
             "source": prof["source"] + f"; matmul rate fitted on the graph's largest GEMM ({node.name}: "
@@ -758,6 +768,8 @@ def overlap_chunk(gm: torch.fx.GraphModule, ctx, *, k: int = 0, link: str = "", 
         gm, current, split, ks, skipped = best if best[2] else (plain, plain_sim, 0, {}, best[4])
     stats = {"collectives": len(collectives(gm.graph.nodes)), "split": split, "k": ks,
              "estimate": estimate_row(est, before, current)}
+    fastest = min([plain_sim.step_s] + [f[1].step_s for f in found.values()])
+    stats["estimate"]["best_gain_vs_no_split"] = round(plain_sim.step_s / fastest, 4) if fastest > 0 else None
     if measured is not None:
         stats["measured"] = measured
     if skipped:

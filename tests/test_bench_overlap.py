@@ -86,3 +86,57 @@ def test_ep_mixtral_is_ep_moe_at_mixtral_width():
     x = s.make_inputs(3)
     with torch.no_grad():
         assert s.name == "ep_mixtral" and torch.allclose(s.module(*x), s.module.reference(*x), atol=1e-5)
+
+
+def with_rounds(r, reorder=(9.0, 9.5, 10.0, 9.2, 9.8), chunk=(5.0, 5.2, 4.9, 5.1, 5.3)):
+    """Paired-round samples (each the slowest rank's), as `simulate.bench_rank` keeps them."""
+    for x in r["bench"]["ranks"]:
+        x["samples_s"] = {"captured": [10.0] * len(reorder), "overlap_reorder": list(reorder),
+                          "overlap_chunk": list(chunk)}
+    return r
+
+
+def test_rows_name_machine_dtype_date_and_a_ci_on_the_ratio():
+    text = bench_overlap.markdown([with_rounds(result())], "AMD EPYC, 2 cores", "2026-12-06 21:00 UTC",
+                                  "bfloat16", "AMD EPYC (AVX512-BF16, VM)")
+    row = next(l for l in text.splitlines() if "overlap_chunk k=8" in l and "| 5,000 |" in l)
+    assert row.startswith("| AMD EPYC (AVX512-BF16, VM) | bfloat16 | 2026-12-06 | ep_mixtral | 2 |")
+    ratio = row.split("|")[8].strip()                           # point (CI low–high) from the paired rounds
+    point, ci = ratio.split(" ", 1)
+    lo, hi = (float(v.rstrip("x)")) for v in ci.strip("(").split("–"))
+    assert point == "1.86x" and lo <= 1.86 <= hi and lo > 1.0     # medians 9.5 / 5.1
+    assert "median over 5 paired rounds" in text
+    assert "chunking does not help" not in text                # a clear gain: no note
+
+
+def test_where_chunking_cannot_help_the_text_says_so_with_the_best_estimate():
+    r = with_rounds(result(), chunk=(9.1, 9.6, 10.1, 9.0, 9.9))
+    for x in r["bench"]["ranks"]:
+        x["step_s"]["overlap_chunk"] = 9.6
+        x["stats"]["overlap_chunk"] = {"k": {}, "split": 0, "estimate": {"best_gain_vs_no_split": 1.04},
+                                       "measured": {"chosen": "no split", "candidates": {
+                                           "no split": {"median_s": 9.5}, "k=16": {"median_s": 15.1}}}}
+    text = bench_overlap.markdown([r], "m", "2026-12-06 21:00 UTC", "bfloat16", "Intel Xeon (AMX)")
+    note = next(l for l in text.splitlines() if "chunking does not help" in l)
+    assert "ep_mixtral at W=2 on Intel Xeon (AMX) (bfloat16)" in note
+    assert "kept no split (no split 9,500 ms, k=16 15,100 ms)" in note
+    assert "best achievable gain from chunking is 1.04x (latency-bound at this scale" in note
+    assert "102.0 ms per all_to_all" in note                  # two one-way latencies as probed (51 ms)
+
+
+def test_readme_keeps_every_machine_kind(tmp_path):
+    run = lambda kind, dtype: {"date": "2026-12-06 21:00 UTC", "machine": "m", "kind": kind, "dtype": dtype,
+                               "results": [with_rounds(result())]}
+    bench_overlap.kept_runs(run("Intel Xeon (AMX)", "bfloat16"), str(tmp_path))
+    bench_overlap.kept_runs(run("AMD EPYC (AVX512-BF16, VM)", "float32"), str(tmp_path))
+    runs = bench_overlap.kept_runs(run("Intel Xeon (AMX)", "bfloat16"), str(tmp_path))   # replaces its own
+    assert [(r["kind"], r["dtype"]) for r in runs] == [("AMD EPYC (AVX512-BF16, VM)", "float32"),
+                                                       ("Intel Xeon (AMX)", "bfloat16")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results-amd-epyc-avx512-bf16-vm-float32.json",
+                                                          "results-intel-xeon-amx-bfloat16.json"]
+    assert "trace" not in runs[0]["results"][0]["bench"]["ranks"][0]
+
+
+def test_machine_kind_names_the_matrix_units():
+    kind = bench_overlap.machine_kind()
+    assert any(u in kind for u in ("AMX", "AVX512-BF16", "no bf16 units"))

@@ -60,6 +60,22 @@ def write_traces(r: dict, out: str) -> list[str]:
     return paths
 
 
+def timing_of(r: dict, key: str):
+    """The paired-round samples of graph `key` (each the slowest rank's) as a Timing, or None."""
+    from passlab.runtime import timing
+    xs = (r["bench"]["ranks"][0].get("samples_s") or {}).get(key)
+    if not xs:
+        return None
+    return timing.Timing(*timing.median_ci(xs), len(xs), "paired rounds", 1, xs, list(range(len(xs))))
+
+
+def ratio_vs(r: dict, key: str, ref: str) -> tuple[float, float, float] | None:
+    """ref's step over key's (> 1: key faster) and its paired-bootstrap 95% CI (`timing.speedup`)."""
+    from passlab.runtime import timing
+    a, b = timing_of(r, key), timing_of(r, ref)
+    return timing.speedup(a, b) if a and b else None
+
+
 def rows_of(r: dict) -> list[dict]:
     """One row per graph: measured (slowest rank's step; means over ranks) and predicted."""
     b, pred = r["bench"], r["prediction"]
@@ -75,6 +91,7 @@ def rows_of(r: dict) -> list[dict]:
                     "overlap_efficiency": statistics.mean(effs) if effs else None,
                     "predicted_step_s": p.get("step_s"), "error": p.get("error"),
                     "k": (ranks[0]["stats"].get(key) or {}).get("k") if key != "captured" else None,
+                    "vs_reorder": ratio_vs(r, key, "overlap_reorder"),
                     "max_error_vs_reference": max((x.get("error_vs_reference") or {}).get(key, 0.0)
                                                   for x in ranks)})
     return out
@@ -100,12 +117,51 @@ def latency_cell(link: dict) -> str:
     return f"{probe['configured_one_way_s'] * 1e3:.1f} / {got * 1e3:.1f} ms ({probe['relative_error'] * 100:+.1f}%)"
 
 
-def markdown(results: list[dict], machine: str, date: str) -> str:
+def ratio_cell(x: dict, reorder: dict) -> str:
+    ci = x.get("vs_reorder")
+    if ci is None:
+        return f"{reorder['step_s'] / x['step_s']:.2f}x"
+    return f"{ci[0]:.2f}x ({ci[1]:.2f}–{ci[2]:.2f})"
+
+
+def chunk_note(r: dict, rows: list[dict], kind: str, dtype: str) -> str | None:
+    """Where chunking does not help (it kept no split, or its gain's CI reaches 1): say so, with
+    the simulator's best achievable gain and, where that is small, why (latency-bound)."""
+    chunk = next((x for x in rows if x["step"] == "overlap_chunk"), None)
+    stats = (r["bench"]["ranks"][0].get("stats") or {}).get("overlap_chunk") or {}
+    if chunk is None or not r["model"].startswith("ep_"):
+        return None
+    ci = chunk.get("vs_reorder")
+    if stats.get("split", bool(stats.get("k"))) and (ci is None or ci[1] > 1.0):
+        return None
+    best = (stats.get("estimate") or {}).get("best_gain_vs_no_split")
+    measured = stats.get("measured") or {}
+    timed = ", ".join(f"{n} {c['median_s'] * 1e3:,.0f} ms" for n, c in measured.get("candidates", {}).items())
+    reorder = next(x for x in rows if x["step"] == "overlap_reorder")
+    text = (f"**{r['model']} at W={r['world']} on {kind} ({dtype})**: chunking does not help here: "
+            + (f"the measured guard kept no split ({timed})" if measured.get("chosen") == "no split" else
+               f"measured {ratio_cell(chunk, reorder)} vs `overlap_reorder`"))
+    if best is not None:
+        text += f"; the simulator's best achievable gain from chunking is {best:.2f}x"
+        if best < 1.1:
+            probe = (r["bench"]["link"].get("probe") or {}).get("measured_one_way_s")
+            text += (" (latency-bound at this scale: every chunk pays the link's latencies"
+                     + (f", {2 * probe * 1e3:.1f} ms per all_to_all here" if probe else "") + ")")
+    return text + "."
+
+
+def markdown(results: list[dict], machine: str, date: str, dtype: str | None = None,
+             kind: str | None = None) -> str:
     ms = lambda v: "-" if v is None else f"{v * 1e3:,.0f}"
-    body, errors, targets = [], [], []
+    kind = kind or machine
+    if dtype is None:
+        from passlab.graphs.sample import preset_dtype
+        dtype = str(preset_dtype("bench", "cpu", None)).replace("torch.", "")
+    day = date.split(" ")[0]
+    body, errors, targets, notes = [], [], [], []
     for r in results:
         if "error" in r:
-            body.append([r["model"], str(r["world"]), "failed: " + r["error"]] + [""] * 8)
+            body.append([kind, dtype, day, r["model"], str(r["world"]), "failed: " + r["error"]] + [""] * 8)
             continue
         rows = rows_of(r)
         reorder = next((x for x in rows if x["step"] == "overlap_reorder"), rows[0])
@@ -114,7 +170,7 @@ def markdown(results: list[dict], machine: str, date: str) -> str:
                 errors.append(abs(x["error"]))
             k = x["k"]
             name = x["step"] + (f" k={sorted(set(k.values()))[0]}" if k and len(set(k.values())) == 1 else "")
-            body.append([r["model"], str(r["world"]), name, ms(x["step_s"]), f"{reorder['step_s'] / x['step_s']:.2f}x",
+            body.append([kind, dtype, day, r["model"], str(r["world"]), name, ms(x["step_s"]), ratio_cell(x, reorder),
                          ms(x["comm_s"]), ms(x["exposed_comm_s"]),
                          "-" if x["overlap_efficiency"] is None else f"{x['overlap_efficiency']:.2f}",
                          ms(x["predicted_step_s"]), "-" if x["error"] is None else f"{x['error'] * 100:+.0f}%",
@@ -123,38 +179,66 @@ def markdown(results: list[dict], machine: str, date: str) -> str:
             chunk = next((x for x in rows if x["step"] == "overlap_chunk"), None)
             if chunk:
                 cut = 1 - chunk["exposed_comm_s"] / reorder["exposed_comm_s"] if reorder["exposed_comm_s"] else 0
-                targets.append([r["model"], str(r["world"]), latency_cell(r["bench"]["link"]),
-                                f"{reorder['step_s'] / chunk['step_s']:.2f}x", f"{cut * 100:.0f}%",
+                targets.append([kind, dtype, day, r["model"], str(r["world"]), latency_cell(r["bench"]["link"]),
+                                ratio_cell(chunk, reorder), f"{cut * 100:.0f}%",
                                 "-" if chunk["overlap_efficiency"] is None else f"{chunk['overlap_efficiency']:.2f}"])
-    from passlab.graphs.sample import preset_dtype
-    dtype = str(preset_dtype("bench", "cpu", None)).replace("torch.", "")
-    parts = [f"Measured {date} on {machine}, bench presets in {dtype}, one thread per rank (at W=4 four "
+            note = chunk_note(r, rows, kind, dtype)
+            if note:
+                notes.append(note)
+    rounds = next((len(x["bench"]["ranks"][0].get("samples_s", {}).get("captured", ()))
+                   for x in results if (x.get("bench") or {}).get("ranks")), 0)
+    parts = [f"Measured {date} on {machine} ({kind}), bench presets in {dtype}, one thread per rank (at W=4 four "
              f"ranks share the cores); link `ib-400g` scaled to this machine (bandwidth per FLOP and "
              "latency per FLOP of an H100 on 400 Gbit/s InfiniBand), ranks in their own network namespaces "
-             "joined by the TUN delay line; each row the slowest rank's median step of one interleaved run; "
-             "predicted = `passlab simulate --compare` (compute calibrated once, on the captured graph).", "",
-             md_table(["model", "W", "after", "step ms", "vs reorder", "comm ms", "exposed ms", "overlap eff.",
-                       "predicted ms", "error", "max err vs unsharded"], body)]
+             "joined by the TUN delay line; each row the median over "
+             + (f"{rounds} paired rounds" if rounds else "the timed steps")
+             + " of the slowest rank's step, every graph and peer timed in the same rounds; vs reorder: "
+             "with its paired-bootstrap 95% CI; predicted = `passlab simulate --compare` (compute calibrated "
+             "once, on the captured graph; the collectives' costs, the compute slowdown beside them and the "
+             "GEMM rate by rows as the run measured them).", "",
+             md_table(["machine", "dtype", "date", "model", "W", "after", "step ms", "vs reorder", "comm ms",
+                       "exposed ms", "overlap eff.", "predicted ms", "error", "max err vs unsharded"], body)]
     if errors:
-        parts += ["", f"Simulator: median absolute error {statistics.median(errors) * 100:.1f}% over "
-                      f"{len(errors)} graphs (worst {max(errors) * 100:.0f}%)."]
+        parts += ["", f"Simulator on {kind} ({dtype}): median absolute error {statistics.median(errors) * 100:.1f}% "
+                      f"over {len(errors)} graphs (worst {max(errors) * 100:.0f}%)."]
     if targets:
-        parts += ["", md_table(["model", "W", "one-way latency configured / probed", "chunk vs reorder",
-                                "exposed comm cut", "overlap eff."], targets)]
-    peer_rows = [peers_row(r) for r in results if (r.get("bench") or {}).get("ranks")
+        parts += ["", md_table(["machine", "dtype", "date", "model", "W", "one-way latency configured / probed",
+                                "chunk vs reorder", "exposed comm cut", "overlap eff."], targets)]
+    if notes:
+        parts += [""] + ["- " + n for n in notes]
+    peer_rows = [[kind, dtype, day] + peers_row(r) for r in results if (r.get("bench") or {}).get("ranks")
                  and r["bench"]["ranks"][0].get("peer_step_s")]
     if peer_rows:
         parts += ["", "Beside eager and torch.compile (default, and `freezing=True`), timed in the same rounds; "
                       "passlab = the captured graph after `overlap_reorder,overlap_chunk`, run op by op:", "",
-                  md_table(["model", "W", "eager ms", "compile ms", "freezing ms", "passlab ms", "passlab vs eager",
-                            "vs best compile", "compile s / freezing s"], peer_rows)]
+                  md_table(["machine", "dtype", "date", "model", "W", "eager ms", "compile ms", "freezing ms",
+                            "passlab ms", "passlab vs eager", "vs best compile", "compile s / freezing s"],
+                           peer_rows)]
     for r in results:
         b = r.get("bench") or {}
         if b.get("shapley"):
             vals = ", ".join(f"`{k}` {v:+.3f}" for k, v in b["shapley"].items())
-            parts += ["", f"Shapley values ({r['model']}, W={r['world']}, log throughput): {vals}; "
+            parts += ["", f"Shapley values ({r['model']}, W={r['world']}, {kind}, {dtype}, log throughput): {vals}; "
                           f"interaction {b['interaction']:+.3f}; total {b['total_log_gain']:+.3f}."]
     return "\n".join(parts)
+
+
+def machine_kind() -> str:
+    """The processor kind in a few words: vendor family, its bf16 matrix units, VM or not."""
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not name:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    family = next((f for f in ("EPYC", "Xeon", "Ryzen", "Core") if f in name), name.split(" ")[-1] if name else "?")
+    vendor = "AMD" if "AMD" in name else "Intel" if "Intel" in name else ""
+    units = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "no bf16 units"
+    return f"{vendor} {family} ({units}{', VM' if 'hypervisor' in flags else ''})".strip()
 
 
 def machine_name() -> str:
@@ -173,7 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--worlds", default=",".join(map(str, WORLDS)))
     ap.add_argument("--link", default="ib-400g")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=9, help="paired rounds (every graph and peer once a round)")
     ap.add_argument("--no-peers", dest="peers", action="store_false",
                     help="leave out eager and torch.compile (default: timed beside the passes)")
     ap.add_argument("--out", default="out/bench-overlap")
@@ -191,6 +275,8 @@ def main(argv=None) -> int:
     from passlab.runtime.codegen import atomic_write
     from .record import write_json
     date, machine, results = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine_name(), []
+    from passlab.graphs.sample import preset_dtype
+    kind, dtype = machine_kind(), str(preset_dtype("bench", "cpu", None)).replace("torch.", "")
     configs = [(m, w) for m in models for w in worlds]
     for i, (model, world) in enumerate(configs, 1):
         say(f"[{i}/{len(configs)}] {model} at W={world} on {args.link}")
@@ -200,18 +286,43 @@ def main(argv=None) -> int:
         except Exception as e:                       # one failed configuration keeps the others
             say(f"  failed: {type(e).__name__}: {e}")
             results.append({"model": model, "world": world, "error": f"{type(e).__name__}: {e}"})
-        text = markdown(results, machine, date)
-        write_json({"date": date, "machine": machine, "link": args.link, "results": results},
-                   os.path.join(args.out, "results.json"))
+        text = markdown(results, machine, date, dtype, kind)
+        write_json({"date": date, "machine": machine, "kind": kind, "dtype": dtype, "link": args.link,
+                    "results": results}, os.path.join(args.out, "results.json"))
         atomic_write(os.path.join(args.out, "results.md"), text + "\n")
     print(text)
     if args.write_readme:
-        write_readme(text, start=START, end=END, heading="## The MoE case study")
+        runs = kept_runs({"date": date, "machine": machine, "kind": kind, "dtype": dtype, "results": results})
+        write_readme("\n\n".join(markdown(r["results"], r["machine"], r["date"], r["dtype"], r["kind"])
+                                  for r in runs), start=START, end=END, heading="## The MoE case study")
         publish_pictures(args.out)
     return 0
 
 
-def publish_pictures(out: str, docs: str = os.path.join("docs", "case-study")) -> None:
+DOCS = os.path.join("docs", "case-study")
+
+
+def kept_runs(run: dict, docs: str = DOCS) -> list[dict]:
+    """This run kept as docs/case-study/results-<machine kind>-<dtype>.json (its traces left out),
+    replacing the last one of the same kind and dtype; every kind's last run, in name order:
+    the README shows each machine kind beside the others."""
+    import glob
+    import re
+    from .record import write_json
+    os.makedirs(docs, exist_ok=True)
+    slim = dict(run, results=[dict(r, bench=dict(r["bench"], ranks=[{k: v for k, v in x.items() if k != "trace"}
+                                                                    for x in r["bench"]["ranks"]]))
+                              if r.get("bench") else r for r in run["results"]])
+    name = re.sub(r"[^a-z0-9]+", "-", f"{run['kind']}-{run['dtype']}".lower()).strip("-")
+    write_json(slim, os.path.join(docs, f"results-{name}.json"))
+    runs = []
+    for path in sorted(glob.glob(os.path.join(docs, "results-*.json"))):
+        with open(path) as f:
+            runs.append(json.load(f))
+    return runs
+
+
+def publish_pictures(out: str, docs: str = DOCS) -> None:
     """The README's pictures: ep_mixtral at W=2, every graph's trace and drawing."""
     import glob
     import shutil

@@ -161,9 +161,13 @@ def compare_bench(b: dict, device: str = "cpu-now") -> dict:
     chain = [step.split("(")[0] for step in b.get("passes", [])]
     passes = [k for k in ranks[0]["step_s"] if k != "captured" and (k in chain or not chain)]
     given = {step.split("(")[0]: step for step in b.get("passes", [])}
-    ks = set((ranks[0].get("stats", {}).get("overlap_chunk") or {}).get("k", {}).values())
-    if "overlap_chunk" in passes and len(ks) == 1 and "(" not in given.get("overlap_chunk", ""):
-        given["overlap_chunk"] = f"overlap_chunk(k={ks.pop()})"      # the chunks the run chose, not re-chosen
+    chunk = ranks[0].get("stats", {}).get("overlap_chunk") or {}
+    ks = set(chunk.get("k", {}).values())
+    if "overlap_chunk" in passes and "(" not in given.get("overlap_chunk", ""):
+        if len(ks) == 1:
+            given["overlap_chunk"] = f"overlap_chunk(k={ks.pop()})"  # the chunks the run chose, not re-chosen
+        elif chunk.get("split") == 0:
+            given["overlap_chunk"] = "overlap_chunk(k=1)"            # the run kept no split
     pipeline = ",".join(given.get(n, n)[:-1] + f",link={b['pass_link']})" if "(" in given.get(n, n)
                         else f"{n}(link={b['pass_link']})" for n in passes)
     compute = sum(r["metrics"]["captured"]["compute_s"] for r in ranks) / len(ranks)
@@ -286,7 +290,6 @@ BENCH_PIPELINE = ["overlap_reorder", "overlap_chunk"]
 def bench_rank(p: dict) -> dict:
     """Inside a rank: the captured graph, then each pass applied on top of the
     last, each timed (same repetitions on every rank, interleaved) and traced."""
-    import statistics
     import time
     from passlab.graphs import capture, clone, load
     from passlab.passes import PassContext, parse
@@ -303,10 +306,11 @@ def bench_rank(p: dict) -> dict:
     if link is None:
         link, source = (calibrate_link(), "fitted to all_reduce timings") if p.get("calibrate", True) else \
             (p["pass_link"], "given")
-    from passlab.runtime.simulator import quick_cpu_profile
+    from passlab.passes.overlap import run_profile
+    from passlab.runtime.simulator import get_link
     dist.barrier()
-    box = [quick_cpu_profile(torch.get_num_threads(), dtypes=("float32", sample.dtype)) if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
+    # the profile the overlap passes decide with (rank 0's, broadcast; cached for the passes below)
+    profile = run_profile("cpu", sample.dtype, get_link(link), gm)
     steps = parse(",".join(p["passes"]))
     captured = gm
 
@@ -328,22 +332,17 @@ def bench_rank(p: dict) -> dict:
              "torch.compile freezing": torch.compile(sample.module, options={"freezing": True})
              } if p.get("peers") else {}
     timed = {**variants, **peers}                 # the peers in the same interleaved rounds
-    times = {k: [] for k in timed}
     out = {"rank": rank, "stats": stats, "metrics": {}, "pass_link": link, "pass_link_source": source,
-           "profile": box[0], "peer_setup_s": {}}
+           "profile": profile, "peer_setup_s": {}}
+    from passlab.runtime.distributed.measure import time_on_every_rank
     with torch.no_grad():
-        for name, g in timed.items():
+        for name, g in peers.items():
             dist.barrier()
             t0 = time.perf_counter()
-            g(*x)                                 # warm-up; a peer's first call compiles it
-            if name in peers:
-                out["peer_setup_s"][name] = time.perf_counter() - t0
-        for _ in range(p["reps"]):
-            for name, g in timed.items():
-                dist.barrier()
-                t0 = time.perf_counter()
-                g(*x)
-                times[name].append(time.perf_counter() - t0)
+            g(*x)                                 # a peer's first call compiles it
+            out["peer_setup_s"][name] = time.perf_counter() - t0
+        # paired rounds on every rank, each sample the slowest rank's: CIs on any ratio (timing.speedup)
+        times = time_on_every_rank(timed, x, rounds=p["reps"], warmup=1)
         for name, g in variants.items():
             tl = Timeline(rank)
             dist.barrier()
@@ -361,8 +360,9 @@ def bench_rank(p: dict) -> dict:
             want = ref(*xr)
             out["error_vs_reference"] = {k: float((g(*xr) - want).abs().max() / want.abs().max())
                                          for k, g in variants.items()}
-    out["step_s"] = {k: statistics.median(times[k]) for k in variants}
-    out["peer_step_s"] = {k: statistics.median(times[k]) for k in peers}
+    out["step_s"] = {k: times[k].median_s for k in variants}
+    out["peer_step_s"] = {k: times[k].median_s for k in peers}
+    out["samples_s"] = {k: t.samples_s for k, t in times.items()}
     return out
 
 
