@@ -736,7 +736,11 @@ def confirming(ctx, option: str) -> bool:
     if option not in ("auto", "on", "off"):
         raise ValueError(f"overlap_chunk: confirm={option!r}; use auto, on or off")
     from passlab.runtime.distributed.measure import multi_rank
-    return option == "on" or (option == "auto" and multi_rank() and bool(ctx.example_inputs))
+    if option == "on" and not (multi_rank() and ctx.example_inputs):
+        raise ValueError("overlap_chunk: confirm=on times the candidates on every rank: it needs a multi-rank "
+                         "process group (a launched run, `passlab run --world-size W`) and example inputs; "
+                         "use confirm=auto or off here")
+    return option != "off" and multi_rank() and bool(ctx.example_inputs)
 
 
 @register_pass("overlap_chunk")

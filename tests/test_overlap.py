@@ -295,6 +295,8 @@ def test_confirm_option_checked():
     gm = capture(s.module, s.example_inputs)
     with pytest.raises(ValueError, match="confirm='maybe'; use auto, on or off"):
         overlap.overlap_chunk(clone(gm), PassContext(world_size=2), link="eth-10g", confirm="maybe")
+    with pytest.raises(ValueError, match="confirm=on times the candidates on every rank"):
+        overlap.overlap_chunk(clone(gm), PassContext(world_size=2), link="eth-10g", confirm="on")
     # outside a multi-rank process group nothing is timed: the estimate decides
     res = overlap.overlap_chunk(clone(gm), PassContext(world_size=2), link="eth-10g", k=2)
     assert "measured" not in res.stats and res.stats["split"] > 0
