@@ -2,6 +2,8 @@
 from .capture import CaptureError, capture, check_metadata, clone
 from .catalog import PRESETS, UnknownModelError, list_models, load
 from .sample import Sample, has_native_bf16, parse_dtype, random_like
+from .state import fresh_copies, stateful
 
 __all__ = ["load", "capture", "Sample", "CaptureError", "UnknownModelError", "list_models",
-           "check_metadata", "clone", "random_like", "has_native_bf16", "parse_dtype", "PRESETS"]
+           "check_metadata", "clone", "random_like", "has_native_bf16", "parse_dtype", "PRESETS",
+           "fresh_copies", "stateful"]

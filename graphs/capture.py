@@ -4,17 +4,28 @@ metadata on every node.
 torch.export (non-strict) traces the model; `run_decompositions()` lowers it to
 core aten. The result is unlifted (`ep.module()`), so parameters are `get_attr`
 nodes a pass can fold, and calling it takes the model's own arguments.
+
+State: a model that writes its inputs or buffers in place (a KV cache, a step
+counter) is captured functionally by export, and `ep.module()` writes each new
+value back with one `aten.copy_` at the end. `gm.meta["mutated_inputs"]` (flat
+input positions) and `gm.meta["mutated_buffers"]` (buffer names) say what the
+graph writes; `state.lift_state(gm)` turns the written buffers into trailing inputs,
+so the graph holds no reference to the model's state and can be run on copies.
+Hugging Face cache types (DynamicCache, StaticCache, ...) are registered with
+pytree before export (`hf.register_caches`), so they may be inputs and outputs.
 """
 from __future__ import annotations
 
 import os
+import re
 import traceback
 import warnings
 
 import torch
 import torch.fx
 
-from . import decompositions
+from . import decompositions, hf
+from .state import written_state
 
 
 class CaptureError(RuntimeError):
@@ -32,6 +43,7 @@ def capture(module: torch.nn.Module, example_inputs, example_kwargs: dict | None
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     module.eval()
+    hf.register_caches(module)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -46,6 +58,7 @@ def capture(module: torch.nn.Module, example_inputs, example_kwargs: dict | None
     drop_guards(gm)
     flatten_signature(gm)
     describe_writebacks(gm)
+    gm.meta["mutated_inputs"], gm.meta["mutated_buffers"] = written_state(gm)
     for p in gm.parameters():
         p.requires_grad_(False)
     gm.meta["captured_from"] = type(module).__name__
@@ -124,15 +137,40 @@ def returns_value(node: torch.fx.Node) -> bool:
     return not (node.op == "call_function" and schema is not None and len(schema.returns) == 0)
 
 
+HINTS = [  # (what the error says, the hint): the first that fits wins
+    (("not a known type", "pytree"),
+     "the model takes or returns a {type} that torch.utils._pytree cannot flatten: register it with "
+     "torch.utils._pytree.register_pytree_node (Hugging Face caches: passlab registers every transformers "
+     "Cache type for transformers models; for others call transformers.exporters.exporter_dynamo."
+     "register_cache_pytrees_for_model(model)), or call the model without it (use_cache=False, or pass a "
+     "StaticCache)"),
+    (("data-dependent", "data dependent", "GuardOnDataDependent", ".item()", "tolist", "symbolic"),
+     "torch.export needs static control flow: data-dependent branches and .item()/.tolist() on tensors "
+     "are the usual causes (make the branch a torch.where / torch.cond, or compute the value outside)"),
+    (("side effect", "side-effect"),
+     "torch.export traces tensors only: Python side effects (globals, hooks, printing) are the usual "
+     "cause; move them out of forward"),
+]
+
+
 def describe_failure(module, exc: BaseException) -> str:
-    """One readable message: what failed, in which operation, at which user line."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    """One readable message: what failed, in which operation, at which user
+    line, and a hint that fits the cause (an unknown input/output type, a
+    data-dependent branch, a Python side effect)."""
+    text = str(exc).strip()
+    first = (text.splitlines() or [type(exc).__name__])[0]
     where = user_frame(exc)
     msg = f"could not capture {type(module).__name__}: {type(exc).__name__}: {first}"
     if where:
         msg += f"\n  at {where}"
-    msg += ("\n  hint: torch.export needs static control flow; data-dependent branches, "
-            "Python side effects and .item()/.tolist() on tensors are the usual causes")
+    for words, hint in HINTS:
+        if any(w.lower() in text.lower() for w in words):
+            kind = re.search(r"<class '(?:[\w.]*\.)?(\w+)'> in (?:output|input)", text)
+            msg += "\n  hint: " + hint.format(type=kind.group(1) if kind else "type")
+            break
+    else:
+        msg += ("\n  hint: torch.export could not trace the model (the error above names the operation); "
+                "passlab.optimize needs a model torch.export can capture")
     return msg
 
 

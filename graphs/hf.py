@@ -8,6 +8,7 @@ the causal LMs among them (`ARCHS`) wrapped to return plain logits.
 from __future__ import annotations
 
 import torch
+import torch.utils._pytree as pytree
 
 from .errors import UnknownModelError
 from .sample import Sample
@@ -156,3 +157,61 @@ def build(arch: str, preset: str, dtype: torch.dtype, device: str) -> Sample:
     ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), device=device)
     return Sample(f"hf:{arch}", m, (ids,), unit="tokens", units_per_forward=s["batch"] * s["seq"],
                   dtype=dtype, device=device, preset=preset, description=ARCHS[arch])
+
+
+def register_caches(module: torch.nn.Module) -> None:
+    """Register every transformers cache type (DynamicCache, StaticCache, ...)
+    with torch.utils._pytree, as transformers' own exporter does, so caches
+    pass through capture as inputs and outputs and keep their type. A no-op
+    for models that are not transformers models (or without transformers)."""
+    import sys
+    tf = sys.modules.get("transformers")
+    if tf is None:
+        return
+    pretrained = getattr(tf, "PreTrainedModel", None)
+    model = next((m for m in module.modules() if pretrained is not None and isinstance(m, pretrained)), None)
+    if model is None:
+        return
+    try:
+        from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
+    except ImportError:      # a transformers without the exporter: caches stay unknown, the hint says so
+        return
+    register_cache_pytrees_for_model(model)
+
+
+def cache_class():
+    """transformers' Cache base class, or None where transformers is not loaded."""
+    import sys
+    return getattr(getattr(sys.modules.get("transformers"), "cache_utils", None), "Cache", None)
+
+
+def find_caches(tree) -> list:
+    """The transformers cache objects in a pytree (inputs or outputs), in order."""
+    cls = cache_class()
+    if cls is None:
+        return []
+    return [x for x in pytree.tree_leaves(tree, is_leaf=lambda x: isinstance(x, cls)) if isinstance(x, cls)]
+
+
+def return_given_caches(given: list, out):
+    """A transformers model updates the cache it is given in place and returns
+    that same object; a graph returns a new one built from its outputs. Here
+    the given cache takes the returned one's place (same type): where the
+    graph wrote its tensors in place (same structure and shapes: a
+    StaticCache), it already holds the new values; where it grew (a
+    DynamicCache), it takes the new state. The caller's object is then
+    current, as after eager."""
+    by_type = {type(c): c for c in given}
+    cls = cache_class()
+
+    def swap(x):
+        c = by_type.get(type(x))
+        if c is None or c is x:
+            return x
+        a, spec_a = pytree.tree_flatten(c)
+        b, spec_b = pytree.tree_flatten(x)
+        if spec_a != spec_b or any(not isinstance(u, torch.Tensor) or u.shape != v.shape for u, v in zip(a, b)):
+            vars(c).clear()
+            vars(c).update(vars(x))
+        return c
+    return pytree.tree_map(swap, out, is_leaf=lambda x: isinstance(x, cls))

@@ -24,6 +24,8 @@ class Sample:
     shapes and dtypes, which the numerics check needs so that a pass cannot
     overfit the example inputs; `make_call(seed)` gives them as the model's
     own `(args, kwargs)`. `vocab_size`, where declared, bounds fresh token ids.
+    `writes`: the flat input positions the model writes in place (a cache, a
+    counter; graphs/state.py): every check or timed run gets its own copies.
     """
 
     name: str
@@ -38,6 +40,7 @@ class Sample:
     input_factory: Callable[[int], tuple] | None = field(default=None, repr=False)
     example_kwargs: dict = field(default_factory=dict)
     vocab_size: int | None = None
+    writes: tuple = ()
 
     def __post_init__(self):
         self.example_inputs = tuple(self.example_inputs)

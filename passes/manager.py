@@ -18,7 +18,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from passlab.graphs import check_metadata, clone
+from passlab.graphs import check_metadata, clone, fresh_copies
 from passlab.runtime import costmodel
 from passlab.runtime.executor import fetch_attr
 from passlab.runtime.executor import compile_graph
@@ -122,15 +122,25 @@ class CheckNumerics:
 
     `make_inputs(seed)` gives the graph's flat inputs; `reference(*flat)` is the
     model called on them (`Sample.reference`, which re-nests them into the
-    model's own args and kwargs)."""
+    model's own args and kwargs). Where the graph writes inputs in place
+    (`mutated`: flat positions, e.g. a KV cache, a step counter, lifted
+    buffers), every run, the reference's too, gets its own copies of those, so
+    no run sees another's writes, and the values written are compared too."""
 
     def __init__(self, reference: Callable, make_inputs: Callable[[int], tuple], device: str,
-                 tolerance: float, seed: int = 1234):
-        self.device, self.tolerance = device, tolerance
+                 tolerance: float, seed: int = 1234, mutated: tuple | list = ()):
+        self.device, self.tolerance, self.mutated = device, tolerance, tuple(mutated)
         self.known: dict = {}
         self.inputs = make_inputs(seed)
         with torch.no_grad():
-            self.expected = reference(*self.inputs)
+            self.expected = self.outcome(reference)
+
+    def outcome(self, fn: Callable):
+        """fn's outputs and, where it writes inputs, their values afterwards."""
+        if not self.mutated:
+            return fn(*self.inputs)
+        inputs = fresh_copies(self.inputs, self.mutated)
+        return fn(*inputs), [inputs[i] for i in self.mutated]
 
     def error(self, gm) -> float:
         # a pass that changed nothing leaves the same code over the same weights and kernels: same
@@ -139,7 +149,7 @@ class CheckNumerics:
                               for n in gm.graph.nodes if n.op in ("get_attr", "call_function")))
         if key not in self.known:
             with torch.no_grad():
-                self.known[key] = relative_error(compile_graph(gm, self.device)(*self.inputs), self.expected)
+                self.known[key] = relative_error(self.outcome(compile_graph(gm, self.device)), self.expected)
         return self.known[key]
 
     def after_pass(self, step, gm, ctx, record):

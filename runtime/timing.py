@@ -109,12 +109,24 @@ def cuda_graph(fn, inputs):
 
 def measure_many(fns: dict[str, Callable], input_sets: list[tuple], *, device: str = "cpu",
                  budget_s: float = 2.0, target_ci: float = 0.02, min_reps: int = 7,
-                 max_reps: int = 10000, warmup: int = 2,
+                 max_reps: int = 10000, warmup: int = 2, writes: tuple = (),
                  progress: Callable[[str], None] | None = None) -> dict[str, Timing]:
     """Time every callable on rotating input sets in paired rounds until each is
     done: its median's 95% CI within `target_ci`, or `budget_s` of its own time
     spent, or `max_reps` samples. A done contender stays in the rotation until
-    all are done, so every round holds samples of every contender."""
+    all are done, so every round holds samples of every contender.
+
+    `writes`: input positions the callables write in place (a cache, a
+    counter): every call gets fresh copies of those, made outside the timed
+    region, so no call sees another's writes and the input sets stay as given."""
+    if writes:
+        from passlab.graphs.state import fresh_copies
+
+        def fresh(xs):
+            return fresh_copies(xs, writes)
+    else:
+        def fresh(xs):
+            return xs
     clock = CudaClock() if device.startswith("cuda") else CpuClock()
     threads = torch.get_num_threads()
     names = list(fns)
@@ -123,7 +135,7 @@ def measure_many(fns: dict[str, Callable], input_sets: list[tuple], *, device: s
     with torch.no_grad():
         for k, fn in fns.items():
             for i in range(warmup):
-                fn(*input_sets[i % len(input_sets)])
+                fn(*fresh(input_sets[i % len(input_sets)]))
         spent = {k: 0.0 for k in names}
         done: set[str] = set()
         rnd = 0
@@ -135,7 +147,7 @@ def measure_many(fns: dict[str, Callable], input_sets: list[tuple], *, device: s
                 one = samples[k][-1] if samples[k] else 0.0
                 reps = max(1, min(50, int(0.05 / one) if one > 0 else 1))
                 for r in range(reps):
-                    t = clock.time(fn, input_sets[(rnd + r) % len(input_sets)])
+                    t = clock.time(fn, fresh(input_sets[(rnd + r) % len(input_sets)]))
                     samples[k].append(t)
                     rounds[k].append(rnd)
                     spent[k] += t

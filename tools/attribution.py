@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.utils._pytree as pytree
 
-from passlab.graphs import Sample
+from passlab.graphs import Sample, fresh_copies
 from passlab.passes import CheckNumerics, PassContext, PassManager, TOLERANCE
 from passlab.passes.manager import Statistics, VerifyGraph
 from passlab.passes.pipeline import parse_items
@@ -83,7 +83,7 @@ def measure_run(sample: Sample, result, steps, *, device: str = "cpu", budget_s:
         fns.update(peer_fns)
 
     say(f"timing {len(fns)} graphs interleaved (budget {budget_s:g}s each)")
-    t = timing.measure_many(fns, inputs, device=device, budget_s=budget_s,
+    t = timing.measure_many(fns, inputs, device=device, budget_s=budget_s, writes=sample.writes,
                             progress=None if bar is None else
                             (lambda msg: bar(*[int(x) for x in msg.split()[1].split("/")], "timing")))
     profile = get_profile(device)
@@ -107,8 +107,9 @@ def measure_run(sample: Sample, result, steps, *, device: str = "cpu", budget_s:
     for key, gm in graphs.items():
         k = alias[key]
         if k not in mem_cache:
-            mem_cache[k] = timing.peak_memory(fns[k], inputs[0], device)
-            ej = energy.joules(fns[k], inputs[0], reps=5) if energy.available else None
+            once = fresh_copies(inputs[0], sample.writes)     # a graph that writes its inputs: copies
+            mem_cache[k] = timing.peak_memory(fns[k], once, device)
+            ej = energy.joules(fns[k], fresh_copies(inputs[0], sample.writes), reps=5) if energy.available else None
             mem_cache[k] += (None if ej is None else ej / sample.units_per_forward,)
     measured["baseline"]["peak_memory_bytes"], measured["baseline"]["memory_method"], \
         measured["baseline"]["energy_j_per_unit"] = mem_cache["baseline"]
@@ -159,7 +160,7 @@ def subset_graphs(sample, result, player_steps, device, *, ablate, shapley, say)
             need |= {c for p in permutations(n) for c in prefixes(p)}
             need |= {(i,) for i in range(n)}
     tol = TOLERANCE.get(sample.dtype, 1e-4)
-    check = CheckNumerics(sample.reference, sample.make_inputs, device, tol)
+    check = CheckNumerics(sample.reference, sample.make_inputs, device, tol, mutated=sample.writes)
     ctx = PassContext(device=device, dtype=sample.dtype, example_inputs=sample.flat_inputs, sample=sample)
     out, rolled_back = {}, {}
     for k, subset in enumerate(sorted(need, key=len)):

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from passlab.graphs import Sample, capture, load
+from passlab.graphs import Sample, capture, load, stateful
 from passlab.passes import (CheckNumerics, PassContext, PassManager, PipelineFailed, PipelineResult,
                             TOLERANCE, parse)
 from passlab.passes.pipeline import available_default, missing_default
@@ -49,7 +49,7 @@ def make_manager(steps, sample: Sample, device: str, *, strict=False, tolerance=
     instruments = [VerifyGraph()]
     if check_numerics:
         tol = tolerance if tolerance is not None else TOLERANCE.get(sample.dtype, 1e-4)
-        instruments.append(CheckNumerics(sample.reference, sample.make_inputs, device, tol))
+        instruments.append(CheckNumerics(sample.reference, sample.make_inputs, device, tol, mutated=sample.writes))
     instruments += [Statistics(), Snapshot()] if snapshots else [Statistics()]
     return PassManager(steps, instruments=instruments, strict=strict, progress=progress)
 
@@ -74,6 +74,7 @@ def run(model: str | Sample, *, preset: str = "tiny", pipeline=None, device: str
     say(f"capturing {sample.name} ({sample.preset}, {str(sample.dtype).replace('torch.', '')}, {device})")
     t0 = time.perf_counter()
     gm = capture(sample.module, sample.example_inputs, sample.example_kwargs)
+    sample = stateful(sample, gm, lift=False)   # inputs the graph writes: checked and timed on copies
     capture_s = time.perf_counter() - t0
     manager = make_manager(steps, sample, device, strict=strict, tolerance=tolerance,
                            progress=lambda i, n, name: say(f"[{i}/{n}] {name}"))
