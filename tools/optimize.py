@@ -32,7 +32,9 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
-from passlab.graphs import Sample, capture, clone
+from passlab.graphs import Sample, capture, clone, random_like, stateful
+from passlab.graphs.hf import find_caches, register_caches, return_given_caches
+from passlab.graphs.state import live_state
 from passlab.passes import parse
 from passlab.passes.pipeline import available_default
 from passlab.runtime import timing
@@ -44,6 +46,7 @@ from .runner import context, make_manager
 CACHE_SIZE = 8           # specializations kept per optimized model (LRU)
 GUARD_BUDGET_S = 2.0     # leave-one-out reruns of the pipeline, wall time
 GUARD_TIMING_S = 0.25    # timing budget per contender per measurement
+GROWING_CACHE_WARN = 3   # specializations for calls with an HF cache before the DynamicCache warning
 GUARDS = ("measure", "off")
 ON_NEW_INPUT = ("specialize", "error")
 
@@ -159,14 +162,45 @@ class Specialization:
     summary: dict = field(default_factory=dict)
 
 
-def graph_runner(gm, device: str, out_spec) -> Callable:
+def graph_runner(gm, device: str, out_spec, model=None, state=()) -> Callable:
+    """The compiled graph called on a call's flat inputs, its outputs re-nested.
+    `state`: buffer names the graph takes as trailing inputs (lifted, see
+    graphs/state.py): the model's own buffers are passed on each call, so the
+    graph's one write-back lands in them, as eager's would."""
     fn = compile_graph(gm, device)
     # the generated forward itself: nn.Module.__call__'s hook machinery costs microseconds per call
     fn = getattr(fn, "forward", fn)
     unflat = unflattener(out_spec)
+    if state:
+        graph_fn = fn
+
+        def fn(*flat):
+            return graph_fn(*flat, *live_state(model, state))
     if out_spec is None or out_spec.is_leaf():
         return fn
     return lambda *flat: unflat(fn(*flat))
+
+
+def fresh_inputs(args: tuple, kwargs: dict, vocab) -> Callable[[int], tuple]:
+    """Fresh flat inputs for the numerics check and the guard: random like the
+    call's (graphs/sample.random_like), token ids (`input_ids`, or a first
+    positional integer tensor) over the vocabulary; other integers (positions,
+    cache positions, counters) stay within the example's range."""
+    paths = [p for p, _ in pytree.tree_flatten_with_path((args, kwargs))[0]]
+
+    def is_ids(path, x) -> bool:
+        keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+        return isinstance(x, torch.Tensor) and not x.dtype.is_floating_point and x.dtype != torch.bool and \
+            (keys[-1:] == ["input_ids"] or keys[:2] == [0, 0])
+
+    def make(seed: int) -> tuple:
+        flat = pytree.tree_leaves(random_like((args, kwargs), seed))
+        if isinstance(vocab, int):
+            g = torch.Generator().manual_seed(seed)
+            flat = [torch.randint(0, vocab, x.shape, generator=g, dtype=x.dtype).to(x.device)
+                    if is_ids(p, x) else x for p, x in zip(paths, flat)]
+        return tuple(flat)
+    return make
 
 
 def specialize(model: torch.nn.Module, args: tuple, kwargs: dict, *, name: str, pipeline, device: str,
@@ -177,20 +211,22 @@ def specialize(model: torch.nn.Module, args: tuple, kwargs: dict, *, name: str, 
     floats += [p.dtype for p in model.parameters() if p.dtype.is_floating_point]   # token-id inputs: the weights'
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     sample = Sample(name, model, args, example_kwargs=kwargs, dtype=floats[0] if floats else torch.float32,
-                    device=device, preset="user", vocab_size=vocab if isinstance(vocab, int) else None)
+                    device=device, preset="user", input_factory=fresh_inputs(args, kwargs, vocab))
     steps = parse(available_default() if pipeline is None else pipeline)
     gm = capture(model, args, kwargs)
+    sample = stateful(sample, gm)        # state the graph writes: lifted, checked and timed on copies only
+    state = gm.meta.get("lifted_state") or []
     capture_s = time.perf_counter() - t0
     manager = make_manager(steps, sample, device, strict=strict, tolerance=tolerance,
                            check_numerics=check_numerics)
     result = manager.run(clone(gm), context(sample, device))
     out_spec = gm.meta.get("out_spec")
-    run_final = graph_runner(result.gm, device, out_spec)
+    run_final = graph_runner(result.gm, device, out_spec, model, state)
     chosen, guard_rec = "final", None
     if guard == "measure":
         chosen, guard_rec, result, run_final = measured_guard(
             sample, gm, result, steps, run_final, out_spec, device=device, strict=strict,
-            tolerance=tolerance, check_numerics=check_numerics)
+            tolerance=tolerance, check_numerics=check_numerics, model=model, state=state)
     setup_s = time.perf_counter() - t0
     key = call_key(args, kwargs)[0]
     rec = records.build(model=name, preset="user", device=device, pipeline=[str(s) for s in steps],
@@ -206,11 +242,18 @@ def specialize(model: torch.nn.Module, args: tuple, kwargs: dict, *, name: str, 
             return model(*a, **kw)
         runs = result.gm
     else:
-        fast = run_final if chosen == "final" else graph_runner(result.baseline.snapshot, device, out_spec)
+        fast = run_final if chosen == "final" else graph_runner(result.baseline.snapshot, device, out_spec,
+                                                                   model, state)
         runs = result.gm if chosen == "final" else result.baseline.snapshot
 
-        def call(a, kw, flat):
-            return fast(*flat)
+        if find_caches((args, kwargs)):      # HF caches given: the caller's object is updated, as eager's
+            def call(a, kw, flat):
+                return return_given_caches(find_caches((a, kw)), fast(*flat))
+        else:
+            def call(a, kw, flat):
+                return fast(*flat)
+    n_user = len(sample.flat_inputs) - len(state)
+    rec["writes_state"] = {"inputs": [i for i in sample.writes if i < n_user], "buffers": list(state)}
     summary = {"signature": rec["signature"], "setup_seconds": setup_s, "runs": chosen,
                "rolled_back": [s.name for s in result.steps if s.status != "ok"]}
     return Specialization(key, runs, result, rec, fast, call, summary)
@@ -223,16 +266,23 @@ def timing_dict(t: timing.Timing) -> dict:
 
 
 def measured_guard(sample: Sample, captured, result, steps, run_final, out_spec, *, device, strict,
-                   tolerance, check_numerics):
+                   tolerance, check_numerics, model=None, state=()):
     """Time final vs captured vs eager at the model's own shapes; when the final
     graph does not clearly win, try leaving out each pass that changed the
     graph (within GUARD_BUDGET_S) and drop the one whose absence makes the end
-    result faster beyond its CI. Returns (chosen, record, result, run_final)."""
+    result faster beyond its CI. Returns (chosen, record, result, run_final).
+
+    Every contender, eager too, runs on the sample's inputs: where the graph
+    writes state those are copies (lifted buffers) and each call gets fresh
+    copies of what it writes (`sample.writes`), never the user's tensors."""
     t0 = time.perf_counter()
-    sets = [sample.flat_inputs, sample.make_inputs(21)]
+    # the example's values (masks, positions as the model is called) but copies: no contender, eager
+    # included, runs on the user's own tensors
+    sets = [tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in sample.flat_inputs),
+            sample.make_inputs(21)]
     base = compile_graph(result.baseline.snapshot, device)
     fns = {"final": compile_graph(result.gm, device), "captured": base, "eager": sample.reference}
-    times = timing.measure_many(fns, sets, device=device, budget_s=GUARD_TIMING_S)
+    times = timing.measure_many(fns, sets, device=device, budget_s=GUARD_TIMING_S, writes=sample.writes)
     fin = timing.speedup(times["final"], times["eager"])
     vs_cap = timing.speedup(times["final"], times["captured"])
     tried, dropped = [], []
@@ -254,7 +304,7 @@ def measured_guard(sample: Sample, captured, result, steps, run_final, out_spec,
         if variants:
             fns2 = {"final": fns["final"], **{f"without {i}": compile_graph(v.gm, device)
                                               for i, v in variants.items()}}
-            t2 = timing.measure_many(fns2, sets, device=device, budget_s=GUARD_TIMING_S)
+            t2 = timing.measure_many(fns2, sets, device=device, budget_s=GUARD_TIMING_S, writes=sample.writes)
             best, gain = None, None
             for i in variants:
                 s = timing.speedup(t2[f"without {i}"], t2["final"])
@@ -263,9 +313,10 @@ def measured_guard(sample: Sample, captured, result, steps, run_final, out_spec,
             if best is not None:
                 result = drop_step(result, variants[best], best, gain[0])
                 dropped.append(steps[best].name)
-                run_final = graph_runner(result.gm, device, out_spec)
+                run_final = graph_runner(result.gm, device, out_spec, model, state)
                 fns["final"] = compile_graph(result.gm, device)
-                times = timing.measure_many(fns, sets, device=device, budget_s=GUARD_TIMING_S)
+                times = timing.measure_many(fns, sets, device=device, budget_s=GUARD_TIMING_S,
+                                            writes=sample.writes)
     chosen = min(times, key=lambda k: times[k].median_s)
     rec = {"mode": "measure", "chosen": chosen, "timings": {k: timing_dict(t) for k, t in times.items()},
            "speedup_vs_eager": {k: list(timing.speedup(t, times["eager"])) for k, t in times.items()},
@@ -309,6 +360,19 @@ class Optimized:
         while len(self.specs) > self.cache_size:
             self.specs.popitem(last=False)
         self.use(spec)
+
+    def warn_growing(self, args, kwargs) -> None:
+        """A DynamicCache grows one token per decode step: every step is a new
+        signature, so a new specialization (capture, pipeline, guard: seconds
+        each). Said once, at the third such call."""
+        if find_caches((args, kwargs)):
+            self.cache_specs = getattr(self, "cache_specs", 0) + 1
+            if self.cache_specs == GROWING_CACHE_WARN:
+                warnings.warn(f"passlab.optimize: {self.cache_specs} specializations for calls with a growing "
+                              "cache (each decode step of a DynamicCache is a new shape, each costs a capture "
+                              "and the pipeline); use a StaticCache (cache_implementation='static') for "
+                              "generation: one specialization for the prefill, one for every decode step",
+                              stacklevel=3)
 
     def use(self, spec: Specialization) -> None:
         self.current = spec
@@ -357,6 +421,7 @@ class Optimized:
                                     "call with inputs like the example, or pass on_new_input='specialize'")
             spec = self.build(args, kwargs)
             self.add(spec)
+            self.warn_growing(args, kwargs)
         else:
             self.use(spec)
         return spec.call(args, kwargs, flat)
@@ -385,6 +450,7 @@ def optimize(model: torch.nn.Module, example_inputs, pipeline=None, device: str 
     args = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     name = type(model).__name__
+    register_caches(model)      # HF cache types are pytree nodes before any call is keyed or flattened
 
     def build(a, kw):
         return specialize(model, a, kw, name=name, pipeline=pipeline, device=device, strict=strict,
@@ -420,7 +486,9 @@ def dynamo_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     of each call (cached), capturing it to core aten and running the pipeline
     (env PASSLAB_PIPELINE, default the built-in one) with numerics checked
     (PASSLAB_CHECK_NUMERICS=0 turns that off) and the measured guard
-    (PASSLAB_GUARD=measure|off). `dynamo_backend.last` is the Optimized made last.
+    (PASSLAB_GUARD=measure|off); `torch.compile(..., backend="passlab",
+    options={"pipeline": ..., "guard": ..., "check_numerics": ...})` sets them
+    per compile. `dynamo_backend.last` is the Optimized made last.
 
     Inference only: with autograd recording it falls back to dynamo's graph."""
     needs_grad = torch.is_grad_enabled() and (
@@ -430,10 +498,15 @@ def dynamo_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
         warnings.warn("passlab backend: autograd is recording; running the graph unoptimized "
                       "(use torch.no_grad() for inference)")
         return gm.forward
-    guard = os.environ.get("PASSLAB_GUARD") or "measure"
+    given = dict(kwargs.get("options") or {})
+    unknown = set(given) - {"pipeline", "guard", "check_numerics"}
+    if unknown:
+        raise ValueError(f"passlab backend: unknown option(s) {', '.join(sorted(unknown))}; "
+                         "use pipeline, guard, check_numerics")
+    guard = given.get("guard") or os.environ.get("PASSLAB_GUARD") or "measure"
     check_choice("PASSLAB_GUARD", guard, GUARDS)
-    opts = dict(pipeline=os.environ.get("PASSLAB_PIPELINE"), guard=guard,
-                check_numerics=env_flag("PASSLAB_CHECK_NUMERICS", True))
+    opts = dict(pipeline=given.get("pipeline", os.environ.get("PASSLAB_PIPELINE")), guard=guard,
+                check_numerics=given.get("check_numerics", env_flag("PASSLAB_CHECK_NUMERICS", True)))
     n = len(example_inputs)
     positions = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
     by_params: dict[tuple, Optimized] = {}
