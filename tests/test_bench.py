@@ -72,7 +72,7 @@ def test_model_list_without_zoo_says_so_and_bad_names_exit_2(monkeypatch, capsys
     monkeypatch.setattr(bench, "zoo_names", lambda: None)
     ap, args = bench.parse_args([])
     models, note = bench.model_list(args, ap)
-    assert models == bench.MODELS and "zoo" in note and "not installed" in note
+    assert models == bench.MODELS + bench.SERVING and "zoo" in note and "not installed" in note
     ap, args = bench.parse_args(["--models", "llama,lama_decode"])
     with pytest.raises(SystemExit) as e:
         bench.model_list(args, ap)

@@ -30,6 +30,7 @@ from .table import render
 from .zoo import first_line
 
 MODELS = ["transformer", "llama", "moe", "convnet", "mlp", "llama_decode"]
+SERVING = ["serve:llama", "serve:mixtral"]     # serving rows: generate, prefill + decode (tools/serve.py)
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 MODEL_TIMEOUT_S = 1800
 CONTENDERS = ["eager", "torch.compile", "torch.compile(freezing)", "captured", "passlab"]
@@ -122,8 +123,13 @@ def child(args) -> int:
     """`--one MODEL`: measure one model, write its row as JSON (also on failure)."""
     prog = Progress()
     try:
-        row = measure_model(args.one, args.preset, budget_s=args.budget, pipeline=args.pipeline,
-                            ablate=args.ablate, say=prog.message)
+        if args.one.startswith("serve:"):       # serving rows: generate, prefill + decode (tools/serve.py)
+            from . import serve
+            row = serve.bench_row(args.one, args.preset, budget_s=args.budget, pipeline=args.pipeline,
+                                  ablate=args.ablate, say=prog.message)
+        else:
+            row = measure_model(args.one, args.preset, budget_s=args.budget, pipeline=args.pipeline,
+                                ablate=args.ablate, say=prog.message)
     except Exception as e:  # the row says why; the parent goes on with the next model
         row = {"model": args.one, "preset": args.preset, "status": "failed", "error": first_line(e)}
     row["machine"] = records.machine()
@@ -343,7 +349,7 @@ def model_list(args, ap) -> tuple[list[str], str]:
     zoo = zoo_names()
     note = ""
     if args.models is None:
-        models = list(MODELS)
+        models = list(MODELS) + SERVING
         if not args.no_zoo:
             if zoo is None:
                 note = "The model zoo (graphs/zoo.py) is not installed here: no zoo rows."
@@ -381,13 +387,20 @@ def publish(rows: list[dict], args, note: str, models: list[str]) -> str:
         note = (note + f" Preset {args.preset} (a quick look, not the benchmark).").strip()
     if len(rows) < len(models):
         note = (note + f" Partial: {len(rows)} of {len(models)} models measured so far.").strip()
-    text = markdown(rows, machine, date, note)
+    serving = [r for r in rows if r["model"].startswith("serve:")]
+    text = markdown([r for r in rows if r not in serving], machine, date, note)
+    serve_text = ""
+    if serving:
+        from . import serve
+        serve_text = serve.markdown(serving, machine, date)
     records.write_json({"rows": rows, "machine": machine, "date": date, "args": vars(args)},
                        os.path.join(args.out, "bench.json"))
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n")
+        f.write(text + (f"\n\n## Serving\n\n{serve_text}" if serve_text else "") + "\n")
     if args.write_readme:
         write_readme(text)
+        if serve_text:
+            write_readme(serve_text, start=serve.START, end=serve.END, heading="## Serving results")
     return text
 
 
@@ -404,8 +417,12 @@ def main(argv=None) -> int:
         prog.message(f"=== {m} ({i + 1}/{len(models)}, {time.perf_counter() - t_start:.0f} s so far)")
         row = run_one(m, args, args.out, prog.message)
         rows.append(row)
-        print(summary_table([row]) if row.get("status") == "ok" else f"{m}: failed: {row.get('error')}",
-              flush=True)
+        if m.startswith("serve:") and row.get("status") == "ok":
+            from . import serve
+            print(serve.text_report(row), flush=True)
+        else:
+            print(summary_table([row]) if row.get("status") == "ok" else f"{m}: failed: {row.get('error')}",
+                  flush=True)
         publish(rows, args, note, models)
     if not rows:
         print(note or "no models", file=sys.stderr)

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--ablate", action="store_true", help="leave-one-out contribution of each pass")
     rn.add_argument("--shapley", action="store_true", help="Shapley values over subsets of passes")
     rn.add_argument("--peers", action="store_true", help="also measure eager and torch.compile")
+    rn.add_argument("--generate", type=int, default=None, metavar="N",
+                    help="serving: time model.generate, prefill + N decode steps (hf:ARCH decoders): time to "
+                         "first token, decode tokens/s, tokens/J, each pass on the decode step; --peers adds "
+                         "torch.compile (default, freezing) and HF's recipe")
     rn.add_argument("--world-size", type=int, default=1)
     rn.add_argument("--link", default=None, help="link preset or rate=..,latency=..")
     rn.add_argument("--timeline", default=None, help="Chrome-trace JSON of the distributed run")
@@ -125,6 +129,8 @@ def cmd_run(args) -> int:
     from .table import pass_table
     check_device(args.device)
     check_outputs(args)
+    if args.generate is not None:
+        return cmd_generate(args)
     if args.world_size > 1:
         from . import distributed_run
         return distributed_run.main(args, write_outputs)
@@ -162,6 +168,42 @@ def cmd_run(args) -> int:
     for node, what in (r.record.get("aten_fallbacks") or {}).items():
         print(f"passlab: note: {node} runs the {what}", file=sys.stderr)
     return FAILED if write_outputs(args, r.record, r) else 0
+
+
+def cmd_generate(args) -> int:
+    """`passlab run hf:ARCH --generate N`: the serving measurement (tools/serve.py)."""
+    from . import record as records
+    from . import serve
+    from .progress import Progress
+    if args.generate < 1:
+        raise BadArguments(f"--generate {args.generate}: give the number of decode steps, at least 1")
+    if args.csv or args.report or args.shapley:
+        raise BadArguments("--generate writes --json only (no --csv, --report or --shapley)")
+    try:
+        serve.arch_of(args.model)
+        if args.pipeline:
+            from passlab.passes import parse
+            parse(args.pipeline)
+    except bad_args_errors() as e:
+        raise BadArguments(e) from e
+    budget = args.budget if args.budget is not None else (0.5 if args.preset == "tiny" else 3.0)
+    try:
+        rec = serve.run_generate(args.model, preset=args.preset, new_tokens=args.generate, peers=args.peers,
+                                 budget_s=budget, pipeline=args.pipeline, device=args.device, dtype=args.dtype,
+                                 ablate=args.ablate, say=Progress().message)
+    except Exception as e:
+        print(f"passlab: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return FAILED
+    print(serve.text_report(rec))
+    if args.json:
+        try:
+            records.write_json(rec, args.json)
+        except Exception as e:
+            print(f"passlab: error: could not write {os.path.abspath(args.json)}: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            return FAILED
+        print(f"passlab: wrote {os.path.abspath(args.json)}", file=sys.stderr)
+    return 0
 
 
 def write_outputs(args, rec: dict, run) -> list[str]:
