@@ -25,6 +25,7 @@ from passlab.runtime.executor import compile_graph
 
 from .api import PassContext, as_result
 from .pipeline import Step, parse
+from .routing import PinRouting, RecordRouting
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
@@ -125,14 +126,18 @@ class CheckNumerics:
     model's own args and kwargs). Where the graph writes inputs in place
     (`mutated`: flat positions, e.g. a KV cache, a step counter, lifted
     buffers), every run, the reference's too, gets its own copies of those, so
-    no run sees another's writes, and the values written are compared too."""
+    no run sees another's writes, and the values written are compared too.
+    MoE routing (`topk`) is pinned to the reference's choice where the
+    candidate's own choice is a near tie (`passes/routing.py`); the rows
+    pinned are counted in the step's stats (`routing_pinned`)."""
 
     def __init__(self, reference: Callable, make_inputs: Callable[[int], tuple], device: str,
                  tolerance: float, seed: int = 1234, mutated: tuple | list = ()):
         self.device, self.tolerance, self.mutated = device, tolerance, tuple(mutated)
         self.known: dict = {}
         self.inputs = make_inputs(seed)
-        with torch.no_grad():
+        self.routing = RecordRouting()
+        with torch.no_grad(), self.routing:
             self.expected = self.outcome(reference)
 
     def outcome(self, fn: Callable):
@@ -148,13 +153,19 @@ class CheckNumerics:
         key = (gm.code, tuple(fetch_attr(gm, n.target) if n.op == "get_attr" else n.target
                               for n in gm.graph.nodes if n.op in ("get_attr", "call_function")))
         if key not in self.known:
-            with torch.no_grad():
-                self.known[key] = relative_error(self.outcome(compile_graph(gm, self.device)), self.expected)
-        return self.known[key]
+            fn = compile_graph(gm, self.device)
+            pin = PinRouting(self.routing.decisions, self.tolerance)
+            with torch.no_grad(), pin:
+                out = self.outcome(fn)
+            self.known[key] = (relative_error(out, self.expected), pin.pinned)
+        error, self.last_pinned = self.known[key]
+        return error
 
     def after_pass(self, step, gm, ctx, record):
         record.max_error = self.error(gm)
         record.numerics_ok = record.max_error <= self.tolerance
+        if self.last_pinned:
+            record.stats["routing_pinned"] = self.last_pinned
         if not record.numerics_ok:
             raise PassRejected(f"numerics changed: relative error {record.max_error:.3g} "
                                f"> tolerance {self.tolerance:g}")

@@ -1,0 +1,97 @@
+"""MoE numerics: routing pinned to eager's choice on near ties only (passes/routing.py),
+and the grouped expert GEMM rewrite (`group_experts`) against eager."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from passlab.graphs import capture, load
+from passlab.passes import PassManager, get_pass
+from passlab.passes.manager import CheckNumerics, PassRejected, StepRecord
+from passlab.passes.meta import propagate
+from passlab.tools.runner import context
+
+aten = torch.ops.aten
+
+
+class TiedRouter(torch.nn.Module):
+    """Top-1 routing whose first two experts' scores tie exactly (identical router rows),
+    so the choice between them rests on the last bit."""
+
+    def __init__(self, d=8, e=4):
+        super().__init__()
+        torch.manual_seed(0)
+        w = torch.randn(e, d)
+        w[1] = w[0]
+        self.router = torch.nn.Parameter(w)
+        self.experts = torch.nn.Parameter(torch.randn(e, d, d))
+
+    def forward(self, x):
+        scores = torch.softmax(x @ self.router.t(), dim=-1)
+        w, idx = scores.topk(1, dim=-1)
+        return torch.bmm(x.unsqueeze(1), self.experts[idx[:, 0]]).squeeze(1) * w
+
+
+def nudged(gm, eps: float):
+    """The graph with expert 0's router score raised and expert 1's lowered by `eps` (relative)
+    right before topk: the tie between them goes to expert 0, whichever way eager breaks it."""
+    g = gm.graph
+    topk = next(n for n in g.nodes if n.target == aten.topk.default)
+    scores = topk.args[0]
+    e = scores.meta["val"].shape[-1]
+    bump = torch.ones(e)
+    bump[0] += eps
+    bump[1] -= eps
+    gm.register_buffer("_bump", bump)
+    with g.inserting_before(topk):
+        b = g.get_attr("_bump")
+        m = g.call_function(aten.mul.Tensor, (scores, b))
+    topk.replace_input_with(scores, m)
+    gm.recompile()
+    propagate(gm)
+    return gm
+
+
+def check_of(model, tol=1e-4):
+    make = lambda seed: (torch.randn(16, 8, generator=torch.Generator().manual_seed(seed)),)   # noqa: E731
+    return CheckNumerics(model, make, "cpu", tol)
+
+
+def test_near_tie_is_pinned_and_accepted():
+    m = TiedRouter().eval()
+    check = check_of(m)
+    gm = nudged(capture(m, (torch.randn(16, 8),)), 1e-6)
+    rec = StepRecord("nudge")
+    check.after_pass(None, gm, None, rec)        # raises if rejected
+    assert rec.numerics_ok and rec.max_error <= 1e-4
+    assert rec.stats["routing_pinned"] > 0        # the tie flipped and was pinned
+
+
+def test_real_router_error_is_still_caught():
+    m = TiedRouter().eval()
+    check = check_of(m)
+    gm = nudged(capture(m, (torch.randn(16, 8),)), 0.5)     # 50% wrong scores: no tie any more
+    with pytest.raises(PassRejected, match="numerics changed"):
+        check.after_pass(None, gm, None, StepRecord("nudge"))
+
+
+@pytest.mark.parametrize("name", ["zoo:mixtral", "zoo:qwen2-moe"])
+def test_group_experts_matches_eager(name):
+    sample = load(name, "tiny")
+    gm = capture(sample.module, sample.example_inputs, sample.example_kwargs)
+    check = CheckNumerics(sample.reference, sample.make_inputs, "cpu", 1e-4)
+    res = PassManager(["dce", "group_experts"], instruments=[check]).run(gm, context(sample, "cpu"))
+    step = res.steps[-1]
+    assert step.status == "ok" and step.stats["rewritten"] == 4 and step.stats["sorts"] == 2, step
+    targets = {n.target for n in res.gm.graph.nodes if n.op == "call_function"}
+    gathers = [n for n in res.gm.graph.nodes if n.target == aten.index.Tensor and n.args[0].op == "get_attr"]
+    assert not gathers                                       # no per-token copies of expert weights left
+    assert targets & {aten._grouped_mm.default, torch.ops.passlab.grouped_mm.default}
+    assert step.max_error <= 1e-4
+
+
+def test_group_experts_leaves_dense_bmm_alone():
+    sample = load("moe", "tiny")          # capacity-dispatched: dense [E, C, D] bmm, no gather of weights
+    gm = capture(sample.module, sample.example_inputs)
+    res = get_pass("group_experts").run(gm, context(sample, "cpu"))
+    assert res.stats["rewritten"] == 0
