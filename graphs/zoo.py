@@ -49,11 +49,15 @@ def hf_model(arch: str, cls: str, s: dict):
     return getattr(transformers, cls)(hf.config(arch, s))
 
 
-def text(arch: str, cls: str, *, mask: bool = True, decoder: bool = False, types: bool = False):
-    """A text model called with input_ids= (and attention_mask=, decoder_input_ids= where it takes them)."""
+def text(arch: str, cls: str, *, mask: bool = True, decoder: bool = False, types: bool = False,
+         experts: str | None = None):
+    """A text model called with input_ids= (and attention_mask=, decoder_input_ids= where it takes them);
+    `experts` sets a MoE model's experts implementation (graphs/hf.py's configs ask for batched_mm)."""
     def build(preset):
         s = TEXT[preset]
         m = hf_model(arch, cls, s)
+        if experts:
+            m.set_experts_implementation(experts)
         shape = (s["batch"], s["seq"])
         kw = {"input_ids": torch.randint(0, s["vocab"], shape)}
         if mask:
@@ -225,6 +229,8 @@ MODELS: dict[str, Entry] = {
                      text("mixtral", "MixtralForCausalLM")),
     "qwen2-moe": Entry("moe", "Qwen2-MoE (Qwen2MoeForCausalLM), shared expert, batched_mm",
                        text("qwen2-moe", "Qwen2MoeForCausalLM")),
+    "mixtral-grouped": Entry("moe", "Mixtral with Hugging Face's default experts (grouped_mm: sort + grouped GEMM)",
+                             text("mixtral", "MixtralForCausalLM", experts="grouped_mm")),
     # encoder-decoder
     "t5": Entry("enc-dec", "T5 (T5Model), relative position buckets", text("t5", "T5Model", decoder=True)),
     "bart": Entry("enc-dec", "BART (BartModel)", text("bart", "BartModel", decoder=True)),

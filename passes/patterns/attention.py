@@ -351,27 +351,28 @@ def producers(n, depth: int = 16) -> list:
 
 
 def explicit_is_faster(m: Match, device: str) -> bool:
-    """Time SDPA against the written-out chain at this match's shapes (once per
-    shape, cached): on some CPUs (Zen 4, bf16) oneDNN's bmm + softmax beats the
-    CPU flash kernel, and the rewrite would cost time."""
+    """Time SDPA against the written-out chain at this match's shapes and mask
+    kind (once per shape, cached): on some CPUs (Zen 4, bf16) oneDNN's bmm +
+    softmax beats the CPU flash kernel, and with one query row (decoding) and
+    an explicit mask the flash kernel costs several times the two bmms. Small
+    shapes are timed too: there the per-call cost decides, and it differs."""
     q, k, v = (x.meta["val"] for x in (m.q, m.k, m.v))
     B, H, L, E = q.shape
-    if 4 * B * H * L * k.shape[-2] * E < autotune.MIN_FLOPS:
-        return False
     dt = q.dtype
     Q, K, V = (torch.randn(t.shape, dtype=dt, device=device) for t in (q, k, v))
     bias = torch.zeros(L, k.shape[-2], dtype=dt, device=device)
     if m.is_causal or m.mask is not None:
         bias = torch.full((L, k.shape[-2]), float("-inf"), dtype=dt, device=device).triu(1)
+    explicit_mask = m.mask is not None and not m.is_causal      # the rewrite passes it as attn_mask
     rep = H // K.shape[1]
     Ke, Ve = (K.repeat_interleave(rep, 1), V.repeat_interleave(rep, 1)) if rep > 1 else (K, V)
     F = torch.nn.functional
     candidates = {
-        "sdpa": lambda: F.scaled_dot_product_attention(Q, K, V, is_causal=m.is_causal, scale=m.scale,
-                                                       enable_gqa=rep > 1),
+        "sdpa": lambda: F.scaled_dot_product_attention(Q, K, V, attn_mask=bias if explicit_mask else None,
+                                                       is_causal=m.is_causal, scale=m.scale, enable_gqa=rep > 1),
         "explicit": lambda: torch.softmax((Q @ Ke.transpose(-2, -1)) * m.scale + bias, -1) @ Ve,
     }
-    key = ("attention", tuple(q.shape), tuple(k.shape), dt, m.is_causal, device)
+    key = ("attention", tuple(q.shape), tuple(k.shape), dt, m.is_causal, explicit_mask, device)
     with torch.no_grad():
         return autotune.fastest(key, candidates, device=device) == "explicit"
 

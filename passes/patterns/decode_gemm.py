@@ -1,0 +1,123 @@
+"""`decode_gemm`: a GEMM of a few rows by a constant weight (the decode step of a
+language model) -> the C++ decode-GEMM template (`runtime/codegen/cpp_gemv.py`),
+with a bias and a following residual add folded in:
+
+    mm(x, permute(W)) | addmm(b, x, permute(W))  [-> views] [-> + r]
+        -> DecodeGemm(x, W, b, r)                [-> view]
+
+x has at most 8 rows (static), W is a constant [N, K] weight (a Linear's own
+layout; any other constant [K, N] operand is transposed once into a new
+buffer), one float dtype, CPU. At each shape the template is timed against
+ATen's GEMM (`autotune.fastest`) and used only where it measured faster.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from passlab.passes import PassResult, register_pass
+from passlab.passes.meta import propagate
+from passlab.runtime import autotune
+from passlab.runtime.codegen import cpp_gemv
+
+from .onednn import onednn_weight
+from .vocabulary import Counters, Skip, aten, erase_dead, gemm_operands, shape, sole_user_through_views
+
+
+def residual_of(gemm, c_passed: list):
+    """(residual node, add node) where the GEMM's value (through views) is added to
+    a same-shape, same-dtype tensor, else (None, None)."""
+    nxt = sole_user_through_views(gemm, c_passed)
+    t = c_passed[-1] if c_passed else gemm
+    if nxt is None or nxt.target != aten.add.Tensor or nxt.kwargs or len(nxt.args) != 2:
+        return None, None
+    y = nxt.args[1] if nxt.args[0] is t else nxt.args[0]
+    if isinstance(y, torch.fx.Node) and y is not t and shape(y) == shape(nxt) == shape(t) \
+            and y.meta["val"].dtype == gemm.meta["val"].dtype:
+        return y, nxt
+    return None, None
+
+
+def match(gemm: torch.fx.Node, device: str):
+    ops = gemm_operands(gemm)
+    if ops is None or gemm.target == aten.bmm.default:
+        raise Skip("not_a_matrix_gemm")
+    x, wt, b = ops
+    out = gemm.meta["val"]
+    if out.device.type != "cpu" or not str(device).startswith("cpu"):
+        raise Skip("not_cpu")
+    M, N = out.shape
+    if M > cpp_gemv.MAX_ROWS:
+        raise Skip("too_many_rows")
+    if out.dtype not in cpp_gemv.DTYPES or {x.meta["val"].dtype, wt.meta["val"].dtype} != {out.dtype}:
+        raise Skip("dtype")
+    if b is not None and (b.meta["val"].dim() != 1 or b.meta["val"].dtype != out.dtype):
+        raise Skip("bias_not_1d")
+    if x.meta["val"].stride(-1) != 1:
+        raise Skip("input_rows_strided")
+    return x, wt, b
+
+
+def template_faster(M: int, N: int, K: int, dtype, bias: bool, residual: bool) -> bool:
+    """The template against ATen's GEMM (+ add) at this shape, timed once per shape."""
+    x, w = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype)
+    b = torch.randn(N, dtype=dtype) if bias else None
+    r = torch.randn(M, N, dtype=dtype) if residual else None
+    kernel = cpp_gemv.DecodeGemm(bias, residual)
+    candidates = {"template": lambda: kernel(x, w, b, r), "aten": lambda: cpp_gemv.reference(x, w, b, r)}
+    key = ("decode_gemm", M, N, K, dtype, bias, residual)
+    with torch.no_grad():
+        return autotune.fastest(key, candidates) == "template"
+
+
+@register_pass("decode_gemm")
+def decode_gemm(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") -> PassResult:
+    """GEMMs of <= 8 rows by a constant weight (+ bias, + residual) -> the C++ decode-GEMM template."""
+    if choose not in ("measure", "always"):
+        raise ValueError(f"choose must be 'measure' or 'always', got {choose!r}")
+    c, g = Counters(), gm.graph
+    residuals = 0
+    for gemm in [n for n in g.nodes if n.op == "call_function" and n.target in (aten.mm.default, aten.addmm.default)]:
+        try:
+            x, wt, b = match(gemm, ctx.device)
+        except Skip as e:
+            if str(e) not in ("not_a_matrix_gemm", "too_many_rows"):
+                c.matched += 1
+                c.skip(str(e))
+            continue
+        c.matched += 1
+        M, N = shape(gemm)
+        passed: list = []
+        res, add = residual_of(gemm, passed)
+        if res is not None and not res.meta["val"].is_contiguous():
+            res, add = None, None
+        dt = gemm.meta["val"].dtype
+        if choose == "measure" and not template_faster(M, N, x.meta["val"].shape[1], dt, b is not None,
+                                                        res is not None):
+            c.skip("aten_measured_faster")
+            continue
+        w = onednn_weight(gm, gemm, wt)          # the [N, K] weight (a Linear's own, or a transposed copy)
+        if w is None:
+            c.skip("weight_not_constant")
+            continue
+        last = add if res is not None else gemm
+        with g.inserting_before(last):
+            r2 = None
+            if res is not None:
+                r2 = res if shape(res) == (M, N) else g.call_function(aten.view.default, (res, [M, N]))
+            node = g.call_function(cpp_gemv.DecodeGemm(b is not None, res is not None), (x, w, b, r2))
+            node.meta["fused_from"] = [n.name for n in [gemm] + (passed + [add] if res is not None else [])]
+            out = node if shape(last) == (M, N) else g.call_function(aten.view.default, (node, list(shape(last))))
+        for n in (node, r2):       # later matches read shapes before `propagate` runs
+            if n is not None and "val" not in n.meta:
+                n.meta["val"] = gemm.meta["val"]
+        out.meta["val"] = last.meta["val"]
+        last.replace_all_uses_with(out)
+        erase_dead(g, [last] + passed[::-1] + [gemm, wt])
+        c.rewritten += 1
+        residuals += res is not None
+    if c.rewritten:
+        g.lint()
+        gm.recompile()
+        propagate(gm)
+    return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(residual_folded=residuals))
