@@ -711,21 +711,22 @@ def estimate_row(est, before, after) -> dict:
 def confirm_choice(plain, found: dict, ctx, keep: int, rounds: int) -> tuple[str, dict]:
     """The measured guard of the chunk factor, on the real link: the `keep`
     candidates the estimate ranks best and "no split" timed for a few steps on
-    every rank (paired rounds, each sample the slowest rank's); rank 0 keeps
-    the fastest median ("no split" where no split beats it) and broadcasts
-    the choice. Returns (choice, record)."""
-    from passlab.runtime.distributed.measure import decide, time_on_every_rank, timing_row
+    every rank (paired rounds, each sample the slowest rank's; more rounds,
+    up to 3x, while a speedup's CI still holds 1); rank 0 keeps the fastest
+    median ("no split" where no split beats it) and broadcasts the choice.
+    Returns (choice, record)."""
+    from passlab.runtime.distributed.measure import compare_on_every_rank, decide, timing_row
     from passlab.runtime.executor import compile_graph
     ranked = sorted(found, key=lambda name: found[name][1].step_s)[:keep]
     graphs = {"no split": plain, **{name: found[name][0] for name in ranked}}
     fns = {name: compile_graph(g, ctx.device) for name, g in graphs.items()}
-    times = time_on_every_rank(fns, tuple(ctx.example_inputs), rounds=rounds, device=ctx.device)
+    times = compare_on_every_rank(fns, tuple(ctx.example_inputs), "no split", rounds=rounds, device=ctx.device)
     rows = {name: timing_row(t, times["no split"]) for name, t in times.items()}
 
     def choose():
         return min(times, key=lambda n: times[n].median_s)
     chosen = decide(choose)
-    return chosen, {"chosen": chosen, "candidates": rows, "rounds": rounds,
+    return chosen, {"chosen": chosen, "candidates": rows, "rounds": times["no split"].n,
                     "estimated_step_us": {n: round(found[n][1].step_s * 1e6, 2) for n in ranked},
                     "how": "every rank, paired rounds, slowest rank per round; the fastest median kept (rank 0 "
                            "decides and broadcasts); speedup: over no split, with its paired-bootstrap 95% CI"}

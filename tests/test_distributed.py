@@ -213,7 +213,7 @@ def test_cli_two_ranks_on_a_delayed_link(tmp_path, capsys, monkeypatch):
     for s in rec["steps"][1:]:          # the overlap passes measured on the link; a slower one rolled back
         guard = s["stats"].get("measured_on_link")
         if s["changed"] or s["status"] == "rolled_back":
-            assert guard and guard["rounds"] == 10 and len(guard["after"]["speedup"]) == 3, s
+            assert guard and guard["rounds"] in (10, 20, 30) and len(guard["after"]["speedup"]) == 3, s
         if s["status"] == "rolled_back":
             assert guard["slower"] and s["error"].startswith("SlowerOnTheLink: slower on the emulated link"), s
     if EMULATES:

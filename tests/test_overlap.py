@@ -278,14 +278,14 @@ def test_a_chunking_slower_on_the_link_is_never_the_graph_that_runs():
         # the chunk factor confirmed on the link: "no split" measured faster, kept, candidates on record
         m = conf["stats"]["measured"]
         assert m["chosen"] == "no split" and conf["split_in_final"] == 0, m
-        assert set(m["candidates"]) == {"no split", "estimate's choice k=2"} and m["rounds"] == 5
-        assert all(c["n"] == 5 and len(c["speedup"]) == 3 for c in m["candidates"].values())
+        assert set(m["candidates"]) == {"no split", "estimate's choice k=2"} and m["rounds"] in (5, 10, 15)
+        assert all(c["n"] == m["rounds"] and len(c["speedup"]) == 3 for c in m["candidates"].values())
         assert conf["stats"]["split"] == 0 and "slower on the link than no split (measured)" in conf["stats"]["skipped"]
         # forced past it: rolled back by the link guard, the measured loss in its error and stats
         assert forced["status"] == "rolled_back" and forced["split_in_final"] == 0, forced
         assert forced["error"].startswith("SlowerOnTheLink: slower on the emulated link: +"), forced["error"]
         guard = forced["stats"]["measured_on_link"]
-        assert guard["slower"] is True and guard["after"]["speedup"][0] < 1 and guard["rounds"] == 3
+        assert guard["slower"] is True and guard["after"]["speedup"][0] < 1 and guard["rounds"] in (3, 6, 9)
         assert forced["stats"]["split"] > 0          # what the pass did is still on record
     assert r.results[0]["forced"]["error"] == r.results[1]["forced"]["error"]   # rank 0 decided for both
 

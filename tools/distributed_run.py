@@ -231,17 +231,20 @@ def time_graphs(graphs: dict, inputs, device: str, warmup: int, reps: int) -> di
 def link_guard(name: str, before, after, ctx, rounds: int) -> dict:
     """The measured guard of a pass that estimates communication (it has a
     `link` option): its graph and the one before it timed on the emulated link
-    on every rank (`measure.time_on_every_rank`); rank 0 decides. The record
+    on every rank (`measure.compare_on_every_rank`); rank 0 decides. The record
     says `slower` (and the measured `loss`) where the pass's graph is slower by
     the median: `RollBackSlower` then rolls the pass back on every rank."""
     from passlab.runtime.distributed import stage
-    from passlab.runtime.distributed.measure import decide, time_on_every_rank, timing_row
+    from passlab.runtime.distributed.measure import compare_on_every_rank, decide, timing_row
     from passlab.runtime.executor import compile_graph
     stage(f"measuring {name} on the link")
-    times = time_on_every_rank({"before": compile_graph(before, ctx.device), "after": compile_graph(after, ctx.device)},
-                               tuple(ctx.example_inputs), rounds=rounds, device=ctx.device)
+    times = compare_on_every_rank({"before": compile_graph(before, ctx.device),
+                                   "after": compile_graph(after, ctx.device)},
+                                  tuple(ctx.example_inputs), "before", rounds=rounds, device=ctx.device)
+    rounds = times["before"].n
     row = {"before": timing_row(times["before"]), "after": timing_row(times["after"], times["before"]),
-           "rounds": rounds, "how": "every rank, paired rounds, slowest rank per round; rank 0 decides"}
+           "rounds": rounds, "how": "every rank, paired rounds (more, up to 3x, while the speedup's CI holds 1), "
+                                    "slowest rank per round; rank 0 decides"}
     gain, lo, hi = decide(lambda: row["after"]["speedup"])
     row["slower"] = gain < 1.0
     if row["slower"]:

@@ -32,6 +32,31 @@ def time_on_every_rank(fns: dict[str, Callable], inputs: tuple, *, rounds: int =
     return out
 
 
+def compare_on_every_rank(fns: dict[str, Callable], inputs: tuple, ref: str, *, rounds: int = ROUNDS,
+                          most: int | None = None, warmup: int = 1, device: str = "cpu") -> dict:
+    """`time_on_every_rank` in batches of `rounds` paired rounds until every
+    contender's speedup over `ref` has a 95% CI that excludes 1 (a clear win or
+    loss), or `most` rounds (3 x `rounds` by default) are timed: a shared
+    machine's noise gets more rounds only where the verdict is still open.
+    Rank 0 decides whether to go on; every rank gets the same timings."""
+    from passlab.runtime import timing
+    most = most or 3 * rounds
+    merged: dict = {}
+    while True:
+        got = time_on_every_rank(fns, inputs, rounds=rounds, warmup=warmup if not merged else 0, device=device)
+        for k, t in got.items():
+            xs = (merged[k].samples_s if k in merged else []) + t.samples_s
+            merged[k] = timing.Timing(*timing.median_ci(xs), len(xs), t.method, t.threads, xs,
+                                      list(range(len(xs))))
+        n = len(merged[ref].samples_s)
+
+        def open_verdict():
+            return n < most and any(lo <= 1.0 <= hi for k, t in merged.items() if k != ref
+                                    for _, lo, hi in [timing.speedup(t, merged[ref])])
+        if not decide(open_verdict):
+            return merged
+
+
 def decide(choose: Callable[[], object]):
     """`choose()` evaluated on rank 0 and broadcast: every rank gets rank 0's answer."""
     import torch.distributed as dist
