@@ -21,8 +21,10 @@ from .plan import STATEMENTS, Printer, term, terms
 
 CLAMP = STATEMENTS["clamp"][0]
 
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
-         "-std=c++17", "-w"]
+# -ffp-contract=off: no fused multiply-adds behind the source's back (x*y - x*y must be 0, as in eager:
+# the variance of a constant row)
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
+         "-shared", "-fPIC", "-std=c++17", "-w"]
 PARALLEL_MIN_WORK = 1 << 15
 SCRATCH_MAX = 1 << 13
 SCRATCH_T = {"f": "float", "i": "int64_t", "b": "float"}
@@ -99,13 +101,16 @@ static inline float pl_erf(float x) {  // rational approximation (Eigen's fast e
   res = (res > 1.0f || x >= 4.0f) ? 1.0f : res;
   return (res < -1.0f || x <= -4.0f) ? -1.0f : res;
 }
-// float -> integer as ATen's conversion gives it on x86 (NaN and out of range: the minimum), never
-// folded away by the compiler (a float -> int -> float round trip is not a trunc)
+// float -> integer as ATen's conversion gives it on x86 (NaN and out of range: the minimum). The
+// "- (x != x)" (0 wherever it is used) keeps gcc from folding a float -> int -> float round trip
+// into truncf, which would turn -0.4 into -0.0 where the int is 0
 static inline int64_t pl_f2i64(float x) {
-  return (x >= -9223372036854775808.0f && x < 9223372036854775808.0f) ? (int64_t)x : INT64_MIN;
+  int64_t i = (int64_t)x - (int64_t)(x != x);
+  return (x >= -9223372036854775808.0f && x < 9223372036854775808.0f) ? i : INT64_MIN;
 }
 static inline int64_t pl_f2i32(float x) {
-  return (x >= -2147483648.0f && x < 2147483648.0f) ? (int64_t)(int32_t)x : (int64_t)INT32_MIN;
+  int64_t i = (int64_t)(int32_t)x - (int64_t)(x != x);
+  return (x >= -2147483648.0f && x < 2147483648.0f) ? i : (int64_t)INT32_MIN;
 }
 static inline float pl_sigmoid(float x) { return 1.0f / (1.0f + pl_exp(-x)); }
 static inline float pl_tanh(float x) { return 1.0f - 2.0f / (pl_exp(2.0f * x) + 1.0f); }

@@ -104,11 +104,26 @@ def _mean(b, x, dims, keepdim=False):
     return b.ew("mul", b.reduce("sum", x, dims, keepdim), 1.0 / max(1, _numel(x, dims)))
 
 
+def _moments(b, x, dims, keepdim):
+    """(mean, sum of squared deviations) by the corrected two-pass algorithm:
+    the second pass also sums the deviations from the first mean and corrects
+    both with it (no extra loop), so a constant row (padding, an expanded
+    input) has its mean exactly and a variance of exactly 0, as eager's."""
+    n = max(1, _numel(x, dims))
+    mean0 = _mean(b, x, dims, True)
+    xc = b.ew("sub", x, mean0)
+
+    def shift(kd):   # how far the first mean is off
+        return b.ew("mul", b.reduce("sum", xc, dims, kd), 1.0 / n)
+    dm = shift(keepdim)
+    ss = b.ew("sub", b.reduce("sum", b.ew("mul", xc, xc), dims, keepdim), b.ew("mul", b.ew("mul", dm, dm), float(n)))
+    return b.ew("add", mean0, dm if keepdim else shift(True)), b.ew("maximum", ss, 0.0)
+
+
 def _var(b, x, dims, correction=1, keepdim=False):
     dims = _dims(x, dims)
     n = _numel(x, dims)
-    xc = b.ew("sub", x, _mean(b, x, dims, True))
-    ss = b.reduce("sum", b.ew("mul", xc, xc), dims, keepdim)
+    _, ss = _moments(b, x, dims, keepdim)
     if n - correction <= 0:     # no degrees of freedom: ATen divides by 0 (NaN, or inf)
         return b.ew("div", ss, 0.0)
     return b.ew("mul", ss, 1.0 / (n - correction))
@@ -124,9 +139,9 @@ def _softmax(b, x, dim, _half=False, log=False):
 
 def _layer_norm(b, x, shape, w, bias, eps):
     dims = tuple(range(len(x.shape) - len(shape), len(x.shape)))
-    mean = _mean(b, x, dims, True)
+    mean, ss = _moments(b, x, dims, True)
     xc = b.ew("sub", x, mean)
-    var = _mean(b, b.ew("mul", xc, xc), dims, True)
+    var = b.ew("mul", ss, 1.0 / max(1, _numel(x, dims)))
     rstd = b.ew("rsqrt", b.ew("add", var, eps))
     out = b.ew("mul", xc, rstd)
     if w is not None:
@@ -152,8 +167,7 @@ def _gelu(b, x, approximate="none"):
         inner = b.ew("mul", b.ew("add", x, b.ew("mul", b.ew("mul", b.ew("mul", x, x), x), 0.044715)),
                      math.sqrt(2.0 / math.pi))
         return b.ew("mul", b.ew("mul", x, 0.5), b.ew("add", b.ew("tanh", inner), 1.0))
-    out = b.ew("mul", b.ew("mul", x, 0.5), b.ew("add", b.ew("erf", b.ew("mul", x, 1 / math.sqrt(2.0))), 1.0))
-    return b.ew("where", b.ew("eq", b.ew("abs", x), math.inf), math.nan, out)   # ATen's gelu(+-inf) is NaN
+    return b.ew("mul", b.ew("mul", x, 0.5), b.ew("add", b.ew("erf", b.ew("mul", x, 1 / math.sqrt(2.0))), 1.0))
 
 
 def _pow(b, x, e):
