@@ -73,6 +73,24 @@ def test_state_when_guard_picks_eager_or_captured():
         assert int(m.count) == before + 1
 
 
+def test_state_through_the_backend_is_eagers():
+    """torch.compile(backend="passlab"): dynamo passes the buffers as graph
+    inputs; the check and the guard run on copies, the call writes the user's."""
+    torch.manual_seed(0)
+    m = Stateful().eval()
+    e = copy.deepcopy(m)
+    x, pos = torch.randn(1, 8), torch.tensor([0])
+    pos_e = pos.clone()
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="passlab", options={"pipeline": "cleanup,fuse"})
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(compiled(x, pos), e(x, pos_e))
+            assert int(m.count) == int(e.count) and torch.equal(pos, pos_e)
+            torch.testing.assert_close(m.cache, e.cache)
+    torch._dynamo.reset()
+
+
 def test_written_state_and_lift():
     gm = capture(Stateful(), (torch.randn(1, 8), torch.tensor([0])))
     assert written_state(gm) == ([1], ["count", "cache"])
@@ -217,3 +235,42 @@ def test_generate_flag_refuses_non_decoders(capsys):
     from passlab.tools import cli
     assert cli.main(["run", "transformer", "--generate", "2"]) == 2
     assert "hf:ARCH" in capsys.readouterr().err
+
+
+def test_bench_writes_the_serving_block(tmp_path, monkeypatch):
+    """make bench's serving rows go into their own README block."""
+    from passlab.tools import bench, serve
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text(f"# x\n\n{bench.START}\nold\n{bench.END}\n\n{serve.START}\nold\n{serve.END}\n")
+    c = {"ttft_s": 0.01, "ttft_speedup_vs_eager": [1.0, 1.0, 1.0], "decode_tokens_per_s": 100.0,
+         "decode_speedup_vs_eager": [1.0, 1.0, 1.0], "tokens_per_joule": serve.NO_COUNTER,
+         "same_tokens_as_eager": True, "setup_s": 0.1}
+    row = {"model": "serve:llama", "status": "ok", "dtype": "float32", "batch": 2, "prompt_tokens": 16,
+           "new_tokens": 4, "contenders": {"eager": c, "passlab": {**c, "decode_tokens_per_s": 150.0}},
+           "decode_step": {"steps": [{"pass": "fuse", "status": "ok", "changed": True, "speedup_vs_prev": 1.2,
+                                      "speedup_vs_eager": 1.5}]}}
+    ap, args = bench.parse_args(["--models", "serve:llama", "--quick", "--out", str(tmp_path / "out"),
+                                 "--write-readme"])
+    (tmp_path / "out").mkdir()
+    bench.publish([row], args, "", ["serve:llama"])
+    readme = (tmp_path / "README.md").read_text()
+    block = readme[readme.index(serve.START):readme.index(serve.END)]
+    assert "| serve:llama |" in block and "150" in block and "n/a: no counter here" in block
+    assert "| fuse | ok | yes | 1.20x | 1.50x |" in block
+    assert f"{bench.START}\nold\n{bench.END}" in readme          # the main table is left as it was
+
+
+def test_specializations_are_bounded_then_the_model_runs(monkeypatch):
+    """Shapes that keep changing (a growing cache) cost at most SPECIALIZE_LIMIT
+    specializations; later new signatures run the model itself, warned once."""
+    from passlab.tools import optimize as opt_mod
+    monkeypatch.setattr(opt_mod, "SPECIALIZE_LIMIT", 2)
+    m = torch.nn.Linear(4, 4).eval()
+    opt = passlab.optimize(m, (torch.randn(1, 4),), pipeline="cleanup", guard="off")
+    with torch.no_grad():
+        opt(torch.randn(2, 4))
+        with pytest.warns(UserWarning, match="SPECIALIZE_LIMIT"):
+            x = torch.randn(3, 4)
+            torch.testing.assert_close(opt(x), m(x))
+        opt(torch.randn(5, 4))
+    assert len(opt.history) == 2

@@ -398,7 +398,8 @@ def publish(rows: list[dict], args, note: str, models: list[str]) -> str:
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + (f"\n\n## Serving\n\n{serve_text}" if serve_text else "") + "\n")
     if args.write_readme:
-        write_readme(text)
+        if len(serving) < len(rows):             # a serving-only run leaves the main table as it is
+            write_readme(text)
         if serve_text:
             write_readme(serve_text, start=serve.START, end=serve.END, heading="## Serving results")
     return text

@@ -10,7 +10,14 @@ Both specialize: one capture + pipeline per input signature (pytree structure,
 shapes, dtypes, devices, strides, constant values), cached LRU
 (`CACHE_SIZE`). A call whose signature is new is re-specialized, or refused
 with `on_new_input="error"`; a change of device is always refused. Nothing
-is ever run on inputs it was not specialized for.
+is ever run on inputs it was not specialized for. At most `SPECIALIZE_LIMIT`
+specializations are made; after that a new signature runs the model itself
+(warned once): shapes that keep changing (a growing DynamicCache) cost a
+bounded setup, not one pipeline per step.
+
+State the graph writes in place (caches, counters; graphs/state.py) is only
+ever written by the user's own calls: the numerics check, its eager reference
+and the guard's timings run on copies.
 
 The measured guard (`guard="measure"`, the default): after the pipeline the
 final graph is timed against eager and the captured graph at the model's own
@@ -47,6 +54,7 @@ CACHE_SIZE = 8           # specializations kept per optimized model (LRU)
 GUARD_BUDGET_S = 2.0     # leave-one-out reruns of the pipeline, wall time
 GUARD_TIMING_S = 0.25    # timing budget per contender per measurement
 GROWING_CACHE_WARN = 3   # specializations for calls with an HF cache before the DynamicCache warning
+SPECIALIZE_LIMIT = 16    # specializations per optimized model; later new signatures run the model itself
 GUARDS = ("measure", "off")
 ON_NEW_INPUT = ("specialize", "error")
 
@@ -344,8 +352,10 @@ class Optimized:
     `gm`, `result`: that specialization's graph and pipeline result."""
 
     def __init__(self, build: Callable[[tuple, dict], Specialization], first: Specialization, *,
-                 on_new_input: str = "specialize", cache_size: int = CACHE_SIZE):
+                 on_new_input: str = "specialize", cache_size: int = CACHE_SIZE,
+                 fallback: Callable | None = None, limit: int | None = None):
         self.build, self.on_new_input, self.cache_size = build, on_new_input, cache_size
+        self.fallback, self.limit = fallback, SPECIALIZE_LIMIT if limit is None else limit
         self.specs: OrderedDict[tuple, Specialization] = OrderedDict()
         self.history: list[dict] = []
         self.first = first
@@ -419,6 +429,14 @@ class Optimized:
                 raise InputMismatch(f"inputs do not match the specialization (on_new_input='error'):\n"
                                     f"  expected {expected}\n  got      {describe(key)}\n"
                                     "call with inputs like the example, or pass on_new_input='specialize'")
+            if self.fallback is not None and len(self.history) >= self.limit:
+                if not getattr(self, "limit_said", False):
+                    self.limit_said = True
+                    warnings.warn(f"passlab.optimize: {len(self.history)} specializations made, the limit "
+                                  f"(SPECIALIZE_LIMIT); calls with a new signature now run the model itself, "
+                                  f"unoptimized. Shapes that keep changing (a growing cache) want a static "
+                                  f"shape: a StaticCache for generation", stacklevel=3)
+                return self.fallback(*args, **kwargs)
             spec = self.build(args, kwargs)
             self.add(spec)
             self.warn_growing(args, kwargs)
@@ -455,7 +473,7 @@ def optimize(model: torch.nn.Module, example_inputs, pipeline=None, device: str 
     def build(a, kw):
         return specialize(model, a, kw, name=name, pipeline=pipeline, device=device, strict=strict,
                           tolerance=tolerance, check_numerics=check_numerics, guard=guard)
-    return Optimized(build, build(args, kwargs), on_new_input=on_new_input)
+    return Optimized(build, build(args, kwargs), on_new_input=on_new_input, fallback=model)
 
 
 # ---------------------------------------------------------------- torch.compile backend

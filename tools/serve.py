@@ -41,6 +41,7 @@ DECODERS = ("gpt2", "llama", "mistral", "qwen2", "phi3", "gemma", "mixtral", "qw
 PEERS = ("torch.compile", "torch.compile(freezing)", "HF recipe")
 NO_COUNTER = "n/a: no counter here"
 SIZES = {"tiny": dict(prompt=16), "bench": dict(prompt=128)}
+RECOMPILE_LIMIT = 64
 
 
 # ---------------------------------------------------------------- models
@@ -130,7 +131,9 @@ def measure_generate(arch: str, preset: str = "tiny", *, new_tokens: int = 8, pe
     info: dict[str, dict] = {}
     tokens = {}
     torch._dynamo.reset()
-    with torch.no_grad():
+    # every contender compiles model.forward's one code object (prefill, decode: two graphs each; dynamo
+    # keeps one cache entry per backend): room for all of them, so none falls back to eager unseen
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
         for name in names:                      # the first call: setup (compiles), and the tokens
             say(f"generate: {name}: first call (setup)")
             model.forward = fwd[name]
@@ -140,6 +143,8 @@ def measure_generate(arch: str, preset: str = "tiny", *, new_tokens: int = 8, pe
                 info[name] = {"setup_s": time.perf_counter() - t0}
             except Exception as e:  # a contender that fails is reported, not fatal
                 info[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        if "error" in info["eager"]:
+            raise RuntimeError(f"eager generate failed: {info['eager']['error']}")
         live = [n for n in names if "error" not in info[n]]
         ttft = {n: [] for n in live}
         decode = {n: [] for n in live}
@@ -153,7 +158,14 @@ def measure_generate(arch: str, preset: str = "tiny", *, new_tokens: int = 8, pe
                 model.forward = fwd[name]
                 stamps = Stamps(device)
                 t0 = time.perf_counter()
-                generate(model, ids, n_gen, max_cache_len=cache_len, stamps=stamps)
+                try:
+                    generate(model, ids, n_gen, max_cache_len=cache_len, stamps=stamps)
+                except Exception as e:  # a contender failing later (e.g. a recompile) leaves the run
+                    if name == "eager":
+                        raise
+                    info[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+                    live.remove(name)
+                    continue
                 t1 = time.perf_counter()
                 ttft[name].append(stamps.times[0] - t0)
                 decode[name].append(stamps.times[-1] - stamps.times[0])
