@@ -229,6 +229,11 @@ MODELS: dict[str, Entry] = {
                      text("mixtral", "MixtralForCausalLM")),
     "qwen2-moe": Entry("moe", "Qwen2-MoE (Qwen2MoeForCausalLM), shared expert, batched_mm",
                        text("qwen2-moe", "Qwen2MoeForCausalLM")),
+    "qwen3-moe": Entry("moe", "Qwen3-MoE (Qwen3MoeForCausalLM), top-2, q/k norms, batched_mm",
+                       text("qwen3-moe", "Qwen3MoeForCausalLM")),
+    "olmoe": Entry("moe", "OLMoE (OlmoeForCausalLM), top-2, batched_mm", text("olmoe", "OlmoeForCausalLM")),
+    "gpt-oss": Entry("moe", "GPT-OSS (GptOssForCausalLM), transposed expert weights with biases, batched_mm",
+                     text("gpt-oss", "GptOssForCausalLM")),
     "mixtral-grouped": Entry("moe", "Mixtral with Hugging Face's default experts (grouped_mm: sort + grouped GEMM)",
                              text("mixtral", "MixtralForCausalLM", experts="grouped_mm")),
     # encoder-decoder
