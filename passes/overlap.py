@@ -754,6 +754,7 @@ def overlap_chunk(gm: torch.fx.GraphModule, ctx, *, k: int = 0, link: str = "", 
     est = estimator(ctx, link, device, world, gm)
     measure_it = confirming(ctx, confirm)
     before = replay(gm, est)
+    given = str(gm.graph)
     plain, plain_sim = scheduled(gm, est)
     best = search(plain, est, k, candidates_per_collective)
     found = {f"estimate's choice k={fmt_ks(best[3])}": best} if best[2] else {}
@@ -765,6 +766,7 @@ def overlap_chunk(gm: torch.fx.GraphModule, ctx, *, k: int = 0, link: str = "", 
     measured = None
     if measure_it and found:
         chosen, measured = confirm_choice(plain, found, ctx, confirm_candidates, confirm_rounds)
+        measured["baseline_is_input"] = str(plain.graph) == given    # "no split" is the graph it was given
         gm, current, split, ks, skipped = (plain, plain_sim, 0, {}, dict(best[4])) if chosen == "no split" \
             else found[chosen]
         if chosen == "no split":

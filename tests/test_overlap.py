@@ -278,6 +278,7 @@ def test_a_chunking_slower_on_the_link_is_never_the_graph_that_runs():
         # the chunk factor confirmed on the link: "no split" measured faster, kept, candidates on record
         m = conf["stats"]["measured"]
         assert m["chosen"] == "no split" and conf["split_in_final"] == 0, m
+        assert m["baseline_is_input"] is False          # given the captured order: the link guard times it too
         assert set(m["candidates"]) == {"no split", "estimate's choice k=2"} and m["rounds"] in (5, 10, 15)
         assert all(c["n"] == m["rounds"] and len(c["speedup"]) == 3 for c in m["candidates"].values())
         assert conf["stats"]["split"] == 0 and "slower on the link than no split (measured)" in conf["stats"]["skipped"]

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--world-size", type=int, default=1)
     rn.add_argument("--link", default=None, help="link preset or rate=..,latency=..")
     rn.add_argument("--timeline", default=None, help="Chrome-trace JSON of the distributed run")
-    rn.add_argument("--timeout", type=float, default=300.0, help="distributed run timeout (s)")
+    rn.add_argument("--timeout", type=float, default=None,
+                    help="distributed run timeout (s; default 300, 1800 for --preset bench)")
 
     np_ = sub.add_parser("new-pass", help="scaffold a new pass and its test")
     np_.add_argument("name")

@@ -132,7 +132,8 @@ def agreeing(manager, guard_rounds: int = 0):
     (RanksDisagree, naming the rank and the pass) where their graphs differ.
     With `guard_rounds`, a pass that estimates communication and changed the
     graph is timed against the graph before it on the link (`link_guard`) and
-    rolled back where it is slower."""
+    rolled back where it is slower, unless the pass measured its graph against
+    that very graph itself (`overlap_chunk`'s confirmation, `baseline_is_input`)."""
     import hashlib
     from passlab.graphs import clone
     from passlab.passes import CheckNumerics
@@ -157,7 +158,8 @@ def agreeing(manager, guard_rounds: int = 0):
                 error = f"{type(e).__name__}: {e}"
             code = hashlib.sha1(str(res.gm.graph).encode()).hexdigest() if res is not None else None
             agree(f"pass {self.name}", error, code, disagreements)
-            if guarded and code != before:
+            measured_itself = (res.stats.get("measured") or {}).get("baseline_is_input") if res else False
+            if guarded and code != before and not measured_itself:
                 res.stats["measured_on_link"] = link_guard(self.name, original, res.gm, ctx, guard_rounds)
             return res
 
@@ -376,6 +378,11 @@ def payload_of(args) -> dict:
             "guard_rounds": REPS[args.preset][1]}
 
 
+def timeout_of(args) -> float:
+    """--timeout, else 300 s (1800 s for the bench preset: its passes time their candidates on the link)."""
+    return args.timeout if args.timeout else 1800.0 if args.preset == "bench" else 300.0
+
+
 def check_args(args, p: dict) -> None:
     """Bad model, pipeline or link names are exit 2, before any rank starts."""
     from passlab.graphs import catalog, load
@@ -430,7 +437,7 @@ def main(args, write_outputs=None) -> int:
             if args.link:
                 say("--link is ignored under torchrun: the ranks use the real network")
             t0 = time.monotonic()
-            results = run_here(TARGET, p, timeout=args.timeout, backend=backend)
+            results = run_here(TARGET, p, timeout=timeout_of(args), backend=backend)
             if results is None:
                 return 0
             info = {"launcher": "torchrun", "backend": backend, "seconds": time.monotonic() - t0,
@@ -441,7 +448,7 @@ def main(args, write_outputs=None) -> int:
             say(f"launching {args.world_size} ranks ({backend}, {threads} thread(s) each)"
                 + (f", link {cfg.name}: {cfg.rate_bytes_per_s / 1e6:.3g} MB/s per rank, "
                    f"{cfg.latency_s * 1e6:.3g} us" if cfg else ", plain loopback"))
-            launched = spawn(TARGET, p, args.world_size, timeout=args.timeout, link=cfg, backend=backend,
+            launched = spawn(TARGET, p, args.world_size, timeout=timeout_of(args), link=cfg, backend=backend,
                              threads=threads, echo=lambda line: print(f"[rank 0] {line}", file=sys.stderr,
                                                                       flush=True))
             results = launched.results
