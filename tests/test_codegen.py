@@ -238,3 +238,12 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path, monkeypatch):
         assert codegen.STATS["compiles"] == before + 1, damage
         assert rel_err(out, fn(x)) <= 1e-5
         assert codegen.verified_entry(so, so[:-3] + ".hmac") is not None   # rebuilt and signed again
+
+
+def test_cat_along_r_runs_one_loop_per_input(built):
+    """rotate_half's cat along the inner index: the store loop runs once per input's range of r,
+    so no element is read through a clamped index (and the values are the same: test_cpp_kernel)."""
+    src = built["cat-rotary"].source("cpu")
+    assert "for (int64_t r = 0; r < 4; ++r)" in src and "for (int64_t r = 4; r < 8; ++r)" in src, src
+    assert "for (int64_t r = 0; r < 8; ++r)" not in src
+    assert "r = 3;" not in built["cat-outer"].source("cpu")      # a cat along an outer dim: one loop

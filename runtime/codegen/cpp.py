@@ -236,10 +236,23 @@ class Body(Printer):
         line = super().accumulate(v)
         return line + " " + self.stmt("nan_seen", id=v.id, x=v.args[0]) if nan_flagged(v) else line
 
-    def loop_head(self, loop):
+    def loop_head(self, loop, lo: int = 0, hi: int | None = None):
         clauses = [f"reduction({'+' if v.op == 'sum' else v.op}:acc{v.id})" for v in loop.reductions]
         clauses += [f"reduction(|:nan{v.id})" for v in loop.reductions if nan_flagged(v)]
-        return [f"#pragma omp simd {' '.join(clauses)}".rstrip(), f"for (int64_t r = 0; r < {self.k.r_size}; ++r) {{"]
+        hi = self.k.r_size if hi is None else hi
+        return [f"#pragma omp simd {' '.join(clauses)}".rstrip(), f"for (int64_t r = {lo}; r < {hi}; ++r) {{"]
+
+    def loop_nest(self, loop, inner):
+        """A store loop reading a concatenation along r runs once per input's range of r:
+        in each copy gcc knows which input every element comes from (no clamped,
+        gathered loads, no select), and each element's value is the same."""
+        cuts = [] if loop.reductions else cat_bounds(self.k, self.vals, self.plan)
+        if not cuts:
+            return super().loop_nest(loop, inner)
+        out, edges = [], [0] + cuts + [self.k.r_size]
+        for lo, hi in zip(edges, edges[1:]):
+            out += self.loop_head(loop, lo, hi) + [self.LOOP_INDENT + s for s in inner] + self.loop_end()
+        return out
 
     def loop_end(self):
         return ["}"]
@@ -257,6 +270,26 @@ class Body(Printer):
 
 def body(fk, name: str) -> str:
     return Body(fk, name).render()
+
+
+MAX_SEGMENTS = 8
+
+
+def cat_bounds(k, vals, plan) -> list[int]:
+    """The ends of a concatenation's inputs along r (`iota(r) < end` selects), where r
+    is the kernel's one inner index; empty when there are none or too many."""
+    if len(plan.inner) != 1 or plan.inner[0][1] not in (None, 1):
+        return []
+    d = plan.inner[0][0]
+    cuts = set()
+    for v in k.values:
+        if v.op != "lt" or v.id not in plan.need:
+            continue
+        a, b = (vals[x] for x in v.args)
+        if a.op == "iota" and tuple(a.args) == (d, 0, 1) and b.op == "const" and isinstance(b.args[0], int):
+            if 0 < b.args[0] < k.r_size:
+                cuts.add(b.args[0])
+    return sorted(cuts) if len(cuts) < MAX_SEGMENTS else []
 
 
 def nan_flagged(v) -> bool:

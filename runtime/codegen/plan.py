@@ -176,11 +176,14 @@ class Printer:
             inner += [self.reuse(vid) for vid in loop.reuse] + [self.value(v) for v in loop.body]
             inner += [self.keep(vid) for vid in loop.keep] + [self.accumulate(v) for v in loop.reductions]
             inner += [self.store(j, vid, terms(k.outputs[j].astrides, k.inner)) for j, vid in loop.stores]
-            rows += self.declare(loop) + self.loop_head(loop) + [self.LOOP_INDENT + s for s in inner]
-            rows += self.loop_end() + [self.reduced(v) for v in loop.reductions]
+            rows += self.declare(loop) + self.loop_nest(loop, inner) + [self.reduced(v) for v in loop.reductions]
             rows += [self.value(v) for v in loop.rows_after]
         rows += [self.row_store(j, vid) for j, vid in p.row_stores]
         return "\n".join(self.begin() + [self.INDENT + s for s in rows] + self.end())
+
+    def loop_nest(self, loop, inner: list) -> list:
+        """The loop over r around its statements (a printer may emit it in several ranges)."""
+        return self.loop_head(loop) + [self.LOOP_INDENT + s for s in inner] + self.loop_end()
 
     def stmt(self, kind: str, **kw) -> str:
         return STATEMENTS[kind][self.column].format(**kw)
