@@ -99,6 +99,17 @@ class FusedKernel:
 
 
 def _is_fake(inputs):
-    from torch._subclasses.fake_tensor import FakeTensor
-    return any(isinstance(x, FakeTensor) or (isinstance(x, torch.Tensor) and x.device.type == "meta")
-               for x in inputs)
+    """Any fake or meta tensor among the inputs (checked on every call: a plain loop,
+    the fake-tensor class imported once)."""
+    fake = _FAKE[0]
+    if fake is None:
+        from torch._subclasses.fake_tensor import FakeTensor
+        fake = _FAKE[0] = FakeTensor
+    Tensor = torch.Tensor
+    for x in inputs:
+        if isinstance(x, Tensor) and (isinstance(x, fake) or x.is_meta):
+            return True
+    return False
+
+
+_FAKE = [None]
