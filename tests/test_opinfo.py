@@ -77,6 +77,8 @@ def run_op(info, seed=0):
 def test_opinfo_fast(op_db, name):
     n, empty, kernels = run_op(op_db[name])
     assert n and kernels > 0, (name, n, kernels)
+    if name == "nn.functional.silu":    # the crash: its (1, 0, 3) sample
+        assert empty > 0
 
 
 @pytest.mark.slow
