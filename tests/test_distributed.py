@@ -210,6 +210,9 @@ def test_cli_two_ranks_on_a_delayed_link(tmp_path, capsys, monkeypatch):
     lk = rec["link"]
     assert lk["rate_bytes_per_s"] == pytest.approx(25e6)
     estimate = rec["steps"][1]["stats"]["estimate"]
+    for s in rec["steps"]:               # paired rounds: a CI on every step's ratio to the graph before it
+        lo, hi = s["speedup_vs_prev_ci"] or (s["speedup_vs_prev"], s["speedup_vs_prev"])
+        assert lo <= s["speedup_vs_prev"] <= hi
     for s in rec["steps"][1:]:          # the overlap passes measured on the link; a slower one rolled back
         guard = s["stats"].get("measured_on_link")
         itself = (s["stats"].get("measured") or {}).get("baseline_is_input")     # measured against its input

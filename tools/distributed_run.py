@@ -330,16 +330,19 @@ def assemble(results: list[dict], launched_info: dict, p: dict) -> dict:
     base = measured("baseline")
     rec["baseline"].update({k: base[k] for k in ("throughput", "ci_low", "ci_high", "unit", "median_s", "n")})
     rec["baseline"]["overlap_efficiency"] = mean_overlap(results, "baseline")
-    prev = base["throughput"]
+    prev, prev_key = base["throughput"], "baseline"
     keys = r0["step_keys"]
     for i, (s, key) in enumerate(zip(rec["steps"], keys)):
         m = measured(key)
         s.update(throughput=m["throughput"], ci_low=m["ci_low"], ci_high=m["ci_high"], unit=unit,
                  median_s=m["median_s"], n=m["n"], speedup_vs_prev=m["throughput"] / prev,
                  cumulative_speedup=m["throughput"] / base["throughput"])
+        paired = paired_speedup(r0["timings"], key, prev_key)
+        if paired:
+            s["speedup_vs_prev_ci"] = paired[1:]
         s["overlap_efficiency"] = mean_overlap(results, "final" if key == keys[-1] else
                                                "baseline" if key == "baseline" else f"step {key}")
-        prev = m["throughput"]
+        prev, prev_key = m["throughput"], key
     if rec["steps"]:
         rec["final_speedup"] = rec["steps"][-1]["cumulative_speedup"]
     final_key = keys[-1] if keys else "baseline"
@@ -360,6 +363,17 @@ def assemble(results: list[dict], launched_info: dict, p: dict) -> dict:
     rec["timeline"] = chrome_trace(events, origin_ns=origins,
                                    metadata={"model": rec["model"], "world_size": world, "link": rec["link"]})
     return rec
+
+
+def paired_speedup(timings: dict, key, ref) -> tuple | None:
+    """ref's step over key's with its paired-bootstrap 95% CI (`timing.speedup` over the paired rounds,
+    each sample the slowest rank's); None where they are the same graph or have no samples."""
+    from passlab.runtime import timing
+    if key == ref or not timings[key].get("samples_s") or not timings[ref].get("samples_s"):
+        return None
+    t = {k: timing.Timing(*timing.median_ci(timings[k]["samples_s"]), len(timings[k]["samples_s"]), "paired", 1,
+                          timings[k]["samples_s"], list(range(len(timings[k]["samples_s"])))) for k in (key, ref)}
+    return timing.speedup(t[key], t[ref])
 
 
 def mean_overlap(results, which) -> float | None:
