@@ -62,11 +62,9 @@ def write_traces(r: dict, out: str) -> list[str]:
 
 def timing_of(r: dict, key: str):
     """The paired-round samples of graph `key` (each the slowest rank's) as a Timing, or None."""
-    from passlab.runtime import timing
+    from passlab.runtime.distributed.measure import as_timing
     xs = (r["bench"]["ranks"][0].get("samples_s") or {}).get(key)
-    if not xs:
-        return None
-    return timing.Timing(*timing.median_ci(xs), len(xs), "paired rounds", 1, xs, list(range(len(xs))))
+    return as_timing(xs) if xs else None
 
 
 def ratio_vs(r: dict, key: str, ref: str) -> tuple[float, float, float] | None:

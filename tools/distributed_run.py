@@ -369,11 +369,10 @@ def paired_speedup(timings: dict, key, ref) -> tuple | None:
     """ref's step over key's with its paired-bootstrap 95% CI (`timing.speedup` over the paired rounds,
     each sample the slowest rank's); None where they are the same graph or have no samples."""
     from passlab.runtime import timing
+    from passlab.runtime.distributed.measure import as_timing
     if key == ref or not timings[key].get("samples_s") or not timings[ref].get("samples_s"):
         return None
-    t = {k: timing.Timing(*timing.median_ci(timings[k]["samples_s"]), len(timings[k]["samples_s"]), "paired", 1,
-                          timings[k]["samples_s"], list(range(len(timings[k]["samples_s"])))) for k in (key, ref)}
-    return timing.speedup(t[key], t[ref])
+    return timing.speedup(as_timing(timings[key]["samples_s"]), as_timing(timings[ref]["samples_s"]))
 
 
 def mean_overlap(results, which) -> float | None:

@@ -45,9 +45,7 @@ def compare_on_every_rank(fns: dict[str, Callable], inputs: tuple, ref: str, *, 
     while True:
         got = time_on_every_rank(fns, inputs, rounds=rounds, warmup=warmup if not merged else 0, device=device)
         for k, t in got.items():
-            xs = (merged[k].samples_s if k in merged else []) + t.samples_s
-            merged[k] = timing.Timing(*timing.median_ci(xs), len(xs), t.method, t.threads, xs,
-                                      list(range(len(xs))))
+            merged[k] = as_timing((merged[k].samples_s if k in merged else []) + t.samples_s)
         n = len(merged[ref].samples_s)
 
         def open_verdict():
@@ -55,6 +53,14 @@ def compare_on_every_rank(fns: dict[str, Callable], inputs: tuple, ref: str, *, 
                                     for _, lo, hi in [timing.speedup(t, merged[ref])])
         if not decide(open_verdict):
             return merged
+
+
+def as_timing(samples: list[float]):
+    """Paired-round samples (one a round, as `time_on_every_rank` keeps them) as a Timing with its rounds,
+    for `timing.speedup`'s paired bootstrap."""
+    from passlab.runtime import timing
+    return timing.Timing(*timing.median_ci(samples), len(samples), "paired rounds", 1, list(samples),
+                         list(range(len(samples))))
 
 
 def decide(choose: Callable[[], object]):
