@@ -90,6 +90,7 @@ def rows_of(r: dict) -> list[dict]:
                     "predicted_step_s": p.get("step_s"), "error": p.get("error"),
                     "k": (ranks[0]["stats"].get(key) or {}).get("k") if key != "captured" else None,
                     "vs_reorder": ratio_vs(r, key, "overlap_reorder"),
+                    "rolled_back": (ranks[0]["stats"].get(key) or {}).get("rolled_back"),
                     "max_error_vs_reference": max((x.get("error_vs_reference") or {}).get(key, 0.0)
                                                   for x in ranks)})
     return out
@@ -167,7 +168,8 @@ def markdown(results: list[dict], machine: str, date: str, dtype: str | None = N
             if x["error"] is not None:
                 errors.append(abs(x["error"]))
             k = x["k"]
-            name = x["step"] + (f" k={sorted(set(k.values()))[0]}" if k and len(set(k.values())) == 1 else "")
+            name = x["step"] + (" (rolled back: slower)" if x.get("rolled_back") else
+                                f" k={sorted(set(k.values()))[0]}" if k and len(set(k.values())) == 1 else "")
             body.append([kind, dtype, day, r["model"], str(r["world"]), name, ms(x["step_s"]), ratio_cell(x, reorder),
                          ms(x["comm_s"]), ms(x["exposed_comm_s"]),
                          "-" if x["overlap_efficiency"] is None else f"{x['overlap_efficiency']:.2f}",

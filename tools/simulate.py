@@ -317,8 +317,15 @@ def bench_rank(p: dict) -> dict:
     def apply(step, g):
         ctx.options = {"link": link, **step.options}
         return step.pass_.run(clone(g), ctx)
+    from .distributed_run import link_guard
     for step in steps:
         res = apply(step, gm)
+        if str(res.gm.graph) != str(gm.graph) and not (res.stats.get("measured") or {}).get("baseline_is_input"):
+            # as `passlab run` does: a pass slower on the link than without it is rolled back
+            res.stats["measured_on_link"] = link_guard(step.name, gm, res.gm, ctx, p["reps"])
+            if res.stats["measured_on_link"]["slower"]:
+                res.stats["rolled_back"] = res.stats["measured_on_link"]["loss"]
+                res.gm = gm
         gm = res.gm
         variants[step.name], stats[step.name] = gm, res.stats
     for subset in subsets(len(steps)) if p.get("shapley") else ():
