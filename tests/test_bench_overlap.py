@@ -140,3 +140,12 @@ def test_readme_keeps_every_machine_kind(tmp_path):
 def test_machine_kind_names_the_matrix_units():
     kind = bench_overlap.machine_kind()
     assert any(u in kind for u in ("AMX", "AVX512-BF16", "no bf16 units"))
+
+
+def test_a_pass_rolled_back_on_the_link_says_so():
+    r = result()
+    for x in r["bench"]["ranks"]:
+        x["stats"]["overlap_chunk"]["rolled_back"] = "slower on the emulated link: +12.0% (...)"
+    rows = bench_overlap.rows_of(r)
+    assert rows[2]["rolled_back"].startswith("slower on the emulated link")
+    assert "| ep_mixtral | 2 | overlap_chunk (rolled back: slower) |" in bench_overlap.markdown([r], "m", "d")
