@@ -60,3 +60,50 @@ def test_prefill_rows_are_left_to_aten():
     gm = capture(sample.module, sample.example_inputs)
     res = PassManager(["decode_gemm(choose=always)"], instruments=[]).run(gm, context(sample, "cpu"))
     assert res.steps[-1].stats["rewritten"] == 0
+
+
+# ---------------------------------------------------------------- decode_attention
+
+class Attend(torch.nn.Module):
+    """SDPA of `rows` query rows over a cache, grouped heads, a bool or additive mask."""
+
+    def __init__(self, bool_mask: bool):
+        super().__init__()
+        self.bool_mask = bool_mask
+
+    def forward(self, q, k, v, keep):
+        mask = keep if self.bool_mask else torch.where(keep, 0.0, float("-inf"))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+@pytest.mark.parametrize("rows, bool_mask", [(1, True), (1, False), (3, True), (16, True)])
+def test_decode_attention_matches_sdpa(rows, bool_mask):
+    g = torch.Generator().manual_seed(rows)
+    q, k, v = torch.randn(2, 8, rows, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g), \
+        torch.randn(2, 2, 40, 16, generator=g)
+    keep = torch.rand(1, 1, rows, 40, generator=g) > 0.3
+    keep[..., 0] = True
+    m = Attend(bool_mask).eval()
+    make = lambda seed: (q + seed, k, v, keep)                     # noqa: E731
+    gm = capture(m, (q, k, v, keep))
+    check = CheckNumerics(lambda *a: m(*a), make, "cpu", 1e-4)
+    res = PassManager(["decode_attention(choose=always)"], instruments=[VerifyGraph(), check]).run(
+        gm, context(load("mlp", "tiny"), "cpu"))
+    step = res.steps[-1]
+    assert step.status == "ok", step.error
+    sdpa_left = any(n.target == torch.ops.aten.scaled_dot_product_attention.default for n in res.gm.graph.nodes)
+    assert step.stats["rewritten"] == (0 if rows > 8 else 1) and sdpa_left == (rows > 8)
+
+
+def test_decode_attention_on_hf_decode_step():
+    from passlab.graphs import stateful
+    from passlab.tools import serve
+    model, ids = serve.causal_lm("llama", "tiny", new_tokens=4)
+    sample = serve.decode_sample(model, ids, new_tokens=4)
+    gm = capture(sample.module, sample.example_inputs, sample.example_kwargs)
+    sample = stateful(sample, gm)
+    check = CheckNumerics(sample.reference, sample.make_inputs, "cpu", 1e-4, mutated=sample.writes)
+    res = PassManager(["decode_attention(choose=always)"], instruments=[VerifyGraph(), check]).run(
+        gm, context(sample, "cpu"))
+    step = res.steps[-1]
+    assert step.status == "ok" and step.stats["rewritten"] == model.config.num_hidden_layers, step
