@@ -113,7 +113,12 @@ static inline int64_t pl_f2i32(float x) {
   return (x >= -2147483648.0f && x < 2147483648.0f) ? i : (int64_t)INT32_MIN;
 }
 static inline float pl_sigmoid(float x) { return 1.0f / (1.0f + pl_exp(-x)); }
-static inline float pl_tanh(float x) { return 1.0f - 2.0f / (pl_exp(2.0f * x) + 1.0f); }
+static inline float pl_tanh(float x) {  // near 0 Cephes' odd polynomial (tanh(1e-30) is 1e-30, not 0)
+  float z = x * x;
+  float p = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z + 1.33314422036e-1f) * z
+             - 3.33332819422e-1f) * z * x + x;
+  return pl_abs(x) < 0.625f ? p : 1.0f - 2.0f / (pl_exp(2.0f * x) + 1.0f);
+}
 
 """
 

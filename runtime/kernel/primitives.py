@@ -116,8 +116,10 @@ def _moments(b, x, dims, keepdim):
     def shift(kd):   # how far the first mean is off
         return b.ew("mul", b.reduce("sum", xc, dims, kd), 1.0 / n)
     dm = shift(keepdim)
-    ss = b.ew("sub", b.reduce("sum", b.ew("mul", xc, xc), dims, keepdim), b.ew("mul", b.ew("mul", dm, dm), float(n)))
-    return b.ew("add", mean0, dm if keepdim else shift(True)), b.ew("maximum", ss, 0.0)
+    sq = b.reduce("sum", b.ew("mul", xc, xc), dims, keepdim)
+    ss = b.ew("maximum", b.ew("sub", sq, b.ew("mul", b.ew("mul", dm, dm), float(n))), 0.0)
+    ss = b.ew("where", b.ew("eq", sq, math.inf), math.inf, ss)   # overflowed: inf, as eager (not inf - inf)
+    return b.ew("add", mean0, dm if keepdim else shift(True)), ss
 
 
 def _var(b, x, dims, correction=1, keepdim=False):
