@@ -51,6 +51,10 @@ INEXACT = {aten.exp.default, aten.tanh.default, aten.sigmoid.default, aten.silu.
            aten.mean.dim, aten.var.correction, aten._softmax.default, aten._log_softmax.default,
            aten.native_layer_norm.default,
            aten.amax.default, aten.amin.default}   # which of -0.0 and 0.0 a vectorized max keeps
+# ATen's max/min of -0.0 and 0.0 keep the first on its scalar path and the second on its vectorized
+# one (MAXPS): after them the sign of a zero is not eager's to define, so no 1/x of it
+SIGNED_ZERO = {aten.maximum.default, aten.minimum.default, aten.relu.default, aten.clamp.default,
+               aten.amax.default, aten.amin.default}
 REDUCE = ["amax", "amin", "sum", "mean", "softmax", "log_softmax", "layer_norm", "var"]
 
 
@@ -137,6 +141,7 @@ class Gen:
         self.inputs, self.layouts, self.ops = [], [], []
         self.seed = seed
         self.inexact = set()    # nodes whose value a correct fp32 kernel may round differently than eager
+        self.signless = set()   # nodes whose zeros' sign ATen itself leaves to its code path
 
     def input(self, shape, dtype, special: bool = True) -> torch.fx.Node:
         t, kind = layout(self.r, fill(self.r, self.g, shape, dtype, special))
@@ -153,6 +158,8 @@ class Gen:
         node.meta["val"] = val
         if target in INEXACT or any(a in self.inexact for a in node.all_input_nodes):
             self.inexact.add(node)
+        if target in SIGNED_ZERO or any(a in self.signless for a in node.all_input_nodes):
+            self.signless.add(node)
         self.ops.append(getattr(target, "__name__", str(target)).replace(".default", ""))
         return node
 
@@ -192,12 +199,14 @@ class Gen:
         if x in self.inexact and (0.55 <= roll < 0.72):
             roll = r.random() * 0.55
         if roll < 0.3 and fl:
-            ops = [o for o in UNARY if x not in self.inexact or o not in DISCONTINUOUS]
+            ops = [o for o in UNARY if (x not in self.inexact or o not in DISCONTINUOUS)
+                   and (x not in self.signless or o not in (aten.reciprocal.default, aten.rsqrt.default))]
             return self.call(r.choice(ops), x)
         if roll < 0.55:
             other = self.input(broadcastable(r, list(v.shape)), r.choice(FLOATS if fl else [v.dtype, torch.float32]))
             a, b = (x, other) if r.random() < 0.7 else (other, x)
-            op = r.choice([o for o in BINARY if x not in self.inexact or o not in DISCONTINUOUS])
+            op = r.choice([o for o in BINARY if (x not in self.inexact and x not in self.signless)
+                           or o not in DISCONTINUOUS])
             if v.dtype == torch.bool and op is not aten.add.Tensor:
                 a = self.call(aten._to_copy.default, a, dtype=torch.float32) if a is x else a
             return self.call(op, a, b)

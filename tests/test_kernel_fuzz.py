@@ -51,6 +51,7 @@ FOUND = [10496, 10759, 10798, 11253, 11256, 11409, 11529, 12149, 12325, 12391, 1
          14248, 14262, 14471, 14514, 14538, 14929, 14988, 15226, 15234, 15288, 15360, 15566, 15644, 15692,
          15707, 16379, 18, 42, 148, 178, 538, 643, 645, 646, 656, 698, 852, 1283, 1531, 1644, 1926]
 FOUND_TRITON = [5152, 200980]
+FOUND += [22598, 23328, 26544, 26874]      # the final run's: tanh near 0, variance overflowing to inf
 
 
 def test_fuzz_found_cases_stay_fixed():
@@ -230,6 +231,20 @@ def test_constant_rows_normalize_exactly(op):
     for dev in ("cpu", "triton"):
         got = codegen.runner(FusedKernel("cr", gm), dev)(x, b)
         assert torch.equal(got, want), (dev, (got - want).abs().max())
+
+
+def test_tanh_near_zero_and_overflowing_variance():
+    """tanh(1e-30) * inf is inf (tanh kept its tiny value); a row whose squares overflow has var inf,
+    as eager (not inf - inf = NaN)."""
+    x = torch.tensor([1e-30, -3e-20, 1e-8, 0.3, -0.6, 0.7, 5.0, 0.0])
+    inf = torch.full((8,), float("inf"))
+    gm = graph_of(lambda c, a, b: c(aten.mul.Tensor, c(aten.tanh.default, a), b), x, inf)
+    run_both(gm, x, inf)
+    big = torch.exp(torch.linspace(-70, 80, 64)).reshape(1, 64)      # squares overflow: var inf, not NaN
+    vg = graph_of(lambda c, a: c(aten.var.correction, c(aten.mul.Tensor, a, 1.0), [1], correction=0, keepdim=True),
+                  big)
+    _, out, want = run_both(vg, big)
+    assert want.isinf().all() and out["cpu"].isinf().all()
 
 
 def test_var_without_degrees_of_freedom_is_nan():
