@@ -44,6 +44,7 @@ SDPA = aten.scaled_dot_product_attention.default
 SCALES = {aten.mul.Tensor: lambda c: c, aten.div.Tensor: lambda c: 1.0 / c}
 NOT_OPS = {aten.bitwise_not.default, aten.logical_not.default}
 CONSTANT_LIMIT = 256    # nodes evaluated to prove a mask causal
+DECODE_ROWS = 8         # query rows up to which `decode_attention` (after this pass) takes the SDPA on
 
 
 def reshape_like(n) -> bool:
@@ -358,6 +359,8 @@ def explicit_is_faster(m: Match, device: str) -> bool:
     shapes are timed too: there the per-call cost decides, and it differs."""
     q, k, v = (x.meta["val"] for x in (m.q, m.k, m.v))
     B, H, L, E = q.shape
+    if L <= DECODE_ROWS:        # a decode step: `decode_attention` turns the SDPA into its grouped-head form
+        return False
     dt = q.dtype
     Q, K, V = (torch.randn(t.shape, dtype=dt, device=device) for t in (q, k, v))
     bias = torch.zeros(L, k.shape[-2], dtype=dt, device=device)
