@@ -12,7 +12,9 @@ even); exp/log/erf/tanh are inline polynomials gcc can vectorize (no
 """
 from __future__ import annotations
 
+import ctypes.util
 import math
+import platform
 
 import torch
 
@@ -23,8 +25,12 @@ CLAMP = STATEMENTS["clamp"][0]
 
 # -ffp-contract=off: no fused multiply-adds behind the source's back (x*y - x*y must be 0, as in eager:
 # the variance of a constant row)
+# glibc's vector math library (x86-64): `expf` in an `omp simd` loop becomes its AVX512 (or AVX2)
+# variant, a quarter faster than the inline Cephes polynomial in a softmax (measured on Zen 4),
+# with torch.exp's values at 0, -0.0, +-inf, NaN and the overflow/underflow edges
+MVEC = platform.machine() == "x86_64" and ctypes.util.find_library("mvec") is not None
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
-         "-shared", "-fPIC", "-std=c++17", "-w"]
+         "-shared", "-fPIC", "-std=c++17", "-w"] + (["-Wl,--no-as-needed", "-lmvec"] if MVEC else [])
 PARALLEL_MIN_WORK = 1 << 15
 SCRATCH_MAX = 1 << 13
 SCRATCH_T = {"f": "float", "i": "int64_t", "b": "float"}
@@ -53,7 +59,7 @@ static inline bool pl_min(bool a, bool b) { return a && b; }
 static inline int64_t pl_clampi(int64_t i, int64_t hi) { return i < 0 ? 0 : (i > hi ? hi : i); }
 static inline float pl_abs(float a) { return fabsf(a); }
 static inline int64_t pl_abs(int64_t a) { return a < 0 ? -a : a; }
-static inline float pl_exp(float x) {  // Cephes expf; overflows to inf where expf does (x > 88.7228394)
+static inline float pl_exp_cephes(float x) {  // Cephes expf; overflows to inf where expf does (x > 88.7228394)
   float xc = x < -103.972084f ? -103.972084f : (x > 88.7228394f ? 88.7228394f : x);
   float fx = floorf(xc * 1.44269504088896341f + 0.5f);
   float r = xc - fx * 0.693359375f + fx * 2.12194440e-4f;
@@ -69,6 +75,13 @@ static inline float pl_exp(float x) {  // Cephes expf; overflows to inf where ex
   res = x > 88.7228394f ? INFINITY : res;
   return x < -103.972084f ? 0.0f : res;
 }
+#ifdef PL_MVEC
+#pragma omp declare simd notinbranch
+extern "C" float expf(float);
+static inline float pl_exp(float x) { return expf(x); }
+#else
+static inline float pl_exp(float x) { return pl_exp_cephes(x); }
+#endif
 static inline float pl_log(float x) {  // Cephes logf
   uint32_t u; memcpy(&u, &x, 4);
   int32_t e = (int32_t)((u >> 23) & 0xffu) - 126;
@@ -121,6 +134,9 @@ static inline float pl_tanh(float x) {  // near 0 Cephes' odd polynomial (tanh(1
 }
 
 """
+if MVEC:
+    HEADER = "#define PL_MVEC 1\n" + HEADER
+
 
 
 def const(value, type_) -> str:
