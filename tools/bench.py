@@ -31,6 +31,10 @@ from .zoo import first_line
 
 MODELS = ["transformer", "llama", "moe", "convnet", "mlp", "llama_decode"]
 SERVING = ["serve:llama", "serve:mixtral"]     # serving rows: generate, prefill + decode (tools/serve.py)
+# the zoo rows of the default run: the MoE and decoder models the serving story is about, plus an
+# encoder and a ViT (`--models zoo` runs every zoo model: about an hour)
+ZOO_DEFAULT = ["zoo:mixtral", "zoo:qwen2-moe", "zoo:qwen3-moe", "zoo:mixtral-grouped", "zoo:llama", "zoo:gpt2",
+               "zoo:bert", "zoo:vit"]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 MODEL_TIMEOUT_S = 1800
 CONTENDERS = ["eager", "torch.compile", "torch.compile(freezing)", "captured", "passlab"]
@@ -324,7 +328,7 @@ def parse_args(argv):
                                              "timed interleaved, one process per model")
     ap.add_argument("--models", default=None,
                     help="comma-separated models (samples, zoo:NAME, or 'zoo' for every zoo model); "
-                         f"default: {','.join(MODELS)} and the zoo")
+                         f"default: {','.join(MODELS)}, the serving rows and {len(ZOO_DEFAULT)} zoo models")
     ap.add_argument("--no-zoo", action="store_true", help="leave the zoo out of the default set")
     ap.add_argument("--quick", action="store_true", help="a quick look: tiny preset, 0.3 s timing budget")
     ap.add_argument("--preset", default=None, choices=["tiny", "bench"], help="default: bench (tiny with --quick)")
@@ -354,7 +358,7 @@ def model_list(args, ap) -> tuple[list[str], str]:
             if zoo is None:
                 note = "The model zoo (graphs/zoo.py) is not installed here: no zoo rows."
             else:
-                models += zoo
+                models += [m for m in ZOO_DEFAULT if m in zoo]
         return models, note
     models = []
     for m in (x.strip() for x in args.models.split(",") if x.strip()):
