@@ -14,8 +14,9 @@ masking, scaling), into single kernels:
    value mapped consistently), stays cycle-free and within `max_nodes`;
 3. horizontal: independent groups that read a common input merge when the
    result is still one legal kernel (`horizontal=on`);
-4. exact routing: in bf16/fp16, whatever a top-k/argmax/sort depends on stays
-   in ATen so it rounds exactly as eager (`exact_routing=off` fuses it too; an
+4. exact routing: in bf16/fp16, whatever float a top-k/argmax/sort depends on
+   stays in ATen so it rounds exactly as eager (integer and bool values, exact
+   in any kernel, still fuse) (`exact_routing=off` fuses it too; an
    MoE router may then pick other experts on ties and the output changes);
 5. cost: a group is kept only if it saves bytes by the static cost model
    (a lone primitive op saves nothing and stays an ATen call; a lone
@@ -78,8 +79,15 @@ def decision_cone(gm) -> set:
                     cone.add(a)
                     stack.append(a)
         if any(isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dtype in low for a in cone):
-            out |= cone
+            out |= {a for a in cone if not integral(a)}
     return out
+
+
+def integral(node) -> bool:
+    """An integer or bool value: it computes exactly in any kernel. Its float inputs
+    in the cone stay in ATen, so they reach it rounded as in eager."""
+    v = node.meta.get("val")
+    return isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and not v.dtype.is_complex
 
 
 def tensor_ok(v) -> bool:

@@ -96,3 +96,23 @@ def test_group_experts_leaves_dense_bmm_alone():
     gm = capture(sample.module, sample.example_inputs)
     res = get_pass("group_experts").run(gm, context(sample, "cpu"))
     assert res.stats["rewritten"] == 0
+
+
+def test_sum_pairs_is_bit_exact_and_fires_on_the_moe_combine():
+    from passlab.passes.patterns.pairs import sum_pairs  # noqa: F401  (registered)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x = (torch.randn(64, 2, 33) * torch.logspace(-4, 4, 33)).to(dtype)
+        x[0, 0, 0], x[1, 1, 1], x[2, 0, 2] = float("nan"), float("inf"), -0.0
+
+        class Combine(torch.nn.Module):
+            def forward(self, x):
+                return x.sum(1), x.sum(-2, keepdim=True), x.sum(2)     # the last: not a pair
+
+        gm = capture(Combine(), (x,))
+        res = get_pass("sum_pairs").run(gm, context(load("mlp", "tiny"), "cpu"))
+        assert res.stats["rewritten"] == 2
+        for got, want in zip(res.gm(x), Combine()(x)):
+            assert got.shape == want.shape and torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+    sample = load("moe", "tiny")
+    gm = capture(sample.module, sample.example_inputs)
+    assert get_pass("sum_pairs").run(gm, context(sample, "cpu")).stats["rewritten"] == 4   # per layer: top-2 weights, combine
