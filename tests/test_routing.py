@@ -116,3 +116,20 @@ def test_sum_pairs_is_bit_exact_and_fires_on_the_moe_combine():
     sample = load("moe", "tiny")
     gm = capture(sample.module, sample.example_inputs)
     assert get_pass("sum_pairs").run(gm, context(sample, "cpu")).stats["rewritten"] == 4   # per layer: top-2 weights, combine
+
+
+def test_gather_rows_matches_advanced_indexing():
+    class Gather(torch.nn.Module):
+        def forward(self, x, idx):
+            srt = torch.sort(idx % x.shape[0]).indices
+            return x[idx], x[srt], x[:, idx % x.shape[1]]             # the last indexes dim 1: left alone
+
+    x = torch.randn(7, 5, 3)
+    idx = torch.tensor([0, -1, 3, -7, 6, 2])                         # negatives count from the end
+    gm = capture(Gather(), (x, idx))
+    res = get_pass("gather_rows").run(gm, context(load("mlp", "tiny"), "cpu"))
+    assert res.stats["rewritten"] == 2 and res.stats["wrapped"] == 1   # the sort's indices need no wrap
+    for got, want in zip(res.gm(x, idx), Gather()(x, idx)):
+        assert torch.equal(got, want)
+    with pytest.raises(IndexError):                                  # out of range still raises
+        res.gm(x, torch.tensor([0, 7, 1, 2, 3, 4]))
