@@ -33,6 +33,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-m
          "-shared", "-fPIC", "-std=c++17", "-w"] + (["-Wl,--no-as-needed", "-lmvec"] if MVEC else [])
 PARALLEL_MIN_WORK = 1 << 15
 SCRATCH_MAX = 1 << 13
+LONG_ROW = 1 << 12          # float sums over longer rows accumulate in double
 SCRATCH_T = {"f": "float", "i": "int64_t", "b": "float"}
 STORAGE = {torch.float32: "float", torch.bfloat16: "uint16_t", torch.float16: "_Float16", torch.bool: "bool",
            torch.int64: "int64_t", torch.int32: "int32_t", torch.int16: "int16_t", torch.int8: "int8_t",
@@ -244,6 +245,8 @@ class Body(Printer):
         out = [f"{SCRATCH_T[self.vals[vid].type]} sv{vid}[{self.k.r_size}];" for vid in loop.keep]
         for v in loop.reductions:
             acc_t = "int" if v.type == "b" else CTYPE[v.type]    # a sum of bools counts in int64
+            if v.op == "sum" and v.type == "f" and self.k.r_size > LONG_ROW:
+                acc_t = "double"    # each simd lane sums a long row in turn: fp32 would drift (eager sums pairwise)
             init = {"sum": "0", "max": "-INFINITY" if acc_t == "float" else "INT64_MIN",
                     "min": "INFINITY" if acc_t == "float" else "INT64_MAX"}[v.op]
             if v.type == "b":
