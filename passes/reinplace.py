@@ -73,6 +73,7 @@ def write_in_place(gm: torch.fx.GraphModule, ctx) -> PassResult:
             new = g.call_function(IN_PLACE[src.target], src.args, src.kwargs)
         new.meta["val"] = src.meta.get("val")
         src.replace_all_uses_with(new)
+        cp.replace_all_uses_with(dst)             # copy_ returns its destination (a cache returned as an output)
         g.erase_node(cp)                          # copy_(dst, dst): nothing left to write back
         g.erase_node(src)
         c.rewritten += 1

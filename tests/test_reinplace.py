@@ -72,3 +72,24 @@ def test_decode_step_keeps_eagers_cache():
         torch.testing.assert_close(fast(idx, p), twin(idx, p), rtol=1e-4, atol=1e-4)
         for a, b in zip(m.buffers(), twin.buffers()):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+class ReturnsCache(torch.nn.Module):
+    """Returns the cache it updated (as Hugging Face's StaticCache outputs do): the write-back is an output."""
+
+    def forward(self, x, pos, cache):
+        cache.index_copy_(0, pos, x)
+        return cache.sum(0), cache
+
+
+def test_update_of_a_returned_input():
+    m = ReturnsCache().eval()
+    x, pos = torch.randn(1, 3), torch.tensor([2])
+    cache, twin = torch.zeros(5, 3), torch.zeros(5, 3)
+    fast = passlab.optimize(m, (x, pos, cache.clone()), pipeline="write_in_place", guard="off")
+    assert fast.record["steps"][-1]["status"] == "ok", fast.record["steps"][-1]["error"]
+    for p in (pos, torch.tensor([4])):
+        xi = torch.randn(1, 3)
+        got, want = fast(xi, p, cache), m(xi, p, twin)
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(cache, twin)

@@ -59,9 +59,9 @@ def measure_model(name: str, preset: str = "bench", *, budget_s: float = 3.0, pi
     import passlab
     from passlab.graphs import load
     from passlab.runtime import costmodel, timing
-    from passlab.runtime.executor import compile_graph
     from passlab.runtime.profiles import get_profile
     from .attribution import COMPILE, EAGER, FREEZING, make_peers, model_call, throughput
+    from .optimize import graph_runner
 
     say = say or (lambda m: None)
     row = {"model": name, "preset": preset, "status": "failed", "error": None, "contenders": {}}
@@ -89,7 +89,8 @@ def measure_model(name: str, preset: str = "bench", *, budget_s: float = 3.0, pi
         info["passlab"] = {"settings": "passlab.optimize(model, args"
                                        + (f", pipeline={pipeline!r})" if pipeline else ")"),
                            "setup_s": row["setup_seconds"]}
-        fns["captured"] = compile_graph(opt.result.baseline.snapshot, device)
+        snap = opt.result.baseline.snapshot       # state it writes (a KV cache) is lifted: the model's own passed in
+        fns["captured"] = graph_runner(snap, device, None, sample.module, snap.meta.get("lifted_state") or [])
         fns["passlab"] = model_call(sample, opt)
     say(f"{name}: timing {len(fns)} contenders interleaved (budget {budget_s:g}s each)")
     t = timing.measure_many(fns, inputs, device=device, budget_s=budget_s)
