@@ -221,7 +221,9 @@ def test_chunk_fires_by_default_where_the_estimate_says_it_helps(graphs, monkeyp
 
 def test_default_pipeline_runs_the_overlap_passes():
     from passlab.passes.pipeline import DEFAULT_PIPELINE
-    assert DEFAULT_PIPELINE.split(",")[-2:] == ["overlap_reorder", "overlap_chunk"]
+    names = DEFAULT_PIPELINE.split(",")
+    assert names[-3:-1] == ["overlap_reorder", "overlap_chunk"]     # then write_in_place, which must run last
+    assert names[-1] == "write_in_place"
     s = load("mlp", "tiny")                    # no collectives: both leave the graph alone
     gm = capture(s.module, s.example_inputs)
     for p in (overlap.overlap_reorder, overlap.overlap_chunk):
