@@ -52,5 +52,12 @@ def propagate(gm: torch.fx.GraphModule, keep=()) -> torch.fx.GraphModule:
     return gm
 
 
+def refresh(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The end of a rewrite: verify the graph, regenerate its code, recompute `meta["val"]`."""
+    gm.graph.lint()
+    gm.recompile()
+    return propagate(gm)
+
+
 def val(node: torch.fx.Node):
     return node.meta.get("val")

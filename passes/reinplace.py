@@ -30,7 +30,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from .api import PassResult
-from .meta import propagate
+from .meta import refresh
 from .patterns.vocabulary import Counters, Skip, aten, users
 from .registry import register_pass
 
@@ -78,7 +78,5 @@ def write_in_place(gm: torch.fx.GraphModule, ctx) -> PassResult:
         g.erase_node(src)
         c.rewritten += 1
     if c.rewritten:
-        g.lint()
-        gm.recompile()
-        propagate(gm)
+        refresh(gm)
     return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict())

@@ -26,7 +26,7 @@ import time
 
 from . import record as records
 from .progress import Progress
-from .table import render
+from .table import md_table, render
 from .zoo import first_line
 
 MODELS = ["transformer", "llama", "moe", "convnet", "mlp", "llama_decode"]
@@ -266,12 +266,6 @@ def contribution_table(row: dict) -> str:
     body = [[p, f"{solo.get(p, float('nan')):.2f}x", f"{abl.get(p, float('nan')):.2f}x"]
             for p in row.get("players") or []]
     return render(["pass", "alone (vs captured)", "in full pipeline (leave-one-out)"], body)
-
-
-def md_table(headers: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def markdown(rows: list[dict], machine: dict, date: str, note: str = "") -> str:

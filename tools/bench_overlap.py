@@ -20,7 +20,8 @@ import statistics
 import sys
 import time
 
-from .bench import md_table, write_readme
+from .bench import write_readme
+from .table import md_table
 
 START, END = "<!-- overlap:start -->", "<!-- overlap:end -->"
 MODELS = ["ep_mixtral", "ep_moe", "tp_mlp", "fsdp_mlp"]

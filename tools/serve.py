@@ -339,7 +339,7 @@ def bench_row(name: str, preset: str, *, budget_s: float, pipeline=None, ablate:
 def markdown(rows: list[dict], machine: dict | None = None, date: str = "") -> str:
     """The README's serving block: one line per model and contender, each
     pass's contribution on the decode step below."""
-    from .bench import md_table as md
+    from .table import md_table as md
     m = machine or next((r.get("machine") for r in rows if r.get("machine")), None) or {}
     parts = [f"Measured {date} on {m.get('cpu', '?')} ({m.get('cores', '?')} cores, {m.get('threads', '?')} "
              f"threads), torch {m.get('torch', '?')}. `model.generate(prompt, max_new_tokens=N + 1, "

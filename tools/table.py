@@ -1,4 +1,4 @@
-"""Terminal tables: the per-pass table and simple aligned listings."""
+"""Tables: the per-pass terminal table, simple aligned listings, and Markdown tables for the README."""
 from __future__ import annotations
 
 
@@ -98,3 +98,9 @@ def stats_summary(stats: dict, limit: int = 3) -> str:
     """The pass's first few scalar counters, e.g. `groups=12 nodes_fused=40`."""
     items = [f"{k}={v}" for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return " ".join(items[:limit])
+
+
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)

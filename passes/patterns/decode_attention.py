@@ -25,7 +25,7 @@ import torch
 import torch.fx
 
 from passlab.passes import PassResult, register_pass
-from passlab.passes.meta import propagate
+from passlab.passes.meta import refresh
 from passlab.runtime import autotune
 
 from .vocabulary import Counters, Skip, aten, shape
@@ -157,7 +157,5 @@ def decode_attention(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") 
         rewrite(g, n, m)
         c.rewritten += 1
     if c.rewritten:
-        g.lint()
-        gm.recompile()
-        propagate(gm)
+        refresh(gm)
     return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict())

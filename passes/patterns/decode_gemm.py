@@ -16,7 +16,7 @@ import torch
 import torch.fx
 
 from passlab.passes import PassResult, register_pass
-from passlab.passes.meta import propagate
+from passlab.passes.meta import refresh
 from passlab.runtime import autotune
 from passlab.runtime.codegen import cpp_gemv
 
@@ -108,7 +108,7 @@ def decode_gemm(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") -> Pa
             node = g.call_function(cpp_gemv.DecodeGemm(b is not None, res is not None), (x, w, b, r2))
             node.meta["fused_from"] = [n.name for n in [gemm] + (passed + [add] if res is not None else [])]
             out = node if shape(last) == (M, N) else g.call_function(aten.view.default, (node, list(shape(last))))
-        for n in (node, r2):       # later matches read shapes before `propagate` runs
+        for n in (node, r2):       # later matches read shapes before `refresh` runs
             if n is not None and "val" not in n.meta:
                 n.meta["val"] = gemm.meta["val"]
         out.meta["val"] = last.meta["val"]
@@ -117,7 +117,5 @@ def decode_gemm(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") -> Pa
         c.rewritten += 1
         residuals += res is not None
     if c.rewritten:
-        g.lint()
-        gm.recompile()
-        propagate(gm)
+        refresh(gm)
     return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(residual_folded=residuals))

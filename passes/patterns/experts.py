@@ -35,7 +35,7 @@ import torch
 import torch.fx
 
 from passlab.passes import PassResult, register_pass
-from passlab.passes.meta import propagate
+from passlab.passes.meta import refresh
 from passlab.runtime import ops
 
 from .vocabulary import Counters, Skip, aten, erase_dead, shape, users
@@ -126,7 +126,5 @@ def group_experts(gm: torch.fx.GraphModule, ctx) -> PassResult:
         c.rewritten += 1
     if c.rewritten:
         erase_dead(g, done)
-        g.lint()
-        gm.recompile()
-        propagate(gm)
+        refresh(gm)
     return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(sorts=len(memo)))

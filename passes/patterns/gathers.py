@@ -20,7 +20,7 @@ import torch
 import torch.fx
 
 from passlab.passes import PassResult, register_pass
-from passlab.passes.meta import propagate
+from passlab.passes.meta import refresh
 
 from .vocabulary import Counters, Skip, aten
 
@@ -83,7 +83,5 @@ def gather_rows(gm: torch.fx.GraphModule, ctx) -> PassResult:
         g.erase_node(n)
         c.rewritten += 1
     if c.rewritten:
-        g.lint()
-        gm.recompile()
-        propagate(gm)
+        refresh(gm)
     return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(wrapped=wrapped))
