@@ -128,8 +128,8 @@ class Grouper:
     def skipped(self) -> dict:
         return dict(self.counters.skipped)
 
-    def skip(self, why):
-        self.counters.skip(why)
+    def skip(self, why, nodes=None):
+        self.counters.skip(why, nodes=nodes)
 
     def legal(self, nodes) -> bool:
         key = frozenset(nodes)
@@ -141,18 +141,18 @@ class Grouper:
 
     def _legal(self, nodes) -> bool:
         if sum(1 for n in nodes if n.target is not operator.getitem) > self.max_nodes:
-            self.skip("max_nodes")
+            self.skip("max_nodes", nodes)
             return False
         if not validate_partition(nodes):
-            self.skip("cycle")
+            self.skip("cycle", nodes)
             return False
         try:
             lower(self.subgraph(nodes)[0])
         except LoweringError as e:   # "not_one_kernel", or an input class no kernel is made for ("empty_tensor")
-            self.skip(e.reason)
+            self.skip(e.reason, nodes)
             return False
         except Exception:  # an op with arguments the lowering did not foresee: leave it to ATen
-            self.skip("lowering_error")
+            self.skip("lowering_error", nodes)
             return False
         return True
 
@@ -259,11 +259,11 @@ def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool
     for g in groups:
         ops = [n for n in g if n.target is not operator.getitem]
         if len(ops) == 1 and ops[0].target not in COMPOSITES:
-            grouper.skip("single_op")
+            grouper.skip("single_op", sorted(g, key=grouper.order.get))
             continue
         s = grouper.saves(g)
         if s <= 0 and not any(n.target in COMPOSITES for n in ops):
-            grouper.skip("no_bytes_saved")
+            grouper.skip("no_bytes_saved", sorted(g, key=grouper.order.get))
             continue
         kept.append(g)
         saved += max(0, s)
@@ -279,10 +279,13 @@ def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool
     propagate(gm)
     after = costmodel.graph_cost(gm)
     if exact:
-        c.skip("feeds_routing_decision", sum(1 for n in exact if can_lower(n)))
+        cone = sorted((n for n in exact if can_lower(n)), key=grouper.order.get)
+        c.skip("feeds_routing_decision", len(cone), nodes=cone)
     stats = {"groups": len(kept), "nodes_fused": nodes_fused, "horizontal_merges": merged,
              "kernels_extended": extended, "launches_before": before.launches, "launches_after": after.launches,
              "bytes_saved": saved, "asserts_dropped": dropped, "skipped": dict(c.skipped)}
+    if c.declined:          # where it declined: the candidate node sets (`passlab explain`)
+        stats["declined"] = list(c.declined)
     return PassResult(gm, changed=bool(kept) or dropped > 0, stats=stats)
 
 

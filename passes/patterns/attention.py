@@ -400,11 +400,11 @@ def fuse_attention(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") ->
                 other += 1
             else:
                 c.matched += 1
-                c.skip(str(e))
+                c.skip(str(e), nodes=[sm])
             continue
         c.matched += 1
         if choose == "measure" and explicit_is_faster(m, ctx.device):
-            c.skip("explicit_measured_faster")
+            c.skip("explicit_measured_faster", nodes=[sm])
             continue
         rewrite(gm, m)
         c.rewritten += 1

@@ -148,11 +148,11 @@ def decode_attention(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") 
         except Skip as e:
             if str(e) != "not_decode":      # prefill attention is not a candidate
                 c.matched += 1
-                c.skip(str(e))
+                c.skip(str(e), nodes=[n])
             continue
         c.matched += 1
         if choose == "measure" and not explicit_faster(m, ctx.device):
-            c.skip("sdpa_measured_faster")
+            c.skip("sdpa_measured_faster", nodes=[n])
             continue
         rewrite(g, n, m)
         c.rewritten += 1

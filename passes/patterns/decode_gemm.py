@@ -83,7 +83,7 @@ def decode_gemm(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") -> Pa
         except Skip as e:
             if str(e) not in ("not_a_matrix_gemm", "too_many_rows"):
                 c.matched += 1
-                c.skip(str(e))
+                c.skip(str(e), nodes=[gemm])
             continue
         c.matched += 1
         M, N = shape(gemm)
@@ -94,7 +94,7 @@ def decode_gemm(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") -> Pa
         dt = gemm.meta["val"].dtype
         if choose == "measure" and not template_faster(M, N, x.meta["val"].shape[1], dt, b is not None,
                                                         res is not None):
-            c.skip("aten_measured_faster")
+            c.skip("aten_measured_faster", nodes=[gemm])
             continue
         w = onednn_weight(gm, gemm, wt)          # the [N, K] weight (a Linear's own, or a transposed copy)
         if w is None:

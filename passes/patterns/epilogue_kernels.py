@@ -37,7 +37,7 @@ def cpu_epilogues(gm: torch.fx.GraphModule, c: Counters) -> int:
         try:
             fuse_nodes(gm, nodes, label="epilogue")
         except FusionError:
-            c.skip("epilogue_not_one_kernel")
+            c.skip("epilogue_not_one_kernel", nodes=nodes)
             continue
         made += 1
     return made

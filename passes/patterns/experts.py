@@ -118,7 +118,7 @@ def group_experts(gm: torch.fx.GraphModule, ctx) -> PassResult:
         except Skip as e:
             if str(e) != "not_gathered":
                 c.matched += 1
-                c.skip(str(e))
+                c.skip(str(e), nodes=[n])
             continue
         c.matched += 1
         rewrite(g, n, w, ids, x, transposed, memo)

@@ -70,7 +70,7 @@ def gather_rows(gm: torch.fx.GraphModule, ctx) -> PassResult:
             x, idx, rows = match(n)
         except Skip as e:
             c.matched += 1
-            c.skip(str(e))
+            c.skip(str(e), nodes=[n])
             continue
         c.matched += 1
         with g.inserting_before(n):

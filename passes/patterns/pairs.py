@@ -49,7 +49,7 @@ def sum_pairs(gm: torch.fx.GraphModule, ctx) -> PassResult:
         except Skip as e:
             if str(e) != "not_a_pair":
                 c.matched += 1
-                c.skip(str(e))
+                c.skip(str(e), nodes=[n])
             continue
         c.matched += 1
         with g.inserting_before(n):

@@ -82,20 +82,37 @@ class Skip(Exception):
 
 class Counters:
     """matched / rewritten / skipped{reason: n}: the statistics of a pattern pass.
-    Reasons are snake_case identifiers, so run records and tables can key on them."""
+    Reasons are snake_case identifiers, so run records and tables can key on them.
+
+    `skip(reason, nodes=...)` also records WHERE it declined: the candidate's
+    node names (`declined`: [{"reason", "nodes"}], each node set once, at most
+    `DECLINED_MAX`), which `passlab explain` lists, prices and measures."""
+
+    DECLINED_MAX = 200
 
     def __init__(self):
         self.matched, self.rewritten, self.skipped = 0, 0, Counter()
+        self.declined: list[dict] = []
+        self._seen: set = set()
 
-    def skip(self, reason: str, n: int = 1) -> None:
+    def skip(self, reason: str, n: int = 1, nodes=None) -> None:
         reason = str(reason)
         if not REASON.match(reason):
             raise ValueError(f"skip reason {reason!r} is not snake_case (e.g. 'dtype_mismatch')")
         self.skipped[reason] += n
+        if nodes:
+            names = [x.name if isinstance(x, torch.fx.Node) else str(x) for x in nodes]
+            key = (reason, frozenset(names))
+            if key not in self._seen and len(self.declined) < self.DECLINED_MAX:
+                self._seen.add(key)
+                self.declined.append({"reason": reason, "nodes": names})
 
     def as_dict(self, **extra) -> dict:
-        return {"matched": self.matched, "rewritten": self.rewritten,
-                "skipped": dict(sorted(self.skipped.items())), **extra}
+        d = {"matched": self.matched, "rewritten": self.rewritten,
+             "skipped": dict(sorted(self.skipped.items())), **extra}
+        if self.declined:
+            d["declined"] = list(self.declined)
+        return d
 
 
 # ---------------------------------------------------------------- views
