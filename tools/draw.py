@@ -214,6 +214,7 @@ class Item:
     mark: str | None = None
     layout: bool = False
     ops: list = field(default_factory=list)
+    seconds: float | None = None  # measured time (a fused kernel's split evenly over its drawn ops)
 
 
 @dataclass
@@ -233,6 +234,15 @@ class Drawing:
     title: str = ""
     depth: int | None = None
     total_nodes: int = 0
+    step_s: float | None = None  # the measured step the items' times are shares of
+
+    def heat_max(self) -> float:
+        """The largest drawn time (a fused cluster counts whole): the top of the heat scale."""
+        per = {}
+        for i in self.items:
+            if i.seconds is not None:
+                per[i.cluster or i.id] = per.get(i.cluster or i.id, 0.0) + i.seconds
+        return max(per.values(), default=0.0)
 
     def dot(self) -> str:
         return emit(self)
@@ -248,8 +258,10 @@ class Builder:
     """Walks the graph once: one item per node (a fused node becomes a cluster
     of its subgraph's ops), one edge per tensor read."""
 
-    def __init__(self, gm: torch.fx.GraphModule, marks: dict[str, str], params: bool, expand_fused: bool):
+    def __init__(self, gm: torch.fx.GraphModule, marks: dict[str, str], params: bool, expand_fused: bool,
+                 times: dict[str, float] | None = None):
         self.gm, self.marks, self.params, self.expand_fused = gm, marks, params, expand_fused
+        self.times = times or {}
         self.items: dict[str, Item] = {}
         self.edges: list[Edge] = []
         self.clusters: dict[str, str] = {}
@@ -302,7 +314,8 @@ class Builder:
             tip.append("module: " + (stack[-1][0] or "(root)") + f" ({stack[-1][1]})")
         ops = [op_name(node.target)] if node.op == "call_function" else []
         self.items[node.name] = Item(node.name, label, "\n".join(t for t in tip if t), kind, stack,
-                                     mark=self.marks.get(node.name), layout=layout, ops=ops)
+                                     mark=self.marks.get(node.name), layout=layout, ops=ops,
+                                     seconds=self.times.get(node.name))
         self.source[(node.name, None)] = node.name
         self.connect(node.all_input_nodes if node.op != "output" else flat_nodes(node.args), node.name)
 
@@ -321,12 +334,13 @@ class Builder:
         if not self.expand_fused or sub is None or not inner or len(inner) > EXPAND_FUSED_MAX:
             summary = " · ".join(f"{c}×{o}" if c > 1 else o for o, c in Counter(ops).most_common(4))
             self.items[node.name] = Item(node.name, f"{kname}\n{len(ops)} ops: {summary}", tip, OpClass.FUSED,
-                                         stack, mark=mark, ops=ops)
+                                         stack, mark=mark, ops=ops, seconds=self.times.get(node.name))
             self.source[(node.name, None)] = node.name
             self.connect(node.all_input_nodes, node.name)
             return
         cid = node.name
         self.clusters[cid] = f"{kname} ({len(inner)} ops)"
+        share = self.times[node.name] / len(inner) if node.name in self.times else None
         outer_inputs = flat_nodes(node.args)
         phs = [n for n in sub.graph.nodes if n.op == "placeholder"]
         if len(outer_inputs) != len(phs):
@@ -339,7 +353,8 @@ class Builder:
             op = op_name(n.target)
             self.items[iid] = Item(iid, n.name if n.name.startswith(op) else f"{n.name}\n{op}",
                                    f"{n.name}: {n.target} (in {kname})\n{value_tooltip(n.meta.get('val'))}\n{tip}",
-                                   op_class(n), stack, cluster=cid, mark=mark, layout=is_layout_conversion(n), ops=[op])
+                                   op_class(n), stack, cluster=cid, mark=mark, layout=is_layout_conversion(n), ops=[op],
+                                   seconds=share)
             for a in n.all_input_nodes:
                 if a.name in local:
                     self.edges.append(Edge(local[a.name], iid, a.meta.get("val")))
@@ -366,10 +381,13 @@ class Builder:
 def build(gm: torch.fx.GraphModule, *, depth: int | None = None, title: str | None = None,
           marks: dict[str, str] | None = None, params: bool = True, expand_fused: bool = True,
           max_nodes: int | None = 250, ghosts: torch.fx.GraphModule | None = None,
-          origin: torch.fx.GraphModule | None = None) -> Drawing:
+          origin: torch.fx.GraphModule | None = None, times: dict[str, float] | None = None,
+          step_s: float | None = None) -> Drawing:
     """The drawing model of `gm`. depth None: collapse only when more than
-    `max_nodes` boxes would be drawn, to the deepest module level that fits."""
-    b = Builder(gm, marks or {}, params, expand_fused)
+    `max_nodes` boxes would be drawn, to the deepest module level that fits.
+    `times`: measured seconds by node name (`runtime.nodetime`), drawn as a heat
+    colour and a label (share of `step_s`, the measured step)."""
+    b = Builder(gm, marks or {}, params, expand_fused, times)
     b.build()
     place_stackless(b, gm, origin if origin is not None else ghosts)
     if ghosts is not None:
@@ -378,7 +396,7 @@ def build(gm: torch.fx.GraphModule, *, depth: int | None = None, title: str | No
     total = sum(1 for n in gm.graph.nodes if n.op == "call_function")
     if depth is None and max_nodes and len(items) > max_nodes:
         depth = auto_depth(items, edges, max_nodes)
-    d = Drawing(items, edges, dict(b.clusters), title or "", None, total)
+    d = Drawing(items, edges, dict(b.clusters), title or "", None, total, step_s)
     if depth is not None:
         d = collapse(d, depth)
     return d
@@ -479,8 +497,10 @@ def collapse(d: Drawing, depth: int) -> Drawing:
         tip = f"module {path} ({typ}), collapsed at depth {depth}\n" + \
               ", ".join(f"{o}×{c}" for o, c in ops.most_common()) + (f"\ntop: {top}" if top else "")
         mark = "changed" if marks else None
+        secs = [m.seconds for m in ms if m.seconds is not None]
         items.append(Item(f"module:{path}", label, tip, "module", (), mark=mark,
-                          layout=any(m.layout for m in ms), ops=list(ops.elements())))
+                          layout=any(m.layout for m in ms), ops=list(ops.elements()),
+                          seconds=sum(secs) if secs else None))
     seen, edges = {}, []
     for e in d.edges:
         s, t = rep[e.src], rep[e.dst]
@@ -492,7 +512,7 @@ def collapse(d: Drawing, depth: int) -> Drawing:
         seen[(s, t)] = Edge(s, t, e.val, e.ghost)
         edges.append(seen[(s, t)])
     clusters = {c: l for c, l in d.clusters.items() if any(i.cluster == c for i in items)}
-    return Drawing(items, edges, clusters, d.title, depth, d.total_nodes)
+    return Drawing(items, edges, clusters, d.title, depth, d.total_nodes, d.step_s)
 
 
 # ---------------------------------------------------------------- DOT text
@@ -505,9 +525,30 @@ def attrs(**kw) -> str:
     return "[" + ", ".join(f"{k}={q(v)}" for k, v in kw.items() if v is not None) + "]"
 
 
-def node_line(i: Item) -> str:
+HEAT = ((255, 255, 255), (255, 214, 102), (214, 48, 39))   # 0 -> half -> the slowest drawn node
+
+
+def heat_colour(x: float) -> str:
+    """White through amber to red for x in [0, 1]."""
+    x = min(1.0, max(0.0, x))
+    (a, b), f = ((HEAT[0], HEAT[1]), 2 * x) if x < 0.5 else ((HEAT[1], HEAT[2]), 2 * x - 1)
+    return "#" + "".join(f"{round(p + (q - p) * f):02x}" for p, q in zip(a, b))
+
+
+def time_text(seconds: float, step_s: float | None) -> str:
+    us = seconds * 1e6
+    t = f"{us:.0f} µs" if us >= 100 else f"{us:.1f} µs"
+    return t + (f" · {100 * seconds / step_s:.1f}%" if step_s else "")
+
+
+def node_line(i: Item, hot: float = 0.0, step_s: float | None = None) -> str:
     fill, border, shape = STYLE.get(i.kind, STYLE[OpClass.OPAQUE])
     style, pen, tip = "filled,rounded" if shape == "box" else "filled", "1", i.tooltip
+    label = i.label
+    if i.seconds is not None and hot > 0 and not i.cluster:
+        fill = heat_colour(i.seconds / hot)
+        label += "\n" + time_text(i.seconds, step_s)
+        tip = f"measured {time_text(i.seconds, step_s)} of the step\n{tip}"
     small = i.kind in (OpClass.VIEW, "param")
     if i.layout:
         border, pen = LAYOUT_COLOR, "3"
@@ -520,7 +561,7 @@ def node_line(i: Item) -> str:
         tip = f"[{why}]\n{tip}"
         if i.mark == "removed":
             fill = "#fdecea"
-    return f"  {q(i.id)} " + attrs(label=i.label, tooltip=tip, shape=shape, style=style, fillcolor=fill,
+    return f"  {q(i.id)} " + attrs(label=label, tooltip=tip, shape=shape, style=style, fillcolor=fill,
                                    color=border, penwidth=pen, fontsize="8" if small else None,
                                    height="0.25" if small else None) + ";"
 
@@ -537,6 +578,10 @@ def emit(d: Drawing) -> str:
     title = d.title
     if d.depth is not None:
         title = (title + "\n" if title else "") + f"collapsed to module depth {d.depth} ({d.total_nodes} nodes)"
+    hot = d.heat_max()
+    if hot > 0:
+        title = (title + "\n" if title else "") + "measured time per node" + \
+            (f", step {time_text(d.step_s, None)} (% of step)" if d.step_s else "") + "; white → red: slowest"
     lines = ["digraph passlab {",
              "  graph " + attrs(rankdir="TB", fontname="Helvetica", fontsize="12", labelloc="t",
                                  label=title or None, nodesep="0.25", ranksep="0.3", tooltip=" ") + ";",
@@ -546,13 +591,18 @@ def emit(d: Drawing) -> str:
     by_cluster: dict[str | None, list[Item]] = {}
     for i in d.items:
         by_cluster.setdefault(i.cluster, []).append(i)
-    lines += [node_line(i) for i in by_cluster.pop(None, [])]
-    fill, border = FUSED_CLUSTER
+    lines += [node_line(i, hot, d.step_s) for i in by_cluster.pop(None, [])]
     for cid, its in by_cluster.items():
         lines.append(f"  subgraph {q('cluster_' + cid)} {{")
         mark = its[0].mark
+        fill, border = FUSED_CLUSTER
         color, pen = (MARKS[mark][0], "2.5") if mark in MARKS else (border, "1.5")
-        lines.append("    graph " + attrs(label="⚡ " + d.clusters.get(cid, cid), style="rounded,filled",
+        label = "⚡ " + d.clusters.get(cid, cid)
+        secs = [i.seconds for i in its if i.seconds is not None]
+        if secs and hot > 0:
+            fill = heat_colour(sum(secs) / hot)
+            label += "\n" + time_text(sum(secs), d.step_s)
+        lines.append("    graph " + attrs(label=label, style="rounded,filled",
                                            fillcolor=fill, color=color, penwidth=pen, fontsize="10",
                                            tooltip=its[0].tooltip.split("\n", 2)[-1]) + ";")
         lines += ["  " + node_line(i) for i in its]
@@ -578,6 +628,7 @@ def legend_html() -> str:
 # ---------------------------------------------------------------- API
 
 def to_dot(gm: torch.fx.GraphModule, depth: int | None = None, title: str | None = None, **kw) -> str:
+    """DOT text of `gm`; `times=` / `step_s=` (measured seconds by node name) add the heat."""
     return build(gm, depth=depth, title=title, **kw).dot()
 
 
