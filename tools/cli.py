@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--after", default=None, help="run these passes first, e.g. cleanup,fuse")
     sh.add_argument("--kernels", action="store_true", help="print each fused group's ops and generated source")
     sh.add_argument("--graph", action="store_true", help="print every node: op, dtype, shape and users")
-    sh.add_argument("--format", default="text", choices=["text", "svg", "png", "dot"])
+    sh.add_argument("--format", default="text", choices=["text", "svg", "png", "dot", "model-explorer"])
+    sh.add_argument("--measure", action="store_true", help="measure each node's time (heat on drawings, node data)")
+    sh.add_argument("--diff", default=None, metavar="PASS", help="what PASS removed, added and replaced")
     sh.add_argument("--device", default="cpu")
     sh.add_argument("--depth", type=int, default=None, help="collapse the drawing by module hierarchy")
     sh.add_argument("-o", "--output", default=None, help="file to write (drawings)")
@@ -53,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--ablate", action="store_true", help="leave-one-out contribution of each pass")
     rn.add_argument("--shapley", action="store_true", help="Shapley values over subsets of passes")
     rn.add_argument("--peers", action="store_true", help="also measure eager and torch.compile")
+    rn.add_argument("--node-times", action="store_true",
+                    help="measure each node's time in every graph (report: heat, per-node table, per-pass diff)")
     rn.add_argument("--generate", type=int, default=None, metavar="N",
                     help="serving: time model.generate, prefill + N decode steps (hf:ARCH decoders): time to "
                          "first token, decode tokens/s, tokens/J, each pass on the decode step; --peers adds "
@@ -147,7 +151,8 @@ def cmd_run(args) -> int:
     try:
         r = run(args.model, preset=args.preset, pipeline=args.pipeline, device=args.device, dtype=args.dtype,
                 strict=args.strict, tolerance=args.tolerance, measure=args.measure, budget_s=budget,
-                ablate=args.ablate, shapley=args.shapley, peers=args.peers, progress=say, bar=prog.bar)
+                ablate=args.ablate, shapley=args.shapley, peers=args.peers, progress=say, bar=prog.bar,
+                node_times=args.node_times)
     except bad_args_errors() as e:
         raise BadArguments(e) from e
     except (RunFailed, RunInterrupted) as e:
@@ -248,7 +253,7 @@ COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "new-pass": cmd_
 def load_extra_commands():
     """Optional subcommands from other tools modules (e.g. simulate)."""
     import importlib
-    for mod in ("simulate", "zoo"):
+    for mod in ("simulate", "zoo", "explain"):
         try:
             m = importlib.import_module(f"passlab.tools.{mod}")
         except ImportError:

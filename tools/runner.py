@@ -62,7 +62,7 @@ def run(model: str | Sample, *, preset: str = "tiny", pipeline=None, device: str
         strict: bool = False, tolerance: float | None = None, measure: bool = True,
         budget_s: float = 2.0, ablate: bool = False, shapley: bool = False, peers: bool = False,
         progress: Callable[[str], None] | None = None,
-        bar: Callable[[int, int, str], None] | None = None) -> Run:
+        bar: Callable[[int, int, str], None] | None = None, node_times: bool = False) -> Run:
     say = progress or (lambda msg: None)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but no CUDA device is available here; use --device cpu")
@@ -111,6 +111,12 @@ def run(model: str | Sample, *, preset: str = "tiny", pipeline=None, device: str
     rec["dtype"] = str(sample.dtype).replace("torch.", "")
     rec["description"] = sample.description
     rec["missing_default_passes"] = missing          # default passes whose module failed to import
+    if node_times:             # measured time per node of every graph, and each pass's diff with them
+        from . import nodetime, passdiff
+        say("timing every node of the captured graph and of each pass's graph")
+        times = nodetime.time_graphs(sample, nodetime.run_graphs(result), device=device, budget_s=min(budget_s, 1.0))
+        rec["node_times"] = {k: t.as_dict() for k, t in times.items()}
+        rec["pass_diffs"] = [d.as_dict() for d in passdiff.run_diffs(result, times)]
     rec["aten_fallbacks"] = {n.name: n.target.fallback(n) for n in result.gm.graph.nodes   # what runs ATen instead
                              if n.op == "call_function" and hasattr(n.target, "fallback") and n.target.fallback(n)}
     return Run(rec, result, sample, result.gm)

@@ -80,15 +80,27 @@ def kernels_text(gm) -> str:
 
 
 def main(args) -> int:
-    sample, gm, result = graph_after(args.model, args.preset, args.dtype, args.device, args.after)
+    after = args.after
+    if getattr(args, "diff", None) and not after:
+        from passlab.passes.pipeline import available_default
+        after = available_default()
+    sample, gm, result = graph_after(args.model, args.preset, args.dtype, args.device, after)
     if result is not None:
         for s in result.steps:
             if s.status != "ok":
                 print(f"passlab: pass {s.name} rolled back: {s.error}", file=sys.stderr)
+    measured = measure_setup(args, sample, gm)
+    if getattr(args, "diff", None):
+        return show_diff(args, sample, result, measured)
+    if args.format == "model-explorer":
+        return show_explorer(args, sample, gm, result, measured, after)
+    times = measured(gm) if measured else None
     if args.format != "text":
         from . import draw
+        heat = {"times": times.seconds(), "step_s": times.step.median_s} if times else {}
         try:
-            path = draw.write(gm, args.output or f"{sample.name}.{args.format}", fmt=args.format, depth=args.depth)
+            path = draw.write(gm, args.output or f"{sample.name}.{args.format}", fmt=args.format, depth=args.depth,
+                              **heat)
         except RuntimeError as e:  # Graphviz missing or failing
             print(f"passlab: error: {e}", file=sys.stderr)
             return 1
@@ -101,6 +113,9 @@ def main(args) -> int:
         text += "\n\n" + kernels_text(gm)
     if getattr(args, "mlir", False):
         text += "\n\n" + mlir_text(sample, result, gm)
+    if times is not None:
+        from . import nodetime
+        text += "\n\n" + nodetime.text(times, "measured time per node")
     if args.output:
         with open(args.output, "w") as f:
             f.write(text + "\n")
@@ -118,3 +133,64 @@ def mlir_text(sample, result, gm) -> str:
     return (f"elementwise/reduction loop nests — MLIR linalg-fuse-elementwise-ops: "
             f"{c['elementwise_loops_before']} -> {c['elementwise_loops_after']}; "
             f"passlab: {c['passlab_before']} -> {c['passlab_after']} kernels")
+
+
+def measure_setup(args, sample, gm):
+    """With --measure: a function timing a graph's nodes on this sample's inputs; else None."""
+    if not getattr(args, "measure", False):
+        return None
+    from passlab.graphs import stateful
+    from . import nodetime
+    sample = stateful(sample, gm, lift=False)
+    budget = 0.5 if args.preset == "tiny" else 2.0
+    return lambda g: nodetime.time_graphs(sample, {"g": g}, device=args.device, budget_s=budget)["g"]
+
+
+def show_diff(args, sample, result, measured) -> int:
+    """`passlab show MODEL --diff PASS`: what the pass removed, added and replaced (measured times with --measure)."""
+    from . import passdiff
+    from .nodetime import run_graphs, step_key
+    i = passdiff.find_step(result, args.diff)
+    graphs = run_graphs(result)
+    before = graphs[step_key(result, i - 1) if i > 0 else "baseline"]
+    after = graphs[step_key(result, i)]
+    tb, ta = (measured(before), measured(after)) if measured else (None, None)
+    pd = passdiff.pass_diff(before, after, step=i, name=result.steps[i].name, times_before=tb, times_after=ta)
+    if args.format in ("svg", "png", "dot"):
+        from . import draw
+        heat = {"times": ta.seconds(), "step_s": ta.step.median_s} if ta else {}
+        dot = draw.diff_dot(before, after, depth=args.depth, title=f"{args.diff}: " + draw.diff(before, after).summary(),
+                            **heat)
+        path = args.output or f"{sample.name}-{args.diff}.{args.format}"
+        try:
+            data = dot.encode() if args.format == "dot" else draw.render(dot, args.format)
+        except RuntimeError as e:
+            print(f"passlab: error: {e}", file=sys.stderr)
+            return 1
+        with open(path, "wb") as f:
+            f.write(data)
+        print(f"passlab: wrote {path}", file=sys.stderr)
+    out = passdiff.text(pd)
+    if args.output and args.format == "text":
+        with open(args.output, "w") as f:
+            f.write(out + "\n")
+    else:
+        print(out)
+    return 0
+
+
+def show_explorer(args, sample, gm, result, measured, after) -> int:
+    """`--format model-explorer`: the captured graph and the graph after the pipeline in one collection."""
+    from . import explorer
+    graphs = {"captured": result.baseline.snapshot if result is not None else gm}
+    if result is not None:
+        graphs[f"after {after}"] = gm
+    times = {k: measured(g) for k, g in graphs.items()} if measured else None
+    try:
+        paths = explorer.write(args.output or f"{sample.name}.json", sample.name, graphs, times, args.device)
+    except explorer.ExplorerMissing as e:
+        print(f"passlab: error: {e}", file=sys.stderr)
+        return 1
+    for p in paths:
+        print(f"passlab: wrote {p}", file=sys.stderr)
+    return 0
