@@ -19,6 +19,7 @@ import os
 import re
 
 from . import draw
+from .nodetime import heat_of, us
 from .record import clean, write_json
 
 ASSETS = os.path.join(os.path.dirname(__file__), "report_assets")
@@ -56,6 +57,10 @@ def seconds(v) -> str:
     if v is None:
         return "–"
     return f"{v * 1e3:.3g} ms" if v < 1 else f"{v:.3g} s"
+
+
+def usec(v) -> str:
+    return "–" if v is None else f"{us(v)} µs"
 
 
 def svg_text(x, y, text, anchor="start", cls="", extra="") -> str:
@@ -267,14 +272,23 @@ def pane(title: str, body: str) -> str:
             f'<div class="zoom">{body}</div></div>')
 
 
-def graph_pair(before, after, key: str, label_before: str, label_after: str) -> tuple[str, str]:
-    """Side-by-side drawings with the diff marked; both at the same module depth."""
+def heat(times) -> dict:
+    """draw.build's `times` / `step_s` from a record's node times (empty without)."""
+    secs, step = heat_of(times)
+    return {"times": secs, "step_s": step} if secs else {}
+
+
+def graph_pair(before, after, key: str, label_before: str, label_after: str, times_before=None,
+               times_after=None) -> tuple[str, str]:
+    """Side-by-side drawings with the diff marked; both at the same module depth;
+    with node times (a record's `node_times` entries) as a heat colour and label."""
     d = draw.diff(before, after)
-    b = draw.build(before, marks=d.marks_before(), max_nodes=GRAPH_MAX_NODES, params=False)
+    hb, ha = heat(times_before), heat(times_after)
+    b = draw.build(before, marks=d.marks_before(), max_nodes=GRAPH_MAX_NODES, params=False, **hb)
     a = draw.build(after, marks=d.marks_after(), depth=b.depth, max_nodes=GRAPH_MAX_NODES, params=False,
-                   origin=before)
+                   origin=before, **ha)
     if b.depth is None and a.depth is not None:
-        b = draw.build(before, marks=d.marks_before(), depth=a.depth, params=False)
+        b = draw.build(before, marks=d.marks_before(), depth=a.depth, params=False, **hb)
     try:
         left, right = inline_svg(b.dot(), f"g{key}b"), inline_svg(a.dot(), f"g{key}a")
     except RuntimeError as e:   # no Graphviz, or it failed: the DOT text still tells the story
@@ -285,8 +299,8 @@ def graph_pair(before, after, key: str, label_before: str, label_after: str) -> 
             f'</label><div class="pair">{pane(label_before, left)}{pane(label_after, right)}</div></div>', note)
 
 
-def single_graph(gm, key: str, label: str) -> str:
-    d = draw.build(gm, max_nodes=GRAPH_MAX_NODES, params=False)
+def single_graph(gm, key: str, label: str, times=None) -> str:
+    d = draw.build(gm, max_nodes=GRAPH_MAX_NODES, params=False, **heat(times))
     try:
         body = inline_svg(d.dot(), f"g{key}")
     except RuntimeError as e:
@@ -478,6 +492,65 @@ def roofline(rec: dict) -> str:
             f'{chart}</section>')
 
 
+def times_table(nt: dict, names: list[str]) -> str:
+    step = nt["step"]["median_s"]
+    head = "".join(f"<th>{h}</th>" for h in ("node", "op", "time", "95% CI", "share of step", "bytes",
+                                             "achieved", "% of roofline"))
+    rows = []
+    for name in names:
+        t = nt["nodes"][name]
+        unit = "GB/s" if t["bound"] == "memory" else "GFLOP/s"
+        rate = f'{t["achieved_per_s"] / 1e9:,.2f} {unit}' if t.get("achieved_per_s") else "-"
+        roof = f'{t["percent_of_roofline"]:.0f}%' if t.get("percent_of_roofline") is not None else "-"
+        rows.append(f'<tr><td>{esc(name)}</td><td>{esc(t["op"])}</td><td>{usec(t["median_s"])}</td>'
+                    f'<td>{usec(t["ci_low_s"])}–{usec(t["ci_high_s"])}</td>'
+                    f'<td>{100 * t["median_s"] / step:.1f}%</td><td>{nbytes(t["bytes"])}</td><td>{rate}</td>'
+                    f'<td>{roof}</td></tr>')
+    return f'<div style="overflow-x:auto"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def node_times(rec: dict) -> str:
+    """Measured time per node (`passlab run --node-times`): the captured and the
+    final graph, the slowest nodes with their share of the step, every fused
+    kernel against the measured roofline, and the full per-node table."""
+    nts = rec.get("node_times") or {}
+    if not nts:
+        return ""
+    final = sorted((k for k in nts if k.startswith("step")), key=lambda k: int(k[4:]))
+    parts = ['<section id="node-times"><h2>Measured time per node</h2>']
+    for key, label in [("baseline", "captured graph")] + ([(final[-1], "final graph")] if final else []):
+        nt = nts[key]
+        by_time = sorted(nt["nodes"], key=lambda n: -nt["nodes"][n]["median_s"])
+        kernels = [n for n in by_time if nt["nodes"][n]["kernel"]]
+        parts.append(f'<h3>{esc(label)}</h3><p class="note">step {usec(nt["step"]["median_s"])} (the plain run, '
+                     f'median of {nt["step"]["n"]}); the node times sum to {usec(nt["node_sum_s"])} = '
+                     f'{100 * nt["coverage"]:.0f}% of it; {esc(nt["method"])}, timed interleaved with the plain '
+                     f'run. Roofline: copy {nbytes(nt["roofline"].get("copy_bytes_per_s") or 0)}/s, matmul '
+                     f'{(nt["roofline"].get("matmul_flops_per_s") or 0) / 1e9:,.0f} GFLOP/s '
+                     f'({esc(str(nt["roofline"].get("dtype")))}), measured on this machine.</p>'
+                     f'<h4>slowest nodes</h4>{times_table(nt, by_time[:12])}')
+        if kernels:
+            parts.append(f'<h4>fused kernels against the roofline</h4>{times_table(nt, kernels)}')
+        parts.append(f'<details><summary>every node ({len(by_time)})</summary>{times_table(nt, list(nt["nodes"]))}'
+                     '</details>')
+    return "".join(parts) + "</section>"
+
+
+def diff_table(d: dict) -> str:
+    """A pass's removed / added / replaced nodes with their measured time before and after."""
+    rows = [(k, e) for k in ("replaced", "removed", "added") for e in d.get(k) or []]
+    if not rows:
+        return ""
+    body = "".join(f'<tr><td>{k}</td><td>{esc(e["name"])}</td><td>{esc(e["op"])}</td>'
+                   f'<td>{esc(", ".join(e["replaces"][:8]) + (" …" if len(e["replaces"]) > 8 else ""))}</td>'
+                   f'<td>{usec(e["before_s"])}</td><td>{usec(e["after_s"])}</td></tr>' for k, e in rows[:60])
+    more = f'<p class="note">{len(rows) - 60} more in the run record.</p>' if len(rows) > 60 else ""
+    return ('<details class="diff"><summary>graph diff: ' + ", ".join(f'{len(d.get(k) or [])} {k}' for k in
+            ("removed", "added", "replaced")) + '</summary><div style="overflow-x:auto"><table><thead><tr><th>change'
+            '</th><th>node</th><th>op</th><th>replaces</th><th>before</th><th>after</th></tr></thead>'
+            f'<tbody>{body}</tbody></table></div>{more}</details>')
+
+
 def attribution(rec: dict) -> str:
     parts = []
     sh, inter = rec.get("shapley"), rec.get("interaction")
@@ -495,6 +568,10 @@ def attribution(rec: dict) -> str:
                      + hbars_svg(rows, lambda v: f"{v:+.3f} ({pct_gain(v)})", svg_id="shapley"))
     elif inter is not None:
         parts.append(f"<p>interaction term: {inter:+.4f}</p>")
+    if rec.get("shapley_method"):
+        parts.append(f"<p class='note'>Shapley: {esc(str(rec['shapley_method']))}</p>")
+    if rec.get("interaction_matrix"):
+        parts.append(interaction_matrix(rec["interaction_matrix"]))
     ab = rec.get("ablation")
     if ab:
         rows = [(k, float(v), "#2e8b57" if v >= 1 else "#c0392b", f"without {k}, the pipeline is ×{v:.3f} slower")
@@ -534,12 +611,38 @@ def attribution(rec: dict) -> str:
     return '<section id="attribution"><h2>Attribution</h2>' + "".join(parts) + "</section>"
 
 
+def interaction_matrix(m: dict) -> str:
+    """Pairwise interactions (log-throughput) as a coloured table: green, the
+    pair gains more together than apart; red, less; the diagonal is each
+    item's solo gain."""
+    names = list(m)
+    vals = [abs(v) for row in m.values() for v in row.values() if v is not None]
+    top = max(vals, default=0.0) or 1.0
+
+    def cell(v, diag):
+        if v is None:
+            return '<td class="muted">–</td>'
+        a = min(abs(v) / top, 1.0)
+        colour = f"rgba(46,139,87,{a:.2f})" if v >= 0 else f"rgba(192,57,43,{a:.2f})"
+        style = f"background:{colour}" + (";font-style:italic" if diag else "")
+        return f'<td style="{style}" title="{esc(pct_gain(v))}">{v:+.3f}</td>'
+    head = "".join(f"<th>{esc(short(n, 14))}</th>" for n in names)
+    rows = "".join(f'<tr><th class="l">{esc(a)}</th>' + "".join(cell(m[a].get(b), a == b) for b in names) + "</tr>"
+                   for a in names)
+    return ("<h3>Interaction matrix (log-throughput)</h3><p class='note'>Off the diagonal: v(a,b) − v(a) − v(b) + "
+            "v(none), what the pair gains together beyond their solo gains (&gt; 0 they help each other, &lt; 0 "
+            "they overlap); on the diagonal (italic): each item's solo gain. – : a subset not measured.</p>"
+            f'<table id="interaction-matrix"><thead><tr><th></th>{head}</tr></thead><tbody>{rows}</tbody></table>')
+
+
 def graphs(rec: dict, run) -> tuple[str, list]:
     steps = rec.get("steps") or []
     result = getattr(run, "result", None)
     if result is None or getattr(result, "baseline", None) is None or result.baseline.snapshot is None:
         return ('<section id="graphs"><h2>Graphs</h2><p class="note">No graph snapshots reached the report: a '
-                'distributed run keeps its graphs on the ranks, and a run that failed early has none (see the table '
+                'distributed run keeps its graphs on the ranks, an Inductor run (--compiler inductor) keeps them '
+                'inside torch.compile (each configuration\'s kernel count and compile time are in the table), '
+                'and a run that failed early has none (see the table '
                 f'above). <code>passlab show {esc(str(rec.get("model", "MODEL")))} --after PASSES --format svg</code> '
                 'draws any step.</p></section>', [])
     device = rec.get("device") or "cpu"
@@ -548,8 +651,11 @@ def graphs(rec: dict, run) -> tuple[str, list]:
            'right: after it, with what it added and fused. Wheel to zoom, drag to pan, double-click to fit; '
            'hover a box or an edge for details (shapes, bytes, module).</p>']
     base = result.baseline.snapshot
-    out.append(f'<h3 id="pass-0">Captured graph</h3>{single_graph(base, "0", "baseline (captured, core aten)")}')
-    prev = base
+    node_times = rec.get("node_times") or {}
+    diffs = {d["step"]: d for d in rec.get("pass_diffs") or []}
+    out.append(f'<h3 id="pass-0">Captured graph</h3>'
+               f'{single_graph(base, "0", "baseline (captured, core aten)", node_times.get("baseline"))}')
+    prev, prev_key = base, "baseline"
     shapley = rec.get("shapley") or {}
     recs = list(getattr(result, "steps", []) or [])
     for i, s in enumerate(steps, start=1):
@@ -574,12 +680,15 @@ def graphs(rec: dict, run) -> tuple[str, list]:
         if not s.get("changed") or snap is None:
             out.append('<p class="note">The pass left the graph as it was.</p>')
             continue
-        pair, note = graph_pair(prev, snap, str(i), f"before {s['pass']}", f"after {s['pass']}")
+        pair, note = graph_pair(prev, snap, str(i), f"before {s['pass']}", f"after {s['pass']}",
+                                node_times.get(prev_key), node_times.get(f"step{i - 1}"))
+        if i - 1 in diffs:
+            pair += diff_table(diffs[i - 1])
         before_names = {getattr(k, "name", None) for k in kernels_of(prev)}
         made = [k for k in kernels_of(snap) if getattr(k, "name", None) not in before_names]
         links = ", ".join(f'<a href="#kernel-{esc(k.name)}">{esc(k.name)}</a>' for k in made)
         out.append(f'<p class="note">{esc(note)}' + (f"; new kernels: {links}" if made else "") + "</p>" + pair)
-        prev = snap
+        prev, prev_key = snap, f"step{i - 1}"
     out.append("</section>")
     final = getattr(result, "gm", None) or prev
     kernels = kernels_of(final)
@@ -606,7 +715,8 @@ def page(rec: dict, run) -> str:
     js = open(os.path.join(ASSETS, "report.js")).read()
     body_graphs, _ = graphs(rec, run)
     data = json.dumps(clean(rec), indent=1).replace("</", "<\\/")
-    parts = [header(rec), "<main>", summary(rec), pass_table(rec), roofline(rec), attribution(rec), timeline(rec),
+    parts = [header(rec), "<main>", summary(rec), pass_table(rec), roofline(rec), node_times(rec), attribution(rec),
+             timeline(rec),
              body_graphs,
              f'<section><details><summary>run record (JSON)</summary><pre>{esc(data)}</pre></details></section>',
              "</main>"]

@@ -150,7 +150,11 @@ def show_diff(args, sample, result, measured) -> int:
     """`passlab show MODEL --diff PASS`: what the pass removed, added and replaced (measured times with --measure)."""
     from . import passdiff
     from .nodetime import run_graphs, step_key
-    i = passdiff.find_step(result, args.diff)
+    from .exits import BadArguments
+    try:
+        i = passdiff.find_step(result, args.diff)
+    except ValueError as e:
+        raise BadArguments(e) from e
     graphs = run_graphs(result)
     before = graphs[step_key(result, i - 1) if i > 0 else "baseline"]
     after = graphs[step_key(result, i)]
