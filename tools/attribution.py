@@ -91,12 +91,9 @@ def measure_run(sample: Sample, result, steps, *, device: str = "cpu", budget_s:
     energy = timing.EnergyMeter(device)
 
     def numbers(key: str, gm=None, prev: str | None = None) -> dict:
-        tm = t[alias.get(key, key)]
-        d = throughput(tm, sample)
-        d["speedup_vs_eager"], *d["speedup_vs_eager_ci"] = timing.speedup(tm, t[EAGER])
-        if prev is not None:
-            d["speedup_vs_prev_ci"] = list(timing.speedup(tm, t[alias.get(prev, prev)])[1:])
+        d = timed(t, alias.get(key, key), sample, None if prev is None else alias.get(prev, prev))
         if gm is not None:
+            tm = t[alias.get(key, key)]
             bound = costmodel.roofline_bound_s(gm, profile, sample.dtype)
             d["bound_s"], d["percent_of_bound"] = bound, 100 * bound / tm.median_s
             d["intermediate_bytes_saved"] = base_bytes - costmodel.materialized_bytes(gm)
@@ -129,41 +126,19 @@ def measure_run(sample: Sample, result, steps, *, device: str = "cpu", budget_s:
         extra["subset_rollbacks"] = {"+".join(players[i] for i in k) or "(none)": bad
                                      for k, bad in subset_rollbacks.items() if bad}
         v = {k: math.log(numbers(f"subset{k}")["throughput"]) for k in subsets}
-        n = len(players)
-        full = tuple(range(n))
-        if ablate:
-            extra["ablation"] = {players[i]: math.exp(v[full] - v[tuple(j for j in full if j != i)])
-                                 for i in range(n)}
-            extra["solo"] = {players[i]: math.exp(v[(i,)] - v[()]) for i in range(n)}
-            extra["players"] = players
-        if shapley:
-            phi, samples = shapley_values(v, n)
-            extra["shapley"] = {players[i]: phi[i] for i in range(n)}
-            extra["shapley_samples"] = samples
-            extra["interaction"] = (v[full] - v[()]) - sum(v[(i,)] - v[()] for i in range(n))
-            extra["players"] = players
+        extra.update(attribute(v, players, ablate=ablate, shapley=shapley))
     return measured, extra
 
 
 def subset_graphs(sample, result, player_steps, device, *, ablate, shapley, say):
     """The graph after each needed subset of players (kept in pipeline order),
     and for each subset the passes rolled back or failed inside it."""
-    n = len(player_steps)
-    need: set[tuple] = {(), tuple(range(n))}
-    if ablate:
-        need |= {tuple(j for j in range(n) if j != i) for i in range(n)}
-        need |= {(i,) for i in range(n)}
-    if shapley:
-        if n <= EXACT_SHAPLEY_MAX:
-            need |= {c for r in range(n + 1) for c in itertools.combinations(range(n), r)}
-        else:
-            need |= {c for p in permutations(n) for c in prefixes(p)}
-            need |= {(i,) for i in range(n)}
+    need = needed_subsets(len(player_steps), ablate=ablate, shapley=shapley)
     tol = TOLERANCE.get(sample.dtype, 1e-4)
     check = CheckNumerics(sample.reference, sample.make_inputs, device, tol, mutated=sample.writes)
     ctx = PassContext(device=device, dtype=sample.dtype, example_inputs=sample.flat_inputs, sample=sample)
     out, rolled_back = {}, {}
-    for k, subset in enumerate(sorted(need, key=len)):
+    for k, subset in enumerate(need):
         steps = [s for i in subset for s in player_steps[i]]
         say(f"subset {k + 1}/{len(need)}: {'+'.join(str(i) for i in subset) or 'none'}")
         pm = PassManager(steps, instruments=[VerifyGraph(), check, Statistics()])
@@ -183,15 +158,52 @@ def permutations(n: int, count: int | None = None, seed: int = 0):
         yield tuple(p)
 
 
+def cyclic_permutations(n: int, seed: int = 0) -> list[tuple]:
+    """2n orders for a cheap sampled Shapley estimate: the n cyclic shifts of
+    one random order and their reverses. Every player stands at every position
+    exactly twice, and the prefixes are the cycle's n(n-1) arcs plus the empty
+    and full sets: n(n-1)+2 subsets instead of 2^n (44 instead of 128 at n=7)."""
+    rng = random.Random(seed)
+    base = list(range(n))
+    rng.shuffle(base)
+    shifts = [tuple(base[(i + k) % n] for i in range(n)) for k in range(n)]
+    return shifts + [tuple(reversed(p)) for p in shifts]
+
+
 def prefixes(perm):
     return [tuple(sorted(perm[:k])) for k in range(len(perm) + 1)]
 
 
-def shapley_values(v: dict[tuple, float], n: int) -> tuple[list[float], int | None]:
-    """Exact Shapley values of v over n players (sampled beyond EXACT_SHAPLEY_MAX:
-    then the second value is the number of permutations sampled)."""
+def needed_subsets(n: int, *, ablate: bool, shapley: bool, exact_max: int = EXACT_SHAPLEY_MAX,
+                   perms: list[tuple] | None = None) -> list[tuple]:
+    """The subsets of n players an attribution measures, in the order to build
+    them: none and all first, then (ablate) each solo and each leave-one-out,
+    then (shapley) the prefixes of the sampled orders `perms` (default
+    `permutations(n)`) one order at a time, so that a run cut short still holds
+    whole orders, and, up to `exact_max` players, every remaining subset."""
+    out: dict[tuple, None] = {(): None, tuple(range(n)): None}
+    if ablate:
+        out.update({(i,): None for i in range(n)})
+        out.update({tuple(j for j in range(n) if j != i): None for i in range(n)})
+    if shapley:
+        if n > exact_max:
+            out.update({(i,): None for i in range(n)})
+        for p in (perms if perms is not None else [] if n <= exact_max else permutations(n)):
+            out.update({c: None for c in prefixes(p)})
+        if n <= exact_max:
+            out.update({c: None for r in range(n + 1) for c in itertools.combinations(range(n), r)})
+    return list(out)
+
+
+def shapley_values(v: dict[tuple, float], n: int, *, exact_max: int = EXACT_SHAPLEY_MAX,
+                   perms: list[tuple] | None = None) -> tuple[list[float] | None, int | None]:
+    """Shapley values of v over n players: exact when n <= exact_max and v holds
+    every subset; otherwise the mean marginal gain over the orders `perms`
+    (default `permutations(n)`) whose prefixes v all holds, and the second
+    value is how many orders that was (phi is None when none was whole).
+    Either way the values sum to v[all] - v[none] (each order telescopes)."""
     phi = [0.0] * n
-    if n <= EXACT_SHAPLEY_MAX:
+    if n <= exact_max and len(v) >= 2 ** n:
         for i in range(n):
             others = [j for j in range(n) if j != i]
             for r in range(n):
@@ -199,11 +211,59 @@ def shapley_values(v: dict[tuple, float], n: int) -> tuple[list[float], int | No
                 for s in itertools.combinations(others, r):
                     phi[i] += w * (v[tuple(sorted(s + (i,)))] - v[s])
         return phi, None
-    perms = list(permutations(n))
-    for p in perms:
+    whole = [p for p in (perms if perms is not None else permutations(n)) if all(c in v for c in prefixes(p))]
+    if not whole:
+        return None, 0
+    for p in whole:
         for k, i in enumerate(p):
             phi[i] += v[tuple(sorted(p[:k + 1]))] - v[tuple(sorted(p[:k]))]
-    return [x / len(perms) for x in phi], len(perms)
+    return [x / len(whole) for x in phi], len(whole)
+
+
+def interaction_matrix(v: dict[tuple, float], players: list[str]) -> dict[str, dict[str, float | None]]:
+    """Pairwise interactions in log-throughput: off the diagonal
+    v(i,j) - v(i) - v(j) + v(none) (> 0: the pair gains more together than
+    apart), on it each player's solo gain v(i) - v(none); None where a subset
+    was not measured."""
+    n, out = len(players), {}
+    for i in range(n):
+        row = {}
+        for j in range(n):
+            keys = [(i,), ()] if i == j else [tuple(sorted((i, j))), (i,), (j,), ()]
+            if not all(k in v for k in keys):
+                row[players[j]] = None
+            elif i == j:
+                row[players[j]] = v[(i,)] - v[()]
+            else:
+                row[players[j]] = v[keys[0]] - v[(i,)] - v[(j,)] + v[()]
+        out[players[i]] = row
+    return out
+
+
+def attribute(v: dict[tuple, float], players: list[str], *, ablate: bool, shapley: bool,
+              exact_max: int = EXACT_SHAPLEY_MAX, perms: list[tuple] | None = None) -> dict:
+    """The record's attribution fields from v (subset of player indices ->
+    log-throughput): `ablation` and `solo` (--ablate), `shapley`,
+    `shapley_samples` (None: exact), `interaction` (total log gain minus the
+    sum of solo log gains) and `interaction_matrix` (--shapley). A value whose
+    subsets were not all measured (a budget cut the run short) is None."""
+    n, full = len(players), tuple(range(len(players)))
+    have = lambda *keys: all(k in v for k in keys)
+    extra: dict = {"players": players}
+    if ablate:
+        drop = lambda i: tuple(j for j in full if j != i)
+        extra["ablation"] = {players[i]: math.exp(v[full] - v[drop(i)]) if have(full, drop(i)) else None
+                             for i in range(n)}
+        extra["solo"] = {players[i]: math.exp(v[(i,)] - v[()]) if have((i,), ()) else None for i in range(n)}
+    if shapley:
+        phi, samples = shapley_values(v, n, exact_max=exact_max, perms=perms)
+        extra["shapley"] = None if phi is None else {players[i]: phi[i] for i in range(n)}
+        extra["shapley_samples"] = samples
+        extra["total_log_gain"] = v[full] - v[()]
+        extra["interaction"] = ((v[full] - v[()]) - sum(v[(i,)] - v[()] for i in range(n))
+                                if have(full, (), *[(i,) for i in range(n)]) else None)
+        extra["interaction_matrix"] = interaction_matrix(v, players)
+    return extra
 
 
 EAGER = "eager"
@@ -220,6 +280,18 @@ def throughput(tm: timing.Timing, sample: Sample) -> dict:
     return {"throughput": units / tm.median_s, "ci_low": units / tm.ci_high_s, "ci_high": units / tm.ci_low_s,
             "unit": f"{sample.unit}/s", "median_s": tm.median_s, "n": tm.n, "threads": tm.threads,
             "timing_method": tm.method}
+
+
+def timed(t: dict[str, timing.Timing], key: str, sample: Sample, prev: str | None = None) -> dict:
+    """One contender's numbers from an interleaved batch `t` (which holds
+    EAGER): throughput with its CI, speedup over eager with its paired CI and,
+    given `prev`, the CI of its speedup over that contender."""
+    tm = t[key]
+    d = throughput(tm, sample)
+    d["speedup_vs_eager"], *d["speedup_vs_eager_ci"] = timing.speedup(tm, t[EAGER])
+    if prev is not None:
+        d["speedup_vs_prev_ci"] = list(timing.speedup(tm, t[prev])[1:])
+    return d
 
 
 def model_call(sample: Sample, fn: Callable) -> Callable:

@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     ls = sub.add_parser("list", help="list models or passes")
-    ls.add_argument("what", choices=["models", "passes"])
+    ls.add_argument("what", choices=["models", "passes", "switches"],
+                    help="switches: Inductor's optimizations as --compiler inductor items, with the config each sets")
 
     sh = sub.add_parser("show", help="show a model's captured graph (after some passes)")
     sh.add_argument("model")
@@ -57,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--peers", action="store_true", help="also measure eager and torch.compile")
     rn.add_argument("--node-times", action="store_true",
                     help="measure each node's time in every graph (report: heat, per-node table, per-pass diff)")
+    rn.add_argument("--compiler", default="passlab", choices=["passlab", "inductor"],
+                    help="inductor: the items are Inductor's own optimizations (passlab list switches) and passlab "
+                         "passes run inside torch.compile; each is measured like a pass")
+    rn.add_argument("--max-configs", type=int, default=None, metavar="N",
+                    help="--compiler inductor: compile at most N attribution configurations (the baseline and "
+                         "prefixes always compile); Shapley then uses the whole orders compiled")
+    rn.add_argument("--compile-budget", type=float, default=None, metavar="SECONDS",
+                    help="--compiler inductor: stop compiling attribution configurations after this many seconds")
     rn.add_argument("--generate", type=int, default=None, metavar="N",
                     help="serving: time model.generate, prefill + N decode steps (hf:ARCH decoders): time to "
                          "first token, decode tokens/s, tokens/J, each pass on the decode step; --peers adds "
@@ -103,6 +112,9 @@ def cmd_list(args) -> int:
     if args.what == "models":
         from passlab.graphs import list_models
         items = list_models()
+    elif args.what == "switches":
+        from .inductor import list_switches
+        items = list_switches()
     else:
         from passlab.passes import list_passes
         items = list_passes()
@@ -136,6 +148,8 @@ def cmd_run(args) -> int:
     check_outputs(args)
     if args.generate is not None:
         return cmd_generate(args)
+    if args.compiler == "inductor":
+        return cmd_inductor(args)
     if args.world_size > 1:
         from . import distributed_run
         return distributed_run.main(args, write_outputs)
@@ -174,6 +188,46 @@ def cmd_run(args) -> int:
     for node, what in (r.record.get("aten_fallbacks") or {}).items():
         print(f"passlab: note: {node} runs the {what}", file=sys.stderr)
     return FAILED if write_outputs(args, r.record, r) else 0
+
+
+def cmd_inductor(args) -> int:
+    """`passlab run MODEL --compiler inductor`: Inductor's optimizations as items (tools/inductor.py)."""
+    from . import inductor
+    from .progress import Progress
+    from .table import pass_table
+    for flag, on in (("--world-size", args.world_size > 1), ("--peers", args.peers), ("--timeline", args.timeline),
+                     ("--no-measure", not args.measure), ("--strict", args.strict)):
+        if on:
+            raise BadArguments(f"{flag} does not apply to --compiler inductor (every configuration there is a "
+                               "torch.compile, timed against eager)")
+    for flag, v in (("--max-configs", args.max_configs), ("--compile-budget", args.compile_budget)):
+        if v is not None and v <= 0:
+            raise BadArguments(f"{flag} {v}: give a positive number")
+    try:
+        inductor.parse_items(args.pipeline, args.device)
+        from passlab.graphs import load
+        sample = load(args.model, args.preset, dtype=args.dtype, device=args.device)
+    except bad_args_errors() as e:
+        raise BadArguments(e) from e
+    prog = Progress()
+    budget = args.budget if args.budget is not None else (0.5 if args.preset == "tiny" else 3.0)
+    try:
+        rec = inductor.run(sample, preset=args.preset, pipeline=args.pipeline, device=args.device,
+                           dtype=args.dtype, ablate=args.ablate, shapley=args.shapley, budget_s=budget,
+                           max_configs=args.max_configs, compile_budget_s=args.compile_budget,
+                           tolerance=args.tolerance, say=prog.message, bar=prog.bar)
+    except Exception as e:
+        print(f"passlab: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return FAILED
+    print(pass_table(rec))
+    if rec.get("shapley"):
+        inter = rec.get("interaction")
+        print("Shapley (log-throughput): " + ", ".join(f"{k} {v:+.3f}" for k, v in rec["shapley"].items())
+              + ("" if inter is None else f"; interaction {inter:+.3f}"))
+    ind = rec["inductor"]
+    print(f"{ind['configs_compiled']} configurations compiled in {ind['compile_seconds_total']:.0f} s"
+          + (f" (budget reached: {ind['budget']['reached']})" if ind["budget"]["reached"] else ""))
+    return FAILED if write_outputs(args, rec, None) else 0
 
 
 def cmd_generate(args) -> int:
