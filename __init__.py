@@ -14,6 +14,9 @@ def __getattr__(name):
     if name in ("load", "capture"):
         import passlab.graphs as g
         return getattr(g, name)
+    if name == "inductor_pass":     # passlab passes as Inductor's post-grad custom pass (torch >= 2.11)
+        from passlab.passes.inductor import inductor_pass
+        return inductor_pass
     if name in ("register_pass", "PassResult"):
         import passlab.passes as p
         return getattr(p, name)

@@ -321,7 +321,8 @@ def make_peers(sample: Sample, x: tuple, device: str, say) -> tuple[dict, dict]:
         try:
             compiled = model_call(sample, torch.compile(sample.module, options=options))
             t0 = time.perf_counter()
-            with torch.no_grad():
+            # dynamo reads `freezing` while tracing, before options= applies: patched for the first call too
+            with torch.no_grad(), torch._inductor.config.patch(options or {}):
                 compiled(*x)
             info[name] = {"settings": settings, "compile_s": time.perf_counter() - t0}
             fns[name] = compiled
