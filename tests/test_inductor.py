@@ -143,6 +143,11 @@ def test_record_has_the_run_schema_with_the_compile_stubbed(monkeypatch, tmp_pat
         fn = attribution.model_call(sample_, lambda *a, **k: sample_.module(*a, **k))
         return inductor.Compiled(fn, 0.01, code=f"def call(args):\n    extern_kernels.mm(x)\n# {label}")
     monkeypatch.setattr(inductor, "compile_config", fake)
+    monkeypatch.setattr(inductor.timing, "peak_memory", lambda fn, x, device: (0, "stubbed"))
+
+    def no_export(*a, **k):
+        raise RuntimeError("export stubbed out: the run assumes the model writes no inputs")
+    monkeypatch.setattr(inductor, "capture", no_export)
     rec = inductor.run(sample, pipeline="fusion,inlining,freezing", shapley=True, ablate=True, budget_s=0.02)
     assert rec["schema"] == 1 and rec["compiler"] == "inductor" and rec["pipeline"] == ["fusion", "inlining",
                                                                                         "freezing"]

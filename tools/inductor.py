@@ -64,7 +64,9 @@ SWITCHES = {s.name: s for s in [
            "(off: at most one node per kernel, scheduler.can_fuse refuses every pair)",
            {"max_fusion_size": 64}, {"max_fusion_size": 1}),
     Switch("inlining", "pointwise ops are inlined into their consumers while lowering instead of "
-           "materialized (off: every pointwise result is realized into a buffer)",
+           "materialized (off: the realize thresholds at 0, so a pointwise result with several users or "
+           "reads is realized into a buffer; a single-read chain into one consumer still inlines, no config "
+           "value stops that)",
            {"realize_opcount_threshold": None, "realize_acc_reads_threshold": None, "realize_reads_threshold": 4},
            {"realize_opcount_threshold": 0, "realize_acc_reads_threshold": 0, "realize_reads_threshold": 0}),
     Switch("pattern_matcher", "Inductor's joint-graph and post-grad pattern rewrites (SDPA, GEMM + pointwise, "
@@ -179,7 +181,8 @@ class Compiled:
 
 
 KERNEL_CALL = re.compile(r"^\s*(?:[\w.]+ = )?(?:cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|"
-                         r"torch\.ops\.\w+\.\w+(?:\.\w+)?|aoti_torch_\w+)\(", re.M)
+                         r"torch\.ops\.\w+\.\w+(?:\.\w+)?|aoti_torch_\w+)\(|"
+                         r"AOTI_TORCH_ERROR_CODE_CHECK\(aoti_torch_(?:cpu|cuda)_\w+\(", re.M)
 
 
 def normalized(code: str) -> str:
@@ -284,13 +287,14 @@ def run(model, *, preset: str = "tiny", pipeline: str | None = None, device: str
     order = list(dict.fromkeys(prefix_subsets + extra_subsets))
     dropped: dict[int, str] = {}          # items rolled back: their prefix failed
     compiled: dict[tuple, Compiled] = {}
+    failed: dict[tuple, str] = {}
     configs = []
     budget = Budget(max_configs, compile_budget_s)
     effective = lambda s: tuple(i for i in s if i not in dropped)
     for k, subset in enumerate(order):
         eff = effective(subset)
         label = "+".join(items[i].name for i in eff) or "(none)"
-        if eff in compiled:
+        if eff in compiled or eff in failed:
             continue
         if subset not in prefix_subsets and budget.exhausted():
             say(f"budget reached ({budget.hit}): {len(order) - k} configurations left uncompiled")
@@ -318,6 +322,8 @@ def run(model, *, preset: str = "tiny", pipeline: str | None = None, device: str
             say(f"{items[i].name} rolled back: {dropped[i]}")
         elif c.fn is None and not subset:
             raise RuntimeError(f"Inductor could not compile the baseline (every item off): {c.error}")
+        elif c.fn is None:        # an attribution subset that does not compile: left out, reported
+            failed[eff] = c.error
         else:
             compiled[eff] = c
     if bar:
@@ -336,9 +342,14 @@ def run(model, *, preset: str = "tiny", pipeline: str | None = None, device: str
                 by_code[c.code] = key
     inputs = [sample.make_inputs(seed) for seed in (11, 12, 13)]
     say(f"timing {len(fns)} contenders interleaved with eager (budget {budget_s:g}s each)")
+    from torch._dynamo.utils import counters
+    graphs_before = counters["stats"]["unique_graphs"]
     t = timing.measure_many(fns, inputs, device=device, budget_s=budget_s, writes=sample.writes,
                             progress=None if bar is None else
                             (lambda msg: bar(*[int(v) for v in msg.split()[1].split("/")], "timing")))
+    recompiled = counters["stats"]["unique_graphs"] - graphs_before    # a guard that failed while timing
+    if recompiled:
+        say(f"warning: dynamo compiled {recompiled} graph(s) while timing; those timings include a recompile")
     from passlab.graphs import fresh_copies
     memory = {}
 
@@ -402,6 +413,8 @@ def run(model, *, preset: str = "tiny", pipeline: str | None = None, device: str
         "configs": configs, "configs_compiled": len(configs),
         "configs_needed": len(order), "compile_seconds_total": sum(c["compile_s"] for c in configs),
         "budget": {"max_configs": max_configs, "compile_budget_s": compile_budget_s, "reached": budget.hit},
+        "failed_subsets": {"+".join(items[i].name for i in s): e for s, e in failed.items()},
+        "recompiles_during_timing": recompiled,
         "cache_dir": cache_dir(), "torch": torch.__version__}
     rec = records.build(model=sample.name, preset=sample.preset, device=device, pipeline=players,
                         baseline=baseline, steps=steps, measured=measured, extra=extra,
