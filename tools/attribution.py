@@ -138,7 +138,7 @@ def subset_graphs(sample, result, player_steps, device, *, ablate, shapley, say)
     check = CheckNumerics(sample.reference, sample.make_inputs, device, tol, mutated=sample.writes)
     ctx = PassContext(device=device, dtype=sample.dtype, example_inputs=sample.flat_inputs, sample=sample)
     out, rolled_back = {}, {}
-    for k, subset in enumerate(need):
+    for k, subset in enumerate(sorted(need, key=len)):
         steps = [s for i in subset for s in player_steps[i]]
         say(f"subset {k + 1}/{len(need)}: {'+'.join(str(i) for i in subset) or 'none'}")
         pm = PassManager(steps, instruments=[VerifyGraph(), check, Statistics()])
