@@ -15,9 +15,13 @@ masking, scaling), into single kernels:
 3. horizontal: independent groups that read a common input merge when the
    result is still one legal kernel (`horizontal=on`);
 4. exact routing: in bf16/fp16, whatever float a top-k/argmax/sort depends on
-   stays in ATen so it rounds exactly as eager (integer and bool values, exact
-   in any kernel, still fuse) (`exact_routing=off` fuses it too; an
-   MoE router may then pick other experts on ties and the output changes);
+   rounds exactly as eager: integer and bool values (exact in any kernel) and,
+   on CPU, the float ops ATen computes as one IEEE fp32 operation (add, mul,
+   div, casts, views, cat, sqrt, ...: `ROUNDS_AS_EAGER`) fuse, each result
+   rounded in the kernel to its own dtype as eager stores it; the rest
+   (reductions, exp, softmax) stays in ATen (`exact_routing=off` fuses it
+   all; an MoE router may then pick other experts on ties and the output
+   changes);
 5. cost: a group is kept only if it saves bytes by the static cost model
    (a lone primitive op saves nothing and stays an ATen call; a lone
    composite such as softmax or layer_norm becomes one kernel).
@@ -48,7 +52,7 @@ from torch.fx.passes.utils.fuser_utils import (erase_nodes, fuse_as_graphmodule,
                                               validate_partition)
 
 from passlab.runtime import costmodel
-from passlab.runtime.kernel import TYPE_OF, FusedKernel, LoweringError, can_lower, lower
+from passlab.runtime.kernel import ROUND_EACH_OP, TYPE_OF, FusedKernel, LoweringError, can_lower, lower
 
 from .api import PassResult
 from .meta import propagate
@@ -65,6 +69,22 @@ NO_OPS = {aten._assert_tensor_metadata.default}
 # otherwise a tie breaks the other way, tokens go to other experts and the output changes wholesale.
 DISCONTINUOUS = {aten.topk.default, aten.sort.default, aten.argmax.default, aten.argmin.default,
                  aten.max.dim, aten.min.dim}
+
+
+# ops whose fp32 result ATen's CPU kernels compute as the generated kernels do (one IEEE operation,
+# no contraction, no polynomial): with their results rounded op by op they give eager's bits
+ROUNDS_AS_EAGER = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor,
+                   aten.mul.Scalar, aten.div.Tensor, aten.neg.default, aten.abs.default, aten.where.self,
+                   aten._to_copy.default, aten.clone.default, aten.maximum.default, aten.minimum.default,
+                   aten.sqrt.default, aten.rsqrt.default, aten.cat.default, aten.slice.Tensor, aten.view.default,
+                   aten._unsafe_view.default, aten.reshape.default, aten.permute.default, aten.expand.default,
+                   aten.unsqueeze.default, aten.squeeze.dim, aten.select.int, aten.t.default, aten.transpose.int}
+
+
+def rounds_as_eager(node) -> bool:
+    if node.target is aten.pow.Tensor_Scalar:
+        return node.args[1] in (1, 2)
+    return node.target in ROUNDS_AS_EAGER and node.kwargs.get("alpha", 1) in (1, -1)
 
 
 def decision_cone(gm) -> set:
@@ -249,6 +269,11 @@ def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool
             gm.graph.erase_node(n)
             dropped += 1
     exact = decision_cone(gm) if exact_routing else set()
+    if exact and not str(ctx.device).startswith("cuda"):     # Triton may contract a*b+c: CPU kernels only
+        rounded = {n for n in exact if rounds_as_eager(n)}
+        for n in rounded:
+            n.meta[ROUND_EACH_OP] = True
+        exact -= rounded
     partitions = CapabilityBasedPartitioner(gm, Fusible(exact), allows_single_node_partition=True,
                                             skip_horizontal_fusion=True).propose_partitions()
     c = Counters()

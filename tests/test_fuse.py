@@ -169,6 +169,49 @@ def test_bf16_routing_inputs_stay_exact():
     assert free.stats["groups"] > res.stats["groups"]
 
 
+class Router(torch.nn.Module):
+    """What an MoE layer's router reads, written as Hugging Face writes it: rotary, a residual
+    add, RMSNorm in its fp32 upcast form, the gate, softmax, top-2."""
+
+    def __init__(self, d=64, experts=8, seq=16):
+        super().__init__()
+        self.q, self.gate = torch.nn.Linear(d, d, bias=False), torch.nn.Linear(d, experts, bias=False)
+        self.w = torch.nn.Parameter(torch.rand(d) + 0.5)
+        self.register_buffer("cos", torch.randn(seq, d))
+        self.register_buffer("sin", torch.randn(seq, d))
+
+    def forward(self, x):
+        q = self.q(x)
+        a, b = q.chunk(2, -1)
+        h = x + (q * self.cos + torch.cat((-b, a), -1) * self.sin)
+        hf = h.float()
+        h = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.w
+        weights, experts = torch.topk(torch.softmax(self.gate(h), -1, dtype=torch.float), 2, -1)
+        return weights, experts, h
+
+
+def test_bf16_routing_cone_fuses_rounding_as_eager():
+    """In the routing cone the ops ATen computes as one fp32 operation fuse, each result rounded
+    to bf16 in the kernel: router weights, chosen experts and hidden state equal eager bit for bit."""
+    from passlab.graphs import Sample
+    torch.manual_seed(0)
+    m = Router().to(torch.bfloat16).eval()
+    x = torch.randn(4, 16, 64, dtype=torch.bfloat16)
+    sample = Sample("router", m, (x,), dtype=torch.bfloat16)
+    gm = capture(m, (x,))
+    res = get_pass("fuse")(clone(gm), PassContext(sample=sample))
+    kernels = fused_kernels(res.gm)
+    assert kernels and any("neg" in k.ops and "cat" in k.ops for k in kernels)     # the rotary chain
+    assert res.stats["skipped"].get("feeds_routing_decision", 0) > 0                  # mean, softmax stay
+    assert any("pl_to_bf16" in k.source("cpu").split("{", 1)[1] for k in kernels)
+    run = compile_graph(res.gm, "cpu")
+    for seed in range(4):
+        x = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16) * (seed + 1)
+        with torch.no_grad():
+            for got, want in zip(run(x), m(x)):
+                assert torch.equal(got, want)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["transformer", "llama"])
 def test_cuda_triton_end_to_end(name):

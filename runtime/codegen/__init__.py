@@ -95,6 +95,9 @@ EXPR = {
     "wrap_i16": ("(int64_t)(int16_t)({0})", "({0}).to(tl.int16).to(tl.int64)"),
     "wrap_i8": ("(int64_t)(int8_t)({0})", "({0}).to(tl.int8).to(tl.int64)"),
     "wrap_u8": ("(int64_t)(uint8_t)({0})", "({0}).to(tl.uint8).to(tl.int64)"),
+    # a float result rounded to eager's storage dtype, op by op (primitives.py `round_each_op`)
+    "round_bf16": ("pl_bf16(pl_to_bf16({0}))", "({0}).to(tl.bfloat16).to(tl.float32)"),
+    "round_f16": ("(float)(_Float16)({0})", "({0}).to(tl.float16).to(tl.float32)"),
 }
 CAST = {  # value type -> (C++ cast, Triton cast)
     "f": ("(float)({0})", "({0}).to(tl.float32)"),

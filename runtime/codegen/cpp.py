@@ -135,7 +135,7 @@ def const(value, type_) -> str:
         return "true" if value else "false"
     if type_ == "i":
         return f"(int64_t){int(value)}"
-    v = float(value)
+    v = torch.tensor(float(value), dtype=torch.float32).item()   # the float ATen's ops compute with
     if math.isnan(v):
         return "NAN"
     if math.isinf(v):

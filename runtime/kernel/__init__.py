@@ -19,7 +19,8 @@ imports them except `FusedKernel`, when it is asked for its source or called.
 from .fused import FusedKernel, op_names
 from .ir import COMPARE, LOGICAL, REDUCE_INIT, TYPE_OF, Buffer, Kernel, LoweringError, Value
 from .materialize import Materializer, lower, simplify
-from .primitives import DECOMP, P, Builder, can_lower
+from .primitives import DECOMP, ROUND_EACH_OP, P, Builder, can_lower
 
 __all__ = ["FusedKernel", "op_names", "COMPARE", "LOGICAL", "REDUCE_INIT", "TYPE_OF", "Buffer", "Kernel",
-           "LoweringError", "Value", "Materializer", "lower", "simplify", "DECOMP", "P", "Builder", "can_lower"]
+           "LoweringError", "Value", "Materializer", "lower", "simplify", "DECOMP", "ROUND_EACH_OP", "P", "Builder",
+           "can_lower"]

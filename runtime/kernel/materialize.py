@@ -11,7 +11,7 @@ import torch
 import torch.fx
 
 from .ir import REDUCE_INIT, TYPE_OF, Buffer, Kernel, LoweringError, Value, overlaps
-from .primitives import DECOMP, P, Builder, bshape, narrow
+from .primitives import DECOMP, ROUND_EACH_OP, P, Builder, bshape, narrow, round_each_op
 
 
 # ---------------------------------------------------------------- step 2-3: anchor and materialization
@@ -48,6 +48,8 @@ def lower(gm: torch.fx.GraphModule) -> Kernel:
             env[n] = fn(b, n, *args, **kwargs)
             if isinstance(n.meta.get("val"), torch.Tensor):
                 env[n] = narrow(env[n], n.meta["val"].dtype)
+                if n.meta.get(ROUND_EACH_OP):
+                    env[n] = round_each_op(env[n], n.meta["val"].dtype)
             if isinstance(env[n], P) and isinstance(n.meta.get("val"), torch.Tensor) \
                     and tuple(n.meta["val"].shape) != env[n].shape:
                 raise LoweringError(f"{n.name}: lowered shape {env[n].shape} != {tuple(n.meta['val'].shape)}")

@@ -348,3 +348,18 @@ def narrow(p, dtype):
 
 def can_lower(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target in DECOMP
+
+
+# Rounded as eager rounds: a node whose meta carries ROUND_EACH_OP (the fusion pass marks the
+# float ops a bf16/fp16 routing decision depends on) has its float result rounded to its own
+# storage dtype inside the kernel, so an op ATen computes as "fp32 op, then round" gives eager's
+# bits. Only ops whose fp32 result ATen computes the same way are marked (fuse.ROUNDS_AS_EAGER).
+ROUND_EACH_OP = "passlab_round_each_op"
+ROUND = {torch.bfloat16: "round_bf16", torch.float16: "round_f16"}
+
+
+def round_each_op(p, dtype):
+    """`p` (a node's float value) rounded to `dtype` as eager stores it between ops."""
+    if dtype not in ROUND or not isinstance(p, P) or p.type != "f" or p.op == "load":
+        return p
+    return P(ROUND[dtype], (p,), p.shape, "f")
