@@ -537,7 +537,7 @@ def heat_colour(x: float) -> str:
 
 def time_text(seconds: float, step_s: float | None) -> str:
     us = seconds * 1e6
-    t = f"{us:.0f} µs" if us >= 100 else f"{us:.1f} µs"
+    t = f"{us / 1e3:.3g} ms" if us >= 1000 else f"{us:.0f} µs" if us >= 100 else f"{us:.1f} µs"
     return t + (f" · {100 * seconds / step_s:.1f}%" if step_s else "")
 
 

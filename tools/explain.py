@@ -32,7 +32,8 @@ from .nodetime import SEEDS, run_graphs, step_key
 from .table import human_bytes, render
 
 LOSS_FLAG = 1.02       # forcing the fusion is this much faster: the decline costs > 2%
-FORCEABLE = {"fuse"}   # passes whose declines are node sets `fuse_nodes` can make into one kernel
+FORCEABLE = {"fuse"}
+SHOW_MAX = 40          # rows printed (--json has every decline)   # passes whose declines are node sets `fuse_nodes` can make into one kernel
 
 
 @dataclass
@@ -98,8 +99,8 @@ def declines(result, profile: dict | None = None) -> list[Decline]:
             names = [x for x in d["nodes"] if x in by_name]
             hs = list(dict.fromkeys(hold[x].name for x in names if x in hold))
             key = (rec.name, d["reason"], frozenset(hs))
-            if not names or key in seen:
-                continue
+            if not names or key in seen or (len(hs) == 1 and is_kernel(hold[names[0]])):
+                continue            # gone, listed, or fused together in the end (another grouping took them)
             seen.add(key)
             dc = Decline(i, rec.name, d["reason"], names, [op_text(by_name[x]) for x in names], hs)
             held = [n for n in after.graph.nodes if n.name in set(hs)]
@@ -164,7 +165,8 @@ def text(items: list[Decline]) -> str:
     if not items:
         return "no pass declined a candidate (no `declined` in any pass's stats)"
     rows = []
-    for d in items:
+    shown = sorted(items, key=lambda d: (d.step, -(d.est_bytes_saved or 0)))[:SHOW_MAX]
+    for d in shown:
         nodes = ", ".join(d.nodes[:5]) + (f" (+{len(d.nodes) - 5})" if len(d.nodes) > 5 else "")
         est = "-" if d.est_bytes_saved is None else \
             f"{human_bytes(d.est_bytes_saved)}, {d.est_launches_saved} launches" + \
@@ -178,7 +180,8 @@ def text(items: list[Decline]) -> str:
         rows.append([d.pass_name, d.reason, nodes, est, meas, "CANDIDATE" if d.flagged else ""])
     head = ("declined fusions (est. = cost model: bytes no longer written and read back, at the measured copy "
             "bandwidth; measured = forcing it, with vs without, interleaved; + means forcing is faster)")
-    return head + "\n" + render(["pass", "reason", "nodes", "est. saving", "measured (95% CI)", "flag"], rows)
+    more = f"\n({len(items) - SHOW_MAX} more declines in --json)" if len(items) > SHOW_MAX else ""
+    return head + "\n" + render(["pass", "reason", "nodes", "est. saving", "measured (95% CI)", "flag"], rows) + more
 
 
 # ---------------------------------------------------------------- command

@@ -16,7 +16,7 @@ from .table import human_bytes, render
 
 def graph_after(model, preset, dtype, device, after):
     sample = load(model, preset, dtype=dtype, device=device)
-    gm = capture(sample.module, sample.example_inputs)
+    gm = capture(sample.module, sample.example_inputs, sample.example_kwargs)
     result = None
     if after:
         from .runner import context, make_manager
