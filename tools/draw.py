@@ -581,7 +581,7 @@ def emit(d: Drawing) -> str:
     hot = d.heat_max()
     if hot > 0:
         title = (title + "\n" if title else "") + "measured time per node" + \
-            (f", step {time_text(d.step_s, None)} (% of step)" if d.step_s else "") + "; white → red: slowest"
+            (f" (· its share of the {time_text(d.step_s, None)} step)" if d.step_s else "") + "; white → red: slowest"
     lines = ["digraph passlab {",
              "  graph " + attrs(rankdir="TB", fontname="Helvetica", fontsize="12", labelloc="t",
                                  label=title or None, nodesep="0.25", ranksep="0.3", tooltip=" ") + ";",
