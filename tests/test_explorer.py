@@ -203,6 +203,13 @@ def test_model_explorer_renders_the_files_in_chromium(files, tmp_path):
         graph_area = tmp_path / "graph-area.png"      # the WebGL canvas alone: the drawn graph, not the side panel
         chrome.screenshot(graph_area, clip={"x": 0, "y": 120, "width": 1000, "height": 560})
         assert png_colours(graph_area)[2] > 32
+        # the graph selector lists both graphs of the one collection (before and after, side by side)
+        chrome.eval("[...document.querySelectorAll('*')].filter(e => !e.children.length && "
+                    "e.textContent.trim() == 'captured').forEach(e => e.click())")
+        time.sleep(1)
+        listed = chrome.eval("[...document.querySelectorAll('.graph-item-container')].map(e => e.textContent)")
+        assert any("after cleanup,fuse" in t for t in listed or []), listed
+        chrome.screenshot(tmp_path / "graph-selector.png")
     finally:
         if chrome is not None:
             chrome.close()
