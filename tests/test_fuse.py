@@ -221,3 +221,31 @@ def test_cuda_triton_end_to_end(name):
     x = sample.make_inputs(4)
     with torch.no_grad():
         assert relative_error(compile_graph(res.gm, "cuda")(*x), sample.module(*x)) <= 1e-4
+
+
+def test_kernel_of_constants_only_survives_shape_propagation():
+    """A kernel whose inputs are all weights or buffers (Swin's relative-position index
+    arithmetic) is called with real tensors during fake-tensor propagation: it must run its
+    subgraph there, not the compiled kernel (whose outputs would be fake)."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("idx", torch.arange(64).view(8, 8))
+
+        def forward(self, x):
+            keep = (self.idx < 40) & (self.idx % 3 != 0)
+            return x.masked_fill(keep, 0.0) * 2.0
+
+    m = M()
+    x = torch.randn(8, 8)
+    sample = Sample_of(m, x)
+    gm = capture(m, (x,))
+    res = get_pass("fuse")(clone(gm), PassContext(sample=sample))
+    assert fused_kernels(res.gm)
+    y = torch.randn(8, 8)
+    assert torch.equal(compile_graph(res.gm, "cpu")(y), m(y))
+
+
+def Sample_of(m, x):
+    from passlab.graphs import Sample
+    return Sample("m", m, (x,))

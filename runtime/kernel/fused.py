@@ -99,8 +99,9 @@ class FusedKernel:
 
 
 def _is_fake(inputs):
-    """Any fake or meta tensor among the inputs (checked on every call: a plain loop,
-    the fake-tensor class imported once)."""
+    """Any fake or meta tensor among the inputs, or a fake-tensor mode active (shape
+    propagation calling a kernel whose inputs are all real constants: its outputs would
+    be fake). Checked on every call: a plain loop, the fake-tensor class imported once."""
     fake = _FAKE[0]
     if fake is None:
         from torch._subclasses.fake_tensor import FakeTensor
@@ -109,7 +110,7 @@ def _is_fake(inputs):
     for x in inputs:
         if isinstance(x, Tensor) and (isinstance(x, fake) or x.is_meta):
             return True
-    return False
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
 _FAKE = [None]
