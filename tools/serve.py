@@ -7,7 +7,9 @@ interleaved run (paired rounds, the order rotated each round):
 
 - `eager`: the model as it is (static cache, no compile);
 - `torch.compile`, `torch.compile(freezing)`: `model.forward = torch.compile(
-  model.forward[, options={"freezing": True}])` (inductor);
+  model.forward[, options={"freezing": True}])` (inductor; dynamo reads
+  `freezing` while tracing, so the first, compiling call runs with inductor's
+  config patched too, as the `torch.compile(freezing)` peer of a run does);
 - `HF recipe`: Hugging Face's documented recipe, `torch.compile(model.forward,
   mode="reduce-overhead", fullgraph=True)` (no CUDA graphs on CPU);
 - `passlab`: the same recipe with `backend="passlab"` (its numerics check and
@@ -26,6 +28,7 @@ check and timed run gets its own copy of it).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -138,8 +141,12 @@ def measure_generate(arch: str, preset: str = "tiny", *, new_tokens: int = 8, pe
             say(f"generate: {name}: first call (setup)")
             model.forward = fwd[name]
             t0 = time.perf_counter()
+            # dynamo reads `freezing` while tracing, before options= applies: patched for the compiling call
+            frozen = torch._inductor.config.patch(freezing=True) if name == "torch.compile(freezing)" \
+                else contextlib.nullcontext()
             try:
-                tokens[name] = generate(model, ids, n_gen, max_cache_len=cache_len)
+                with frozen:
+                    tokens[name] = generate(model, ids, n_gen, max_cache_len=cache_len)
                 info[name] = {"setup_s": time.perf_counter() - t0}
             except Exception as e:  # a contender that fails is reported, not fatal
                 info[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
