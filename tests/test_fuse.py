@@ -78,7 +78,9 @@ def test_fused_node_interface(fused_samples):
         if k.multi_output:
             assert all(u.target is operator.getitem for u in n.users)
     ops = {o for s in kinds for o in s}
-    assert {"_softmax", "native_layer_norm", "gelu"} <= ops
+    assert {"_softmax", "native_layer_norm"} <= ops
+    # a GELU nothing fuses with stays ATen's (its MKL path beats the generated erf)
+    assert "gelu" not in ops and any(n.target == torch.ops.aten.gelu.default for n in gm.graph.nodes)
     # the attention mask and scaling fuse with the softmax; residual adds with the LayerNorm
     assert any({"mul.Tensor", "where.self", "_softmax"} <= s for s in kinds)
     assert any({"add.Tensor", "native_layer_norm"} <= s for s in kinds)

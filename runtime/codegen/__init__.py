@@ -86,8 +86,8 @@ EXPR = {
     "gt": ("({0} > {1})", "({0} > {1})"),
     "ge": ("({0} >= {1})", "({0} >= {1})"),
     "not": ("(!{0})", "({0} == 0)"),
-    "and": ("({0} && {1})", "({0} & {1})"),
-    "or": ("({0} || {1})", "({0} | {1})"),
+    "and": ("({0} & {1})", "({0} & {1})"),      # bitwise on bools: gcc vectorizes these, not && / ||
+    "or": ("({0} | {1})", "({0} | {1})"),
     "where": ("({0} ? {1} : {2})", "tl.where({0}, {1}, {2})"),
     # integer results in eager's storage width (runtime/kernel/primitives.py `narrow`)
     "f2i32": ("pl_f2i32({0})", "({0}).to(tl.int32).to(tl.int64)"),

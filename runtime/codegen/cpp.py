@@ -104,8 +104,10 @@ static inline float pl_erf(float x) {  // rational approximation (Eigen's fast e
   float q = x2 * -1.45660718464996e-05f - 2.13374055278905e-04f;
   q = q * x2 - 1.68282697438203e-03f; q = q * x2 - 7.37332916720468e-03f; q = q * x2 - 1.42647390514189e-02f;
   float res = p / q;   // |erf| <= 1, and erf(+-inf) = +-1 exactly (gelu(-inf) = -inf * 0 = NaN, as eager)
-  res = (res > 1.0f || x >= 4.0f) ? 1.0f : res;
-  return (res < -1.0f || x <= -4.0f) ? -1.0f : res;
+  res = res > 1.0f ? 1.0f : res;   // one condition per select: gcc 12 does not vectorize a loop
+  res = x >= 4.0f ? 1.0f : res;     // whose select tests "a || b" here (GELU ran scalar, 14x eager)
+  res = res < -1.0f ? -1.0f : res;
+  return x <= -4.0f ? -1.0f : res;
 }
 // float -> integer as ATen's conversion gives it on x86 (NaN and out of range: the minimum). The
 // "- (x != x)" (0 wherever it is used) keeps gcc from folding a float -> int -> float round trip
