@@ -105,8 +105,3 @@ def op_class(node_or_target) -> OpClass:
     if getattr(target, "is_gemm_template", False):
         return OpClass.GEMM
     return TABLE.get(target, OpClass.OPAQUE)
-
-
-def is_free(node) -> bool:
-    """Views and getitem move no data and launch nothing."""
-    return op_class(node) in (OpClass.VIEW, OpClass.BROADCAST)

@@ -42,11 +42,6 @@ from .distributed.link import LINKS, Link, get_link, parse_rate, parse_time  # n
 from .overlap_metrics import overlap_metrics
 
 
-# ---------------------------------------------------------------- links
-# one table of links, shared with the run that emulates them and the overlap
-# passes: `passlab.runtime.distributed.link` (a run's record names the link as
-# it was really applied, and `simulate --compare` uses that)
-
 # ---------------------------------------------------------------- devices
 
 DATASHEET = "datasheet (dense, no sparsity), not measured"

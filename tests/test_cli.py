@@ -111,14 +111,13 @@ def test_a_failed_output_still_writes_the_others(tmp_path, monkeypatch, capsys):
 
 
 def test_outputs_are_replaced_atomically(tmp_path, monkeypatch):
-    from passlab.runtime import codegen
     from passlab.tools import record
     path = tmp_path / "run.json"
     path.write_text('{"old": true}')
 
     def no_rename(src, dst):
         raise OSError(5, "Input/output error")
-    monkeypatch.setattr(codegen.os, "replace", no_rename)
+    monkeypatch.setattr(os, "replace", no_rename)
     rec = {"baseline": {}, "steps": [{"pass": "x"}], "payload": "y" * 100_000}
     for write, name in ((record.write_json, "run.json"), (record.write_csv, "run.csv")):
         with pytest.raises(OSError):

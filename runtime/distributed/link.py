@@ -92,7 +92,6 @@ LINKS = {
     "loopback": Link("loopback", 2e9, 0.0, "gloo over localhost TCP on a 2-core VM (rough; no latency modelled)"),
 }
 PRESETS = {k: v for k, v in LINKS.items() if v.device_flops_per_s}
-LinkPreset = LinkConfig = Link          # the names the distributed runtime exported before
 
 
 def parse_rate(text: str) -> float:

@@ -44,10 +44,6 @@ class FusedKernel:
         self._sources = {}
 
     @property
-    def n_outputs(self):
-        return len(self.kernel.outputs)
-
-    @property
     def multi_output(self):
         return isinstance(self.subgraph.graph.output_node().args[0], (tuple, list))
 
