@@ -33,6 +33,8 @@ from passlab.runtime import costmodel, timing
 from passlab.runtime.executor import compile_graph, fused_kernels
 from passlab.runtime.profiles import get_profile
 
+from .peers import EAGER, EAGER_SETTINGS, PEER_SETTINGS
+
 EXACT_SHAPLEY_MAX = 8
 
 
@@ -204,14 +206,6 @@ def shapley_values(v: dict[tuple, float], n: int) -> tuple[list[float], int | No
         for k, i in enumerate(p):
             phi[i] += v[tuple(sorted(p[:k + 1]))] - v[tuple(sorted(p[:k]))]
     return [x / len(perms) for x in phi], len(perms)
-
-
-EAGER = "eager"
-EAGER_SETTINGS = "the module itself, module.eval(), under torch.no_grad()"
-COMPILE, FREEZING = "torch.compile", "torch.compile(freezing)"
-PEER_SETTINGS = {COMPILE: ("torch.compile(model) defaults (inductor, mode=None, no freezing)", None),
-                 FREEZING: ('torch.compile(model, options={"freezing": True}) (inductor; weights folded '
-                            'as constants, the usual CPU inference setting)', {"freezing": True})}
 
 
 def throughput(tm: timing.Timing, sample: Sample) -> dict:

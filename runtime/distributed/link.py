@@ -142,22 +142,8 @@ def host_flops(dtype="float32", threads: int = 1, budget_s: float = 0.3) -> floa
     """This machine's matmul FLOP/s at one rank's thread count: the fastest of
     512x512 products for `budget_s` (quick; the link rate needs the ratio, not
     a benchmark; the fastest, since a shared machine only ever slows one down)."""
-    import torch
-    dt = getattr(torch, str(dtype).replace("torch.", ""))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        n = 512
-        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-        torch.mm(a, b)
-        times, end = [], time.perf_counter() + budget_s
-        while time.perf_counter() < end or len(times) < 3:
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(before)
-    return 2 * n ** 3 / min(times)
+    from ..profiles import matmul_flops
+    return matmul_flops(dtype, threads=threads, budget_s=budget_s, best=True, target_ci=0.0, min_reps=3, warmup=1)
 
 
 # ---------------------------------------------------------------- the namespaces
