@@ -120,8 +120,8 @@ REASONS = {"t_raises": "RuntimeError: pattern matcher exploded",
 
 @pytest.fixture
 def broken_passes():
-    for name, fn in BROKEN.items():
-        register_pass(name)(fn)
+    for name, fn in BROKEN.items():      # t_drops_meta claims to keep meta['val'] right itself, and does not
+        register_pass(name, keeps_meta=name == "t_drops_meta")(fn)
     yield list(BROKEN)
     for name in BROKEN:
         unregister_pass(name)
@@ -291,6 +291,20 @@ def test_scaffold_refuses_to_overwrite_and_non_checkouts(checkout, tmp_path_fact
     assert not (checkout / "passes" / "mine.py").exists()
     with pytest.raises(ValueError, match="not a passlab checkout"):
         scaffold.new_pass("mine", str(tmp_path_factory.mktemp("empty")))
+
+
+def test_scaffold_writes_into_the_checkout_you_stand_in(tmp_path, monkeypatch):
+    """Not into the installed passlab: the checkout the current folder is in (or a clear error)."""
+    (tmp_path / "passes").mkdir()
+    (tmp_path / "passes" / "api.py").write_text("")
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "docs").mkdir()
+    monkeypatch.chdir(tmp_path / "docs")
+    paths = scaffold.new_pass("mine_here", rewrite=True)
+    assert paths == [str(tmp_path / "passes" / "mine_here.py"), str(tmp_path / "tests" / "test_pass_mine_here.py")]
+    monkeypatch.chdir(tmp_path.parent)
+    with pytest.raises(ValueError, match="is not inside a passlab checkout.*--dir CHECKOUT"):
+        scaffold.new_pass("mine_elsewhere")
 
 
 def load_file(name, path):

@@ -33,7 +33,7 @@ def targets(gm):
 
 
 def run(name, gm, **options):
-    res = get_pass(name).run(gm, PassContext(options=options))
+    res = get_pass(name)(gm, PassContext(options=options))
     res.gm.graph.lint()
     assert check_metadata(res.gm) == []
     return res
@@ -288,7 +288,7 @@ def test_fusion_pattern_then_fuse_costs_no_launches(registered, dtype):
     for pipe in ("cleanup,fuse", "cleanup,fuse_rmsnorm", "cleanup,fuse_rmsnorm,fuse"):
         gm = clone(base)
         for step in parse(pipe):
-            r = as_result(step.pass_.run(gm, PassContext(options=dict(step.options))), gm)
+            r = as_result(step.pass_(gm, PassContext(options=dict(step.options))), gm)
             gm = r.gm
             gm.recompile()
             stats[(pipe, step.name)] = r.stats

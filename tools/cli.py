@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     np_ = sub.add_parser("new-pass", help="scaffold a new pass and its test")
     np_.add_argument("name")
-    np_.add_argument("--dir", default=None, help="repository root (default: the passlab checkout)")
+    np_.add_argument("--dir", default=None, help="the checkout to write into (default: the passlab checkout you stand in)")
     np_.add_argument("--plugin", action="store_true",
                      help="scaffold a separately installable package (entry point group passlab.passes) "
                           "in --dir (default: the current folder)")

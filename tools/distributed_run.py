@@ -142,13 +142,15 @@ def agreeing(manager, guard_rounds: int = 0):
     import hashlib
     from passlab.graphs import clone
     from passlab.passes import CheckNumerics
-    from passlab.passes.api import Pass, as_result
+    from passlab.passes.api import Pass
     from passlab.runtime.simulator import collective_kind
 
     def simulator_collectives(g):
         return any(collective_kind(n) not in (None, "wait") for n in g.graph.nodes)
 
     class AgreedPass(Pass):
+        keeps_meta = True             # the inner pass's own call finished the graph (api.finish)
+
         def __init__(self, inner):
             self.inner, self.name, self.description, self.options = inner, inner.name, inner.description, inner.options
 
@@ -158,7 +160,7 @@ def agreeing(manager, guard_rounds: int = 0):
             guarded = guard_rounds and "link" in self.inner.options and simulator_collectives(gm)
             original = clone(gm) if guarded else None          # passes may rewrite gm in place
             try:
-                res = as_result(self.inner.run(gm, ctx), gm)
+                res = self.inner(gm, ctx)
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
             code = hashlib.sha1(str(res.gm.graph).encode()).hexdigest() if res is not None else None
