@@ -15,6 +15,7 @@ import torch
 
 from passlab.passes import (PassContext, PassManager, PassResult, PipelineError, PipelineFailed,
                             UnknownPassError, get_pass, parse, register_pass, unregister_pass)
+from passlab.graphs import check_metadata, clone
 from passlab.passes.contract import captured
 from passlab.passes.manager import CheckNumerics, Statistics, VerifyGraph
 from passlab.tools import cli, scaffold
@@ -135,6 +136,27 @@ def mlp():
 def manager(sample, pipeline, strict=False):
     return PassManager(pipeline, strict=strict, instruments=[
         VerifyGraph(), CheckNumerics(sample.module, sample.make_inputs, "cpu", 1e-4), Statistics()])
+
+
+def test_the_framework_ends_every_pass(mlp):
+    """A pass body ends with its rewrite: lint, recompile and meta['val'] are the framework's (api.finish)."""
+    def negate_twice(gm, ctx):
+        add = first_call(gm, aten.add.Tensor)
+        with gm.graph.inserting_after(add):
+            neg = gm.graph.call_function(aten.neg.default, (add,))
+        with gm.graph.inserting_after(neg):
+            twice = gm.graph.call_function(aten.neg.default, (neg,))
+        add.replace_all_uses_with(twice, delete_user_cb=lambda u: u is not neg)
+        return gm                      # no recompile, no propagate, `changed` left to the framework
+    register_pass("t_negate_twice")(negate_twice)
+    try:
+        s, gm = mlp
+        res = get_pass("t_negate_twice")(clone(gm), PassContext(sample=s))
+        assert res.changed and "neg" in res.gm.code and check_metadata(res.gm) == []
+        step = manager(s, "t_negate_twice").run(clone(gm), PassContext(sample=s)).steps[0]
+        assert step.status == "ok" and step.changed and step.numerics_ok, step.error
+    finally:
+        unregister_pass("t_negate_twice")
 
 
 def test_broken_passes_are_rolled_back_with_the_reason(mlp, broken_passes):
