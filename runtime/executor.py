@@ -5,7 +5,7 @@ nodes call their kernel objects, which the executor builds for the device
 first (all C++ kernels of a graph in one compiler call).
 
 What the executor adds per call, and what it removes (measured on the held-out
-models, `python -m passlab.tools.heldout`; numbers in runtime/README.md):
+models, `python -m passlab.tools.heldout`, which prints both):
 
 - `bind(gm)`: ONE generated Python function for the whole graph with every
   weight bound once. A GraphModule's own `forward` fetches each weight on

@@ -149,3 +149,24 @@ def test_peers_on_a_tiny_sample(tmp_path, capsys):
     for name in ("eager", "torch.compile"):
         peer = rec["peers"][name]
         assert peer.get("throughput") and peer["throughput"] > 0, peer
+
+
+def test_a_subcommand_that_does_not_import_says_why(monkeypatch, capsys):
+    import importlib
+    real = importlib.import_module
+
+    def broken(name, *a, **kw):
+        if name == "passlab.tools.simulate":
+            raise ModuleNotFoundError("No module named 'some_optional_dep'")
+        return real(name, *a, **kw)
+    monkeypatch.setattr(importlib, "import_module", broken)
+    monkeypatch.setattr(cli, "EXTRA_COMMANDS", [])
+    monkeypatch.setattr(cli, "COMMANDS", dict(cli.COMMANDS))
+    monkeypatch.setattr(cli, "UNAVAILABLE", {})
+    assert cli.main(["simulate", "tp_mlp", "--world-size", "4"]) == cli.FAILED
+    err = capsys.readouterr().err
+    assert "`passlab simulate` is unavailable" in err and "some_optional_dep" in err
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "simulate" in capsys.readouterr().out and "unavailable" in cli.build_parser().format_help()
+    assert cli.main(["list", "passes"]) == 0                     # the other commands still work

@@ -268,16 +268,16 @@ def test_tests_use_a_private_cache_and_key():
     assert os.environ["PASSLAB_KEY_FILE"].startswith(tempfile.gettempdir())
 
 
-LINK_BEFORE = os.environ.get("PASSLAB_LINK")
+LINK_BEFORE = os.environ.get("PASSLAB_DIST_LINK")
 
 
 def test_leaky_test_part_1_sets_env_and_a_fake_world():
-    os.environ["PASSLAB_LINK"] = "rate=1MB;latency=1ms"           # as distributed_run's setdefault does
+    os.environ["PASSLAB_DIST_LINK"] = "rate=1MB;latency=1ms"      # as a spawned rank has it
     from passlab.tools.simulate import fake_world
     fake_world(64)
 
 
 def test_leaky_test_part_2_sees_none_of_it():
     import torch.distributed as dist
-    assert os.environ.get("PASSLAB_LINK") == LINK_BEFORE
+    assert os.environ.get("PASSLAB_DIST_LINK") == LINK_BEFORE
     assert not dist.is_initialized() or dist.get_world_size() == 1

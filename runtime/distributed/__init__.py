@@ -6,7 +6,8 @@ measurement) is given as a `module:function` target by the tools layer.
 """
 from .launch import (DistributedRunFailed, Launched, RankFailure, applied_link, default_backend, run_here, spawn,
                      stage)
-from .link import LINKS, PRESETS, Link, Namespace, get_link, resolve
+from .link import LINKS, PRESETS, Link, get_link, resolve
+from .namespaces import Namespace
 from .timeline import (Timeline, TracedRun, chrome_trace, link_seconds, mark_transfers, traced,
                        write_chrome_trace)
 
