@@ -198,7 +198,7 @@ def bound_cell(row: dict) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.0f}%"
 
 
-HEADERS = ["model", "dtype", "unit", "eager", "torch.compile", "torch.compile freezing", "captured", "passlab",
+HEADERS = ["model", "dtype", "unit", EAGER, COMPILE, FREEZING, "captured", "passlab",
            "passlab/eager", "passlab/best compile", "setup s (passlab / compile / freezing)", "% of bound"]
 
 
