@@ -31,6 +31,9 @@ def machine_key(device: str) -> str:
     return hashlib.sha1(raw.encode()).hexdigest()[:12]
 
 
+QUICK = {"target_ci": 0.0, "min_reps": 3, "warmup": 1}   # a quick probe: its whole budget, >= 3 calls, 1 warm-up
+
+
 @contextlib.contextmanager
 def thread_count(threads: int | None):
     """torch's intra-op thread count set to `threads` (None: left as it is) for the block."""

@@ -94,8 +94,8 @@ def quick_cpu_profile(threads: int = 1, budget_s: float = 0.3, dtypes=("float32"
     for predicting a run about to start on a shared machine."""
     import os
     import time
-    from .profiles import copy_bytes, matmul_flops
-    quick = {"threads": threads, "budget_s": budget_s, "target_ci": 0.0, "min_reps": 3, "warmup": 1}
+    from .profiles import QUICK, copy_bytes, matmul_flops
+    quick = {"threads": threads, "budget_s": budget_s, **QUICK}
     rates = {dt: matmul_flops(dt, **quick) for dt in dict.fromkeys(str(d).replace("torch.", "") for d in dtypes)}
     return {"device": "cpu", "copy_bytes_per_s": copy_bytes(**quick),
             "matmul_flops_per_s": rates, "threads": threads, "cores": os.cpu_count(),

@@ -13,7 +13,6 @@ import json
 import os
 import sys
 
-import torch
 import torch.distributed as dist
 
 DEFAULT_PIPELINE = "overlap_reorder,overlap_chunk"

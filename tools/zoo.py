@@ -12,8 +12,6 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
-
 from passlab.graphs import CaptureError, capture, load, parse_dtype, zoo
 
 

@@ -17,32 +17,13 @@ The modules, one job each:
   was generated for (`KernelInputError`).
 
 The C++ cache (`$PASSLAB_CACHE`, default `~/.cache/passlab`) is trusted with
-code only as far as it can be:
-
-- the directory must be owned by this user and writable by nobody else,
-  otherwise it is refused (said once on stderr) and this process builds in a
-  private temporary directory;
-- an entry's key names the source, the compiler (resolved path and its
-  `--version`), every flag and, for `-march=native`, the ISA the compiler
-  resolves it to (`-Q --help=target`, or /proc/cpuinfo), so a cache shared
-  across processors or compilers never hands out a foreign binary;
-- the sidecar (`KEY.hmac`) is an HMAC of the entry key and the library bytes
-  under a per-user secret (`$PASSLAB_KEY_FILE`, default
-  `~/.config/passlab/cache.key`, 0600 in a 0700 directory), so whoever can
-  write a library and a matching plain hash still cannot make it load;
-- the bytes verified are the bytes loaded: they are copied into this
-  process's private 0700 directory, re-hashed there and that copy is opened;
-- the compiler runs in a private temporary directory under a timeout
-  (`$PASSLAB_CXX_TIMEOUT`, default 300 s); temporary files go on every path.
-
-Triton modules are executed from the text generated in this process (the
-copy written to the cache is for reading only, never read back).
-
-Every runner checks its inputs against what its kernel was generated for
-(`KernelInputError`): count, tensor-ness, device, sizes, dtypes and strides
-(a differently strided input is copied into the generated layout, except
-where the kernel reads it expanded); no runner exists for an empty kernel.
-So a wrong call is an error, never an out-of-bounds read or a truncated result.
+code only as far as it can be (`trust`): a directory only you can write, keys
+naming the source, the toolchain and the ISA (`cxx.toolchain`), HMAC sidecars
+under a per-user secret, and the bytes verified are the bytes loaded
+(`loading.load_private`). Triton modules are executed from the text generated
+in this process. Every runner checks its inputs against what its kernel was
+generated for (`runners`), so a wrong call is an error, never an
+out-of-bounds read or a truncated result.
 """
 from __future__ import annotations
 

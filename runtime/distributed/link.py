@@ -117,5 +117,5 @@ def host_flops(dtype="float32", threads: int = 1, budget_s: float = 0.3) -> floa
     """This machine's matmul FLOP/s at one rank's thread count: the fastest of
     512x512 products for `budget_s` (quick; the link rate needs the ratio, not
     a benchmark; the fastest, since a shared machine only ever slows one down)."""
-    from ..profiles import matmul_flops
-    return matmul_flops(dtype, threads=threads, budget_s=budget_s, best=True, target_ci=0.0, min_reps=3, warmup=1)
+    from ..profiles import QUICK, matmul_flops
+    return matmul_flops(dtype, threads=threads, budget_s=budget_s, best=True, **QUICK)
