@@ -7,8 +7,10 @@ place), its statistics are a plain dict, and the graph computes what the eager
 model computes on fresh random inputs. A pass that does not apply to a model
 must still pass: it returns the graph it got.
 
-The contract tests run `check` for every registered pass on every sample; a
-new pass's own test (see `passlab new-pass`) calls it too.
+The check applies the pass as the pass manager does (`pass_(gm, ctx)`: the
+pass, then its end, `api.finish`) and judges it with the manager's own
+instruments. The contract tests run `check` for every registered pass on
+every sample; a new pass's own test (see `passlab new-pass`) calls it too.
 """
 from __future__ import annotations
 
