@@ -125,6 +125,14 @@ def clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return new
 
 
+def fetch_attr(gm: torch.nn.Module, target: str):
+    """What a `get_attr` node with this (dotted) target reads from `gm`."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def check_metadata(gm: torch.fx.GraphModule) -> list[str]:
     """Names of nodes without `meta["val"]`. The output node and ops that return
     nothing (runtime asserts) have no value to describe."""

@@ -15,10 +15,12 @@ import torch
 import torch.fx
 from torch.fx.passes.dialect.common.cse_pass import CSEPass
 
-from passlab.runtime.executor import fetch_attr
+from passlab.graphs import fetch_attr
+from passlab.runtime.costmodel import nbytes
+from passlab.runtime.opclass import op_name
 
 from .api import PassResult
-from .patterns.vocabulary import Counters
+from .vocabulary import Counters, Skip, new_constant
 from .registry import register_pass
 
 aten = torch.ops.aten
@@ -38,18 +40,9 @@ def call_count(gm: torch.fx.GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method"))
 
 
-def op_name(node: torch.fx.Node) -> str:
-    if node.op in ("get_attr", "placeholder"):
-        return node.op
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        return t.overloadpacket.__name__
-    return getattr(t, "__name__", None) or getattr(t, "name", None) or str(t)
-
-
 # ---------------------------------------------------------------- dce
 
-@register_pass("dce")
+@register_pass("dce", keeps_meta=True)
 def dce(gm: torch.fx.GraphModule, ctx) -> PassResult:
     """Dead-code elimination: drop nodes nobody reads; keep asserts and other side effects."""
     before = Counter(op_name(n) for n in gm.graph.nodes if n.op != "output")
@@ -57,8 +50,6 @@ def dce(gm: torch.fx.GraphModule, ctx) -> PassResult:
     changed = gm.graph.eliminate_dead_code(is_impure_node=side_effecting)
     after = Counter(op_name(n) for n in gm.graph.nodes if n.op != "output")
     removed = before - after
-    if changed:
-        gm.recompile()
     return PassResult(gm, changed, {"removed": sum(removed.values()), "removed_by_op": dict(removed),
                                     "kept_side_effects": kept})
 
@@ -71,7 +62,7 @@ def cse_banned(gm: torch.fx.GraphModule) -> set:
             if n.op == "call_function" and side_effecting(n)}
 
 
-@register_pass("cse")
+@register_pass("cse", keeps_meta=True)
 def cse(gm: torch.fx.GraphModule, ctx) -> PassResult:
     """Common-subexpression elimination: one node per (op, inputs, arguments)."""
     if any(getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in gm.graph.nodes):
@@ -86,7 +77,6 @@ def cse(gm: torch.fx.GraphModule, ctx) -> PassResult:
     new = res.graph_module
     new.graph._codegen = gm.graph._codegen
     new.meta.update(gm.meta)
-    new.recompile()
     return PassResult(new, True, {"merged": n_before - call_count(new)})
 
 
@@ -145,7 +135,7 @@ def noop_source(node: torch.fx.Node) -> torch.fx.Node | None:
     return src if same_tensor_layout(node.meta.get("val"), src.meta.get("val")) else None
 
 
-@register_pass("remove_noops")
+@register_pass("remove_noops", keeps_meta=True)
 def remove_noops(gm: torch.fx.GraphModule, ctx) -> PassResult:
     """Remove views, copies, casts and arithmetic identities that change nothing (same shape, dtype, strides)."""
     removed, c = Counter(), Counters()
@@ -165,8 +155,6 @@ def remove_noops(gm: torch.fx.GraphModule, ctx) -> PassResult:
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         removed[op_name(node)] += 1
-    if removed:
-        gm.recompile()
     stats = {"removed": sum(removed.values()), "removed_by_op": dict(removed)}
     if c.skipped:
         stats["skipped"] = dict(c.skipped)
@@ -174,14 +162,6 @@ def remove_noops(gm: torch.fx.GraphModule, ctx) -> PassResult:
 
 
 # ---------------------------------------------------------------- fold_constants
-
-def nbytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (tuple, list)):
-        return sum(nbytes(v) for v in value)
-    return 0
-
 
 def is_tensorish(value) -> bool:
     return isinstance(value, torch.Tensor) or (
@@ -209,7 +189,86 @@ def foldable_target(node: torch.fx.Node) -> str | None:
     return None
 
 
-@register_pass("fold_constants")
+def weights_written(graph: torch.fx.Graph) -> set:
+    """The get_attr targets an in-place op of the graph writes (a buffer it updates): never folded."""
+    return {n.target for n in graph.nodes if n.op == "get_attr"
+            and any(getattr(getattr(u.target, "_schema", None), "is_mutable", False) for u in n.users)}
+
+
+def evaluate(node: torch.fx.Node, values: dict, cap: float):
+    """The real value of `node` from its constant inputs, or raise Skip(reason)."""
+    why = foldable_target(node)
+    if why:
+        raise Skip(why)
+    if not fits(node.meta.get("val"), cap):      # decided on the fake value: nothing big is ever allocated
+        raise Skip("would_grow_memory")
+    env = lambda a: values[a] if isinstance(a, torch.fx.Node) else a
+    try:
+        v = node.target(*torch.fx.node.map_aggregate(node.args, env), **torch.fx.node.map_aggregate(node.kwargs, env))
+    except Exception:
+        raise Skip("could_not_evaluate") from None
+    if isinstance(v, (tuple, list)) and is_tensorish(v) and any(u.target is not operator.getitem for u in node.users):
+        raise Skip("multi_output_used_whole")
+    if is_tensorish(v) and not fits(v, cap):
+        raise Skip("would_grow_memory")
+    return v
+
+
+def constant_values(gm: torch.fx.GraphModule, max_growth: float, c: Counters) -> dict:
+    """node -> real value, for every node computed from weights alone (within the memory cap)."""
+    values: dict[torch.fx.Node, object] = {}
+    leaves: dict[torch.fx.Node, frozenset] = {}    # constant node -> the weights it is computed from
+    written = weights_written(gm.graph)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            v = fetch_attr(gm, node.target)
+            if node.target in written:
+                c.skip("weight_mutated_in_graph")
+            elif isinstance(v, torch.Tensor):
+                values[node], leaves[node] = v, frozenset([node.target])
+            continue
+        inputs = node.all_input_nodes
+        if node.op != "call_function" or any(i not in values for i in inputs) or \
+                (not inputs and not isinstance(node.target, torch._ops.OpOverload)):
+            continue
+        src = frozenset().union(*(leaves[i] for i in inputs)) if inputs else frozenset()
+        try:
+            v = evaluate(node, values, max_growth * sum(nbytes(fetch_attr(gm, t)) for t in src))
+        except Skip as e:
+            c.skip(str(e))
+            continue
+        if is_tensorish(v):
+            values[node], leaves[node] = v, src
+    return values
+
+
+def store_folded(gm: torch.fx.GraphModule, values: dict, c: Counters) -> tuple[int, int, int]:
+    """Each constant value a non-constant node reads becomes a buffer (a get_attr in place of
+    its node); returns (buffers made, their bytes, the bytes not shared with a weight)."""
+    graph = gm.graph
+    shared = {t.untyped_storage().data_ptr() for t in list(gm.parameters()) + list(gm.buffers())}
+    consts, bytes_folded, bytes_new = 0, 0, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(values.get(node), torch.Tensor):
+            continue
+        if not node.users or all(u in values for u in node.users):
+            continue          # interior of a folded subgraph: its users fold it in
+        if graph.output_node() in node.users:
+            c.skip("output_would_alias_weight")
+            continue
+        v = values[node]
+        with graph.inserting_before(node):
+            attr = graph.get_attr(new_constant(gm, f"folded_{node.name}", v, memory_format=None))
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        consts += 1
+        bytes_folded += nbytes(v)
+        if v.untyped_storage().data_ptr() not in shared:
+            bytes_new += nbytes(v)
+    return consts, bytes_folded, bytes_new
+
+
+@register_pass("fold_constants", keeps_meta=True)
 def fold_constants(gm: torch.fx.GraphModule, ctx, *, max_growth: float = 1.0) -> PassResult:
     """Compute parameter-only subgraphs once (weight transposes, casts, masks) and store them as buffers.
 
@@ -218,81 +277,14 @@ def fold_constants(gm: torch.fx.GraphModule, ctx, *, max_growth: float = 1.0) ->
     folding never multiplies memory, e.g. an `expand` to a bigger tensor stays
     in the graph.
     """
-    graph = gm.graph
-    values: dict[torch.fx.Node, object] = {}       # node -> real value, for constant nodes
-    leaves: dict[torch.fx.Node, frozenset] = {}    # constant node -> the weights it is computed from
     c = Counters()
-    mutated = {n.target for n in graph.nodes if n.op == "get_attr"
-               and any(getattr(getattr(u.target, "_schema", None), "is_mutable", False) for u in n.users)}
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            v = fetch_attr(gm, node.target)
-            if node.target in mutated:
-                c.skip("weight_mutated_in_graph")
-            elif isinstance(v, torch.Tensor):
-                values[node], leaves[node] = v, frozenset([node.target])
-            continue
-        if node.op != "call_function":
-            continue
-        inputs = node.all_input_nodes
-        if not inputs and not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        if any(i not in values for i in inputs):
-            continue
-        why = foldable_target(node)
-        if why:
-            c.skip(why)
-            continue
-        src = frozenset().union(*(leaves[i] for i in inputs)) if inputs else frozenset()
-        cap = max_growth * sum(nbytes(fetch_attr(gm, t)) for t in src)
-        if not fits(node.meta.get("val"), cap):      # decided on the fake value: nothing big is ever allocated
-            c.skip("would_grow_memory")
-            continue
-        env = lambda a: values[a] if isinstance(a, torch.fx.Node) else a
-        try:
-            v = node.target(*torch.fx.node.map_aggregate(node.args, env),
-                            **torch.fx.node.map_aggregate(node.kwargs, env))
-        except Exception:
-            c.skip("could_not_evaluate")
-            continue
-        if not is_tensorish(v):
-            continue
-        if isinstance(v, (tuple, list)) and any(u.target is not operator.getitem for u in node.users):
-            c.skip("multi_output_used_whole")
-            continue
-        if not fits(v, cap):
-            c.skip("would_grow_memory")
-            continue
-        values[node], leaves[node] = v, src
-
-    shared = {t.untyped_storage().data_ptr() for t in list(gm.parameters()) + list(gm.buffers())}
-    folded, consts, bytes_folded, bytes_new = 0, 0, 0, 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node not in values or not isinstance(values[node], torch.Tensor):
-            continue
-        if not node.users or all(u in values for u in node.users):
-            continue          # interior of a folded subgraph: its users fold it in
-        if graph.output_node() in node.users:
-            c.skip("output_would_alias_weight")
-            continue
-        v = values[node]
-        name = f"_folded_{node.name}"
-        while hasattr(gm, name):
-            name += "_"
-        gm.register_buffer(name, v)
-        with graph.inserting_before(node):
-            attr = graph.get_attr(name)
-        attr.meta.update(node.meta)
-        node.replace_all_uses_with(attr)
-        consts += 1
-        bytes_folded += nbytes(v)
-        if v.untyped_storage().data_ptr() not in shared:
-            bytes_new += nbytes(v)
+    values = constant_values(gm, max_growth, c)
+    consts, bytes_folded, bytes_new = store_folded(gm, values, c)
+    folded = 0
     if consts:
         n_before = call_count(gm)
-        graph.eliminate_dead_code(is_impure_node=side_effecting)
+        gm.graph.eliminate_dead_code(is_impure_node=side_effecting)
         folded = n_before - call_count(gm)
-        gm.recompile()
     stats = {"folded": folded, "constants": consts, "bytes_folded": bytes_folded, "bytes_new": bytes_new}
     if c.skipped:
         stats["skipped"] = dict(c.skipped)

@@ -7,8 +7,10 @@ place), its statistics are a plain dict, and the graph computes what the eager
 model computes on fresh random inputs. A pass that does not apply to a model
 must still pass: it returns the graph it got.
 
-The contract tests run `check` for every registered pass on every sample; a
-new pass's own test (see `passlab new-pass`) calls it too.
+The check applies the pass as the pass manager does (`pass_(gm, ctx)`: the
+pass, then its end, `api.finish`) and judges it with the manager's own
+instruments. The contract tests run `check` for every registered pass on
+every sample; a new pass's own test (see `passlab new-pass`) calls it too.
 """
 from __future__ import annotations
 
@@ -17,10 +19,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from passlab.graphs import capture, check_metadata, clone, load, parse_dtype
+from passlab.graphs import capture, clone, load, parse_dtype
 
-from .api import Pass, PassContext, PassResult, as_result
-from .manager import TOLERANCE, CheckNumerics
+from .api import Pass, PassContext, PassResult
+from .manager import TOLERANCE, CheckNumerics, PassRejected, StepRecord, VerifyGraph
 from .pipeline import parse
 from .registry import get_pass
 
@@ -53,8 +55,7 @@ def prepared(model: str, after: str, device: str = "cpu", dtype: torch.dtype | N
     ctx = PassContext(device=device, dtype=sample.dtype, example_inputs=sample.example_inputs, sample=sample)
     with torch.no_grad():
         for step in parse(after):
-            gm = as_result(step.pass_.run(gm, replace(ctx, options=dict(step.options))), gm).gm
-            gm.recompile()
+            gm = step.pass_(gm, replace(ctx, options=dict(step.options))).gm
     return sample, gm
 
 
@@ -66,48 +67,41 @@ def check(pass_: str | Pass, model: str, *, options: dict | None = None, after: 
     `after` is a pipeline run first (unchecked), to test the pass on the graphs
     it meets in practice, e.g. after="cleanup". `dtype` ("bf16", torch.bfloat16,
     ...) builds the model in that dtype (default: the tiny preset's fp32); the
-    tolerance follows it. Raises ContractViolation naming the clause broken;
-    returns the report otherwise.
+    tolerance follows it. The graph and numerics clauses are the pass manager's
+    own instruments (`VerifyGraph`, `CheckNumerics`). Raises ContractViolation
+    naming the clause broken; returns the report otherwise.
     """
     p = get_pass(pass_) if isinstance(pass_, str) else pass_
     dtype = parse_dtype(dtype) if dtype is not None else None
     sample, gm = prepared(model, after or "", device, dtype)
     gm = clone(gm)
     ctx = PassContext(device=device, dtype=sample.dtype, example_inputs=sample.example_inputs,
-                      sample=sample)
+                      sample=sample, options=dict(options or {}))
     weights = {k: (v, v.detach().clone()) for k, v in list(gm.named_parameters()) + list(gm.named_buffers())}
-    ctx = replace(ctx, options=dict(options or {}))
     where = f"pass {p.name!r} on {model}" + (f" in {str(dtype).replace('torch.', '')}" if dtype else "") \
         + (f" after {after}" if after else "")
     with torch.no_grad():
         try:
-            res = as_result(p.run(gm, ctx), gm)
+            res = p(gm, ctx)
         except Exception as e:
             raise ContractViolation(f"{where} raised {type(e).__name__}: {e}") from e
     if not isinstance(res.stats, dict):
         raise ContractViolation(f"{where}: stats must be a dict, got {type(res.stats).__name__}")
-    out = res.gm
-    out.recompile()
+    record = StepRecord(p.name)
     try:
-        out.graph.lint()
+        VerifyGraph().after_pass(None, res.gm, ctx, record)
     except Exception as e:
-        raise ContractViolation(f"{where} returned a graph that fails lint: {e}") from e
-    missing = check_metadata(out)
-    if missing:
-        raise ContractViolation(f"{where} left nodes without meta['val']: {', '.join(missing[:5])} "
-                                "(call passlab.passes.meta.propagate(gm) after rewriting)")
+        raise ContractViolation(f"{where} returned a graph the verifier rejects: {type(e).__name__}: {e}") from e
     for k, (now, before) in weights.items():
         if not torch.equal(now, before):
             captured.cache_clear()     # the cached model is spoiled for the checks after this one
             prepared.cache_clear()
             raise ContractViolation(f"{where} changed weight {k!r} in place; register a new attribute instead")
     tol = tolerance if tolerance is not None else TOLERANCE.get(sample.dtype, 1e-4)
-    numerics = CheckNumerics(sample.module, sample.make_inputs, device, tol, seed=seed)
     try:
-        err = numerics.error(out)
+        CheckNumerics(sample.module, sample.make_inputs, device, tol, seed=seed).after_pass(None, res.gm, ctx, record)
+    except PassRejected as e:
+        raise ContractViolation(f"{where}: {e} on fresh inputs (seed {seed})") from e
     except Exception as e:
         raise ContractViolation(f"{where}: the rewritten graph does not run: {type(e).__name__}: {e}") from e
-    if not err <= tol:
-        raise ContractViolation(f"{where} changed numerics: relative error {err:.3g} > tolerance {tol:g} "
-                                f"on fresh inputs (seed {seed})")
-    return ContractReport(p.name, model, res, err)
+    return ContractReport(p.name, model, res, record.max_error)

@@ -57,7 +57,7 @@ from passlab.runtime.kernel import ROUND_EACH_OP, TYPE_OF, FusedKernel, Lowering
 
 from .api import PassResult
 from .meta import propagate
-from .patterns.vocabulary import Counters, Skip, side_effect_only
+from .vocabulary import Counters, Skip, side_effect_only
 from .registry import register_pass
 
 aten = torch.ops.aten
@@ -263,7 +263,7 @@ class Grouper:
         return before - after
 
 
-@register_pass("fuse")
+@register_pass("fuse", keeps_meta=True)
 def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool = True,
          exact_routing: bool = True) -> PassResult:
     """Fuse pointwise and reduction ops into single generated kernels (vertical and horizontal)."""
@@ -304,9 +304,7 @@ def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool
         gm = fuse_by_partitions(gm, [dict.fromkeys(sorted(g, key=order.get)) for g in kept], prefix="fused_")
         to_kernels(gm, "fused_")
     gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    propagate(gm)
+    propagate(gm)                        # the cost below reads the kernels' values
     after = costmodel.graph_cost(gm)
     if exact:
         cone = sorted((n for n in exact if can_lower(n)), key=grouper.order.get)

@@ -33,12 +33,13 @@ import torch
 import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from passlab.graphs import clone
+from passlab.graphs import clone, fetch_attr
+from passlab.runtime.costmodel import nbytes
 from passlab.runtime.opclass import OpClass, op_class
 
 from .api import PassResult
 from .meta import fake_mode_of, propagate
-from .patterns.vocabulary import STRICT_VIEWS, VIEW_OPS, erase_dead
+from .vocabulary import STRICT_VIEWS, VIEW_OPS, erase_dead, new_constant
 from .registry import register_pass
 
 aten = torch.ops.aten
@@ -83,10 +84,6 @@ def prefers_channels_last(device: str, dtype: torch.dtype) -> bool:
     if str(device).startswith("cuda"):
         return dtype in (torch.float16, torch.bfloat16)
     return torch.backends.mkldnn.is_available()
-
-
-def nbytes(t) -> int:
-    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
 def tensor_val(node) -> torch.Tensor | None:
@@ -357,9 +354,8 @@ def to_channels_last(gm, original, contiguous_outputs) -> dict:
         entering.append(c)
         if isinstance(w, torch.fx.Node) and w.op == "get_attr":
             if w.target not in weights:
-                name = "layout_nhwc_" + w.target.replace(".", "_")
-                real = getattr_path(gm, w.target)
-                gm.register_buffer(name, real.contiguous(memory_format=torch.channels_last), persistent=False)
+                name = new_constant(gm, f"layout_nhwc_{w.target}", fetch_attr(gm, w.target), persistent=False,
+                                    memory_format=torch.channels_last)
                 with gm.graph.inserting_after(w):
                     weights[w.target] = gm.graph.get_attr(name)
             conv.replace_input_with(w, weights[w.target])
@@ -382,13 +378,6 @@ def to_channels_last(gm, original, contiguous_outputs) -> dict:
     return {"convs_nhwc": len(convs), "weights_nhwc": len(weights),
             "conversions_in": len(entering) - redundant, "conversions_back": len(back),
             "kernels_relowered": relowered}
-
-
-def getattr_path(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def layout_changing_clones(gm):
@@ -478,8 +467,7 @@ def pretranspose_weights(gm) -> int:
         if not all(u.op == "call_function" and u.target in (aten.mm.default, aten.addmm.default) and
                    u.args[GEMM_OPERANDS[u.target][1]] is n for u in n.users):
             continue
-        name = "layout_t_" + w.target.replace(".", "_")
-        gm.register_buffer(name, getattr_path(gm, w.target).t().contiguous(), persistent=False)
+        name = new_constant(gm, f"layout_t_{w.target}", fetch_attr(gm, w.target).t(), persistent=False)
         with gm.graph.inserting_before(n):
             wt = gm.graph.get_attr(name)
         n.replace_all_uses_with(wt)
@@ -492,7 +480,7 @@ def pretranspose_weights(gm) -> int:
 
 # ---------------------------------------------------------------- the pass
 
-@register_pass("layout")
+@register_pass("layout", keeps_meta=True)
 def layout(gm: torch.fx.GraphModule, ctx, *, channels_last: bool = True, transposes: bool = True,
            copies: bool = True, pretranspose: bool = False, contiguous_outputs: bool = True) -> PassResult:
     """Choose memory layouts (NHWC for convs, strided GEMM operands) and remove needless conversions."""
@@ -534,9 +522,7 @@ def layout(gm: torch.fx.GraphModule, ctx, *, channels_last: bool = True, transpo
             stats["copies_kept"] = kept
     if pretranspose:
         stats["weights_pretransposed"] = pretranspose_weights(gm)
-    gm.graph.lint()
-    gm.recompile()
-    propagate(gm)
+    propagate(gm)                        # the count below reads the layouts the graph now has
     after = count_conversions(gm, device)
     stats.update({"conversions_after": after.total, "conversion_bytes_after": after.bytes,
                   "explicit_after": after.explicit, "implicit_after": after.implicit,

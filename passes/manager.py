@@ -18,12 +18,11 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from passlab.graphs import check_metadata, clone, fresh_copies
+from passlab.graphs import check_metadata, clone, fetch_attr, fresh_copies
 from passlab.runtime import costmodel
-from passlab.runtime.executor import fetch_attr
 from passlab.runtime.executor import compile_graph
 
-from .api import PassContext, as_result
+from .api import PassContext
 from .pipeline import Step, parse
 from .routing import PinRouting, RecordRouting
 
@@ -115,7 +114,8 @@ class VerifyGraph:
         missing = check_metadata(gm)
         if missing:
             raise PassRejected(f"nodes lost meta['val']: {', '.join(missing[:5])}"
-                               f"{' ...' if len(missing) > 5 else ''} (call passlab.passes.meta.propagate(gm))")
+                               f"{' ...' if len(missing) > 5 else ''} (a pass that makes nodes must not declare keeps_meta, "
+                               "nor return changed=False: then the framework recomputes meta['val'])")
 
 
 class CheckNumerics:
@@ -233,17 +233,15 @@ class PassManager:
 
     def run_one(self, step: Step, gm, ctx: PassContext, prev: StepRecord):
         rec = StepRecord(step.name, dict(step.options))
-        before = str(gm.graph)
         work = clone(gm)
         step_ctx = PassContext(**{**ctx.__dict__, "options": dict(step.options)})
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
-                res = as_result(step.pass_.run(work, step_ctx), work)
+                res = step.pass_(work, step_ctx)      # the pass, then its end: lint, recompile, meta (api.finish)
             rec.pass_seconds = time.perf_counter() - t0
             new = res.gm
-            new.recompile()
-            rec.changed = res.changed if res.changed is not None else str(new.graph) != before
+            rec.changed = bool(res.changed)
             rec.stats = dict(res.stats)
             for inst in self.instruments:
                 inst.after_pass(step, new, step_ctx, rec)

@@ -1,8 +1,10 @@
 """Node metadata upkeep: every node carries `meta["val"]` (a fake tensor).
 
-Passes that create nodes call `propagate(gm)` to recompute the metadata of the
-whole graph from its placeholders; it runs on fake tensors, so it costs no
-real compute and allocates nothing.
+`propagate(gm)` recomputes the metadata of the whole graph from its
+placeholders; it runs on fake tensors, so it costs no real compute and
+allocates nothing. The framework calls it after every pass that changed the
+graph (`api.finish`); a pass calls it (or `refresh`) itself only where it
+reads the values of nodes it made before it ends.
 """
 from __future__ import annotations
 
@@ -53,11 +55,7 @@ def propagate(gm: torch.fx.GraphModule, keep=()) -> torch.fx.GraphModule:
 
 
 def refresh(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The end of a rewrite: verify the graph, regenerate its code, recompute `meta["val"]`."""
+    """Mid-pass: verify the graph, regenerate its code, recompute `meta["val"]`."""
     gm.graph.lint()
     gm.recompile()
     return propagate(gm)
-
-
-def val(node: torch.fx.Node):
-    return node.meta.get("val")

@@ -272,7 +272,7 @@ def replay(gm, est) -> simulator.Simulation:
     return simulator.replay(list(gm.graph.nodes), est)
 
 
-@register_pass("overlap_reorder")
+@register_pass("overlap_reorder", keeps_meta=True)
 def overlap_reorder(gm: torch.fx.GraphModule, ctx, *, link: str = "", device: str = "", world: int = 0) -> PassResult:
     """Issue each collective as early as its inputs allow and wait as late as its users allow."""
     if not collectives(gm.graph.nodes):
@@ -280,8 +280,6 @@ def overlap_reorder(gm: torch.fx.GraphModule, ctx, *, link: str = "", device: st
     est = estimator(ctx, link, device, world, gm)
     before = replay(gm, est)
     moved = apply_order(gm.graph, schedule(gm.graph, est))
-    gm.graph.lint()
-    gm.recompile()
     after = replay(gm, est)
     return PassResult(gm, moved > 0, {
         "collectives": len(collectives(gm.graph.nodes)), "moved": moved,
@@ -744,7 +742,7 @@ def confirming(ctx, option: str) -> bool:
     return option != "off" and multi_rank() and bool(ctx.example_inputs)
 
 
-@register_pass("overlap_chunk")
+@register_pass("overlap_chunk", keeps_meta=True)
 def overlap_chunk(gm: torch.fx.GraphModule, ctx, *, k: int = 0, link: str = "", device: str = "",
                   world: int = 0, candidates_per_collective: int = 3, confirm: str = "auto",
                   confirm_candidates: int = 2, confirm_rounds: int = 5) -> PassResult:

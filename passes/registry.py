@@ -24,9 +24,11 @@ class UnknownPassError(ValueError):
     """A pipeline names a pass nobody registered."""
 
 
-def register_pass(name_or_obj=None, *, description: str | None = None, replace: bool = True):
+def register_pass(name_or_obj=None, *, description: str | None = None, replace: bool = True,
+                  keeps_meta: bool = False):
     """Register a pass: `@register_pass("name")` on a function `(gm, ctx)` or a
-    `Pass` subclass, or `register_pass(pass_instance)`."""
+    `Pass` subclass, or `register_pass(pass_instance)`. `keeps_meta=True`: the
+    pass keeps `meta["val"]` right itself (see `Pass.keeps_meta`)."""
     def add(obj, name):
         if isinstance(obj, type) and issubclass(obj, Pass):
             p = obj()
@@ -35,11 +37,12 @@ def register_pass(name_or_obj=None, *, description: str | None = None, replace: 
             p = obj
             p.name = name or p.name
         elif callable(obj):
-            p = FunctionPass(obj, name or obj.__name__, description)
+            p = FunctionPass(obj, name or obj.__name__, description, keeps_meta=keeps_meta)
         else:
             raise TypeError(f"cannot register {obj!r} as a pass")
         if not p.name:
             raise ValueError("a pass needs a name")
+        p.keeps_meta = p.keeps_meta or keeps_meta
         if p.name in _PASSES and not replace:
             raise ValueError(f"pass {p.name!r} is already registered")
         _PASSES[p.name] = p

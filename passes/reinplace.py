@@ -30,8 +30,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from .api import PassResult
-from .meta import refresh
-from .patterns.vocabulary import Counters, Skip, aten, users
+from .vocabulary import Counters, Skip, aten, users
 from .registry import register_pass
 
 IN_PLACE = {aten.index_put.default: aten.index_put_.default,
@@ -77,6 +76,4 @@ def write_in_place(gm: torch.fx.GraphModule, ctx) -> PassResult:
         g.erase_node(cp)                          # copy_(dst, dst): nothing left to write back
         g.erase_node(src)
         c.rewritten += 1
-    if c.rewritten:
-        refresh(gm)
     return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict())

@@ -5,7 +5,7 @@ nodes call their kernel objects, which the executor builds for the device
 first (all C++ kernels of a graph in one compiler call).
 
 What the executor adds per call, and what it removes (measured on the held-out
-models, `python -m passlab.tools.heldout`; numbers in runtime/README.md):
+models, `python -m passlab.tools.heldout`, which prints both):
 
 - `bind(gm)`: ONE generated Python function for the whole graph with every
   weight bound once. A GraphModule's own `forward` fetches each weight on
@@ -27,20 +27,16 @@ import ctypes
 import ctypes.util
 import functools
 import os
-from functools import reduce
 
 import torch
 import torch.fx
+
+from passlab.graphs.capture import fetch_attr
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 HEAP_KEEP_BYTES = 1 << 30        # blocks below this come from (and go back to) the heap
 _HEAP = {"done": False, "ok": False}
 
-
-
-def fetch_attr(gm: torch.nn.Module, target: str):
-    """What a `get_attr` node with this (dotted) target reads from `gm`."""
-    return reduce(getattr, target.split("."), gm)
 
 def fused_kernels(gm: torch.fx.GraphModule) -> list:
     return [n.target for n in gm.graph.nodes

@@ -107,6 +107,20 @@ def op_class(node_or_target) -> OpClass:
     return TABLE.get(target, OpClass.OPAQUE)
 
 
-def is_free(node) -> bool:
-    """Views and getitem move no data and launch nothing."""
-    return op_class(node) in (OpClass.VIEW, OpClass.BROADCAST)
+def op_name(node_or_target, *, overload: bool = False) -> str:
+    """The short name of what a node calls: `aten.addmm.default` -> `addmm`
+    (`overload=True`: `add.Tensor`, the default overload's name left out), a
+    fused kernel's own name, a function's `__name__`; a placeholder or
+    get_attr node is named by its op."""
+    t = node_or_target
+    if isinstance(t, torch.fx.Node):
+        if t.op in ("placeholder", "get_attr"):
+            return t.op
+        t = t.target
+    if isinstance(t, torch._ops.OpOverload):
+        name = t.overloadpacket.__name__
+        return f"{name}.{t._overloadname}" if overload and t._overloadname != "default" else name
+    if getattr(t, "is_fused_kernel", False):
+        return t.name
+    return getattr(t, "__name__", None) or getattr(t, "name", None) or str(t)
+

@@ -91,13 +91,3 @@ def overlap_metrics(events) -> dict:
             "compute_s": mean("compute_s"), "comm_s": mean("comm_s"), "exposed_comm_s": mean("exposed_comm_s"),
             "hidden_comm_s": mean("hidden_comm_s"),
             "overlap_efficiency": sum(effs) / len(effs) if effs else None}
-
-
-def per_step(events, step_of) -> list[dict]:
-    """Metrics for each step, `step_of(event)` naming the step an event belongs to."""
-    steps: dict = defaultdict(list)
-    for e in events:
-        s = step_of(e)
-        if s is not None:
-            steps[s].append(e)
-    return [dict(overlap_metrics(evs), step=s) for s, evs in sorted(steps.items())]

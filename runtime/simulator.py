@@ -42,11 +42,6 @@ from .distributed.link import LINKS, Link, get_link, parse_rate, parse_time  # n
 from .overlap_metrics import overlap_metrics
 
 
-# ---------------------------------------------------------------- links
-# one table of links, shared with the run that emulates them and the overlap
-# passes: `passlab.runtime.distributed.link` (a run's record names the link as
-# it was really applied, and `simulate --compare` uses that)
-
 # ---------------------------------------------------------------- devices
 
 DATASHEET = "datasheet (dense, no sparsity), not measured"
@@ -99,28 +94,10 @@ def quick_cpu_profile(threads: int = 1, budget_s: float = 0.3, dtypes=("float32"
     for predicting a run about to start on a shared machine."""
     import os
     import time
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-
-    def median(fn):
-        fn()
-        times, end = [], time.perf_counter() + budget_s
-        while time.perf_counter() < end or len(times) < 3:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
-    try:
-        rates = {}
-        for dt in dict.fromkeys(str(d).replace("torch.", "") for d in dtypes):
-            a, b = torch.randn(512, 512).to(getattr(torch, dt)), torch.randn(512, 512).to(getattr(torch, dt))
-            rates[dt] = 2 * 512 ** 3 / median(lambda: torch.mm(a, b))
-        src = torch.randn(16 * 1024 * 1024)
-        dst = torch.empty_like(src)
-        cp = median(lambda: dst.copy_(src))
-    finally:
-        torch.set_num_threads(before)
-    return {"device": "cpu", "copy_bytes_per_s": 2 * src.numel() * 4 / cp,
+    from .profiles import QUICK, copy_bytes, matmul_flops
+    quick = {"threads": threads, "budget_s": budget_s, **QUICK}
+    rates = {dt: matmul_flops(dt, **quick) for dt in dict.fromkeys(str(d).replace("torch.", "") for d in dtypes)}
+    return {"device": "cpu", "copy_bytes_per_s": copy_bytes(**quick),
             "matmul_flops_per_s": rates, "threads": threads, "cores": os.cpu_count(),
             "source": f"measured now at {threads} thread(s) ({time.strftime('%H:%M:%S')} UTC)"}
 

@@ -9,7 +9,8 @@ import torch
 
 from passlab.passes import register_pass, unregister_pass
 from passlab.runtime.timing import Timing, measure_many, median_ci, speedup
-from passlab.tools.attribution import FREEZING, shapley_values
+from passlab.tools.attribution import shapley_values
+from passlab.tools.peers import FREEZING
 from passlab.tools.runner import run
 
 STEP_FIELDS = {"pass", "changed", "status", "error", "throughput", "ci_low", "ci_high", "unit", "speedup_vs_prev",

@@ -1,4 +1,4 @@
-"""The overlap benchmark's tables from a result of the shape `simulate.bench`
+"""The overlap benchmark's tables from a result of the shape `distributed_run.bench`
 and `simulate.compare_bench` return (no launch: the launch itself is tested
 in test_distributed and test_simulator), and its argument errors."""
 from __future__ import annotations
@@ -48,8 +48,8 @@ def test_markdown_has_the_targets_the_error_and_shapley():
 def test_peers_beside_the_final_graph():
     r = result()
     for x in r["bench"]["ranks"]:
-        x["peer_step_s"] = {"eager": 8.0, "torch.compile": 6.0, "torch.compile freezing": 4.0 + x["rank"]}
-        x["peer_setup_s"] = {"torch.compile": 30.0, "torch.compile freezing": 20.0}
+        x["peer_step_s"] = {"eager": 8.0, "torch.compile": 6.0, "torch.compile(freezing)": 4.0 + x["rank"]}
+        x["peer_setup_s"] = {"torch.compile": 30.0, "torch.compile(freezing)": 20.0}
     assert bench_overlap.peers_row(r) == ["ep_mixtral", "2", "8,000", "6,000", "5,000", "5,000", "1.60x", "1.00x",
                                           "30 / 20"]
     assert "| ep_mixtral | 2 | 8,000 | 6,000 | 5,000 | 5,000 | 1.60x |" in bench_overlap.markdown([r], "m", "d")
@@ -89,7 +89,7 @@ def test_ep_mixtral_is_ep_moe_at_mixtral_width():
 
 
 def with_rounds(r, reorder=(9.0, 9.5, 10.0, 9.2, 9.8), chunk=(5.0, 5.2, 4.9, 5.1, 5.3)):
-    """Paired-round samples (each the slowest rank's), as `simulate.bench_rank` keeps them."""
+    """Paired-round samples (each the slowest rank's), as `distributed_run.bench_rank` keeps them."""
     for x in r["bench"]["ranks"]:
         x["samples_s"] = {"captured": [10.0] * len(reorder), "overlap_reorder": list(reorder),
                           "overlap_chunk": list(chunk)}

@@ -47,7 +47,7 @@ def messy():
 
 def run(name, gm, **options):
     gm = clone(gm)
-    res = as_result(get_pass(name).run(gm, PassContext(options=options)), gm)
+    res = as_result(get_pass(name)(gm, PassContext(options=options)), gm)
     res.gm.recompile()
     res.gm.graph.lint()
     assert check_metadata(res.gm) == []

@@ -111,14 +111,13 @@ def test_a_failed_output_still_writes_the_others(tmp_path, monkeypatch, capsys):
 
 
 def test_outputs_are_replaced_atomically(tmp_path, monkeypatch):
-    from passlab.runtime import codegen
     from passlab.tools import record
     path = tmp_path / "run.json"
     path.write_text('{"old": true}')
 
     def no_rename(src, dst):
         raise OSError(5, "Input/output error")
-    monkeypatch.setattr(codegen.os, "replace", no_rename)
+    monkeypatch.setattr(os, "replace", no_rename)
     rec = {"baseline": {}, "steps": [{"pass": "x"}], "payload": "y" * 100_000}
     for write, name in ((record.write_json, "run.json"), (record.write_csv, "run.csv")):
         with pytest.raises(OSError):
@@ -150,3 +149,24 @@ def test_peers_on_a_tiny_sample(tmp_path, capsys):
     for name in ("eager", "torch.compile"):
         peer = rec["peers"][name]
         assert peer.get("throughput") and peer["throughput"] > 0, peer
+
+
+def test_a_subcommand_that_does_not_import_says_why(monkeypatch, capsys):
+    import importlib
+    real = importlib.import_module
+
+    def broken(name, *a, **kw):
+        if name == "passlab.tools.simulate":
+            raise ModuleNotFoundError("No module named 'some_optional_dep'")
+        return real(name, *a, **kw)
+    monkeypatch.setattr(importlib, "import_module", broken)
+    monkeypatch.setattr(cli, "EXTRA_COMMANDS", [])
+    monkeypatch.setattr(cli, "COMMANDS", dict(cli.COMMANDS))
+    monkeypatch.setattr(cli, "UNAVAILABLE", {})
+    assert cli.main(["simulate", "tp_mlp", "--world-size", "4"]) == cli.FAILED
+    err = capsys.readouterr().err
+    assert "`passlab simulate` is unavailable" in err and "some_optional_dep" in err
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "simulate" in capsys.readouterr().out and "unavailable" in cli.build_parser().format_help()
+    assert cli.main(["list", "passes"]) == 0                     # the other commands still work

@@ -37,7 +37,7 @@ def test_bf16_violation_names_the_dtype():
         propagate(gm)
         return PassResult(gm, True)
     try:
-        with pytest.raises(ContractViolation, match=r"pass 'negate_outputs_bf16' on mlp in bfloat16 changed numerics"):
+        with pytest.raises(ContractViolation, match=r"pass 'negate_outputs_bf16' on mlp in bfloat16: numerics changed"):
             check("negate_outputs_bf16", "mlp", dtype="bf16")
     finally:
         unregister_pass("negate_outputs_bf16")

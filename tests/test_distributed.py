@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from passlab.runtime.distributed import namespaces as emulation
 from passlab.runtime.distributed import (DistributedRunFailed, Namespace, chrome_trace, link, mark_transfers,
                                         spawn)
 from passlab.tools import cli
@@ -23,7 +24,7 @@ HERE = os.path.abspath(__file__)
 SAMPLES = ("tp_mlp", "ep_moe", "fsdp_mlp")
 
 
-EMULATES = os.geteuid() == 0 and link.unavailable() is None
+EMULATES = os.geteuid() == 0 and emulation.unavailable() is None
 
 
 def namespaces() -> list[str]:
@@ -318,7 +319,7 @@ def test_namespaces_joined_by_the_relay_and_removed():
         assert ns.applied().spec() == "rate=1e+07B;latency=0.001s"
         rmem = subprocess.run(ns.prefix(0) + ["cat", "/proc/sys/net/ipv4/tcp_rmem"], capture_output=True,
                               text=True).stdout.split()
-        assert int(rmem[1]) == link.socket_buffer_bytes(ns.link) >= 4 << 20, rmem   # the BDP from the start
+        assert int(rmem[1]) == emulation.socket_buffer_bytes(ns.link) >= 4 << 20, rmem   # the BDP from the start
         relay = ns.relay
         assert relay.poll() is None
     assert not set(ns.names) & set(namespaces()) and relay.poll() is not None
@@ -326,7 +327,7 @@ def test_namespaces_joined_by_the_relay_and_removed():
 
 @pytest.mark.skipif(not EMULATES, reason="needs root, ip and tc")
 def test_tbf_fallback_says_latency_not_emulated(monkeypatch):
-    monkeypatch.setattr(link.Namespace, "tun_relay", lambda self: (_ for _ in ()).throw(OSError("no TUN here")))
+    monkeypatch.setattr(emulation.Namespace, "tun_relay", lambda self: (_ for _ in ()).throw(OSError("no TUN here")))
     with Namespace(link.resolve("rate=80mbit,latency=1ms"), 2) as ns:
         assert ns.info["method"] == "tc-tbf" and ns.info["latency_emulated"] is False
         assert "no TUN here" in ns.info["latency_reason"]
@@ -346,7 +347,7 @@ def test_stale_namespaces_of_dead_runs_are_removed():
     mine = f"passlab-{os.getpid()}-9"            # a live run's namespace stays
     subprocess.run(["ip", "netns", "add", mine], check=True)
     try:
-        removed = link.remove_stale()
+        removed = emulation.remove_stale()
         assert set(stale) <= set(removed) and mine not in removed
         assert not set(stale) & set(namespaces()) and mine in namespaces()
     finally:
@@ -374,13 +375,13 @@ def test_ranks_die_with_their_parent(tmp_path):
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
         deadline = time.monotonic() + 30
-        while link.alive(pid) and time.monotonic() < deadline:
+        while emulation.alive(pid) and time.monotonic() < deadline:
             try:
                 os.waitpid(pid, os.WNOHANG)       # not our child; reaped by init
             except ChildProcessError:
                 pass
             time.sleep(0.1)
-        assert not link.alive(pid) or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        assert not emulation.alive(pid) or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     finally:
         if parent.poll() is None:
             parent.kill()

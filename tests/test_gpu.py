@@ -56,7 +56,7 @@ def test_triton_kernel_compiles_and_matches_eager(name, compiled_triton):
                    tuple(r.cpu() for r in ref) if isinstance(ref, tuple) else ref.cpu()) <= TOL.get(dt, 0), \
         fk.source("cuda")
     from triton.runtime.jit import JITFunction
-    jit = getattr(run.keepalive, codegen.triton.symbol(fk))
+    jit = getattr(run.keepalive, codegen.printer("cuda").symbol(fk))
     assert isinstance(jit, JITFunction), type(jit)               # compiled, not the interpreter
 
 
@@ -100,7 +100,7 @@ def test_gemm_epilogue_pass_on_cuda(compiled_triton):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)).eval().cuda()
     x = torch.randn(8, 32, 64, device="cuda")
-    res = get_pass("fuse_epilogue").run(capture(m, (x,)), PassContext(device="cuda"))
+    res = get_pass("fuse_epilogue")(capture(m, (x,)), PassContext(device="cuda"))
     assert res.stats["gemm_templates"] >= 1, res.stats
     with torch.no_grad():
         assert rel_err(res.gm(x).cpu(), m(x).cpu()) < 1e-4

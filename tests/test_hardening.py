@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from passlab.runtime import codegen
+from passlab.runtime.codegen import cpp, loading
 
 from test_codegen import kernel_of, rel_err, rnd
 
@@ -82,7 +83,7 @@ def test_tampered_library_with_a_matching_plain_hash_is_not_loaded(tmp_path, mon
     so = first_build(tmp_path / "cache")
     fk = kernel_of(FN, rnd(5, 11))
     evil_src, evil_so = tmp_path / "evil.cpp", tmp_path / "evil.so"
-    evil_src.write_text(EVIL % codegen.cpp.symbol(fk))
+    evil_src.write_text(EVIL % cpp.symbol(fk))
     subprocess.run([codegen.compiler(), "-shared", "-fPIC", str(evil_src), "-o", str(evil_so)], check=True)
     data = evil_so.read_bytes()
     open(so, "wb").write(data)
@@ -123,7 +124,7 @@ def test_cache_key_names_the_compiler_and_the_isa(tmp_path, monkeypatch):
     wrapper.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then echo "other compiler 99.1"; exit 0; fi\n'
                        f'exec {real} "$@"\n')
     wrapper.chmod(0o755)
-    flags = tuple(codegen.cpp.FLAGS)
+    flags = tuple(cpp.FLAGS)
     ours, other = codegen.toolchain(real, flags), codegen.toolchain(str(wrapper), flags)
     assert ours != other and "other compiler 99.1" in other
     assert "-march=" in ours and "native" not in ours.splitlines()[-1]     # what native resolves to
@@ -165,7 +166,7 @@ def test_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
 def test_failed_cache_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     def no_rename(src, dst):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(codegen.os, "replace", no_rename)
+    monkeypatch.setattr(os, "replace", no_rename)
     with pytest.raises(OSError):
         codegen.atomic_write(str(tmp_path / "entry.so"), b"x" * 1000)
     assert os.listdir(tmp_path) == []
@@ -186,7 +187,7 @@ def test_triton_module_runs_the_generated_text_not_the_file(tmp_path, monkeypatc
         write(path, data)
         with open(path, "w") as f:
             f.write(f"open({str(mark)!r}, 'w').write('ran')\n")
-    monkeypatch.setattr(codegen, "atomic_write", raced)
+    monkeypatch.setattr(loading, "atomic_write", raced)   # where the module writer reads it
     x = rnd(3, 17)
     fn = lambda a: torch.sigmoid(a) * 0.25 + a  # noqa: E731
     out = codegen.runner(kernel_of(fn, x), "triton")(x)
@@ -231,7 +232,7 @@ def test_gemm_template_off_cuda_counts_and_reports_its_aten_launches():
     from passlab.passes import PassContext, get_pass
     from passlab.runtime.costmodel import node_cost
     m, x = FFN().eval(), torch.randn(2, 5, 16)
-    gm = get_pass("fuse_epilogue").run(capture(m, (x,)), PassContext(device="cuda")).gm
+    gm = get_pass("fuse_epilogue")(capture(m, (x,)), PassContext(device="cuda")).gm
     nodes = {n.target.name: n for n in gm.graph.nodes if getattr(n.target, "is_gemm_template", False)}
     assert set(nodes) == {"gemm_bias_gelu", "gemm_bias_residual"}
     assert node_cost(nodes["gemm_bias_gelu"]).launches == 2       # addmm + gelu, not one fused launch
@@ -247,7 +248,7 @@ def test_run_record_lists_aten_fallbacks():
 
     @register_pass("_epilogue_for_cuda")
     def _epilogue_for_cuda(gm, ctx):
-        return get_pass("fuse_epilogue").run(gm, PassContext(device="cuda", options={}))
+        return get_pass("fuse_epilogue")(gm, PassContext(device="cuda", options={}))
     try:
         r = run(load("mlp", "tiny"), pipeline="_epilogue_for_cuda", measure=False)
     finally:
@@ -267,16 +268,16 @@ def test_tests_use_a_private_cache_and_key():
     assert os.environ["PASSLAB_KEY_FILE"].startswith(tempfile.gettempdir())
 
 
-LINK_BEFORE = os.environ.get("PASSLAB_LINK")
+LINK_BEFORE = os.environ.get("PASSLAB_DIST_LINK")
 
 
 def test_leaky_test_part_1_sets_env_and_a_fake_world():
-    os.environ["PASSLAB_LINK"] = "rate=1MB;latency=1ms"           # as distributed_run's setdefault does
+    os.environ["PASSLAB_DIST_LINK"] = "rate=1MB;latency=1ms"      # as a spawned rank has it
     from passlab.tools.simulate import fake_world
     fake_world(64)
 
 
 def test_leaky_test_part_2_sees_none_of_it():
     import torch.distributed as dist
-    assert os.environ.get("PASSLAB_LINK") == LINK_BEFORE
+    assert os.environ.get("PASSLAB_DIST_LINK") == LINK_BEFORE
     assert not dist.is_initialized() or dist.get_world_size() == 1

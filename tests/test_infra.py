@@ -15,6 +15,7 @@ import torch
 
 from passlab.passes import (PassContext, PassManager, PassResult, PipelineError, PipelineFailed,
                             UnknownPassError, get_pass, parse, register_pass, unregister_pass)
+from passlab.graphs import check_metadata, clone
 from passlab.passes.contract import captured
 from passlab.passes.manager import CheckNumerics, Statistics, VerifyGraph
 from passlab.tools import cli, scaffold
@@ -120,8 +121,8 @@ REASONS = {"t_raises": "RuntimeError: pattern matcher exploded",
 
 @pytest.fixture
 def broken_passes():
-    for name, fn in BROKEN.items():
-        register_pass(name)(fn)
+    for name, fn in BROKEN.items():      # t_drops_meta claims to keep meta['val'] right itself, and does not
+        register_pass(name, keeps_meta=name == "t_drops_meta")(fn)
     yield list(BROKEN)
     for name in BROKEN:
         unregister_pass(name)
@@ -135,6 +136,21 @@ def mlp():
 def manager(sample, pipeline, strict=False):
     return PassManager(pipeline, strict=strict, instruments=[
         VerifyGraph(), CheckNumerics(sample.module, sample.make_inputs, "cpu", 1e-4), Statistics()])
+
+
+def test_the_framework_ends_every_pass(mlp):
+    """A pass body ends with its rewrite: lint, recompile and meta['val'] are the framework's (api.finish).
+    `drops_meta` makes two nodes without meta['val'] and does not recompile; declared without keeps_meta,
+    it is a correct pass."""
+    register_pass("t_negate_twice")(drops_meta)
+    try:
+        s, gm = mlp
+        res = get_pass("t_negate_twice")(clone(gm), PassContext(sample=s))
+        assert res.changed and "neg" in res.gm.code and check_metadata(res.gm) == []
+        step = manager(s, "t_negate_twice").run(clone(gm), PassContext(sample=s)).steps[0]
+        assert step.status == "ok" and step.changed and step.numerics_ok, step.error
+    finally:
+        unregister_pass("t_negate_twice")
 
 
 def test_broken_passes_are_rolled_back_with_the_reason(mlp, broken_passes):
@@ -291,6 +307,20 @@ def test_scaffold_refuses_to_overwrite_and_non_checkouts(checkout, tmp_path_fact
     assert not (checkout / "passes" / "mine.py").exists()
     with pytest.raises(ValueError, match="not a passlab checkout"):
         scaffold.new_pass("mine", str(tmp_path_factory.mktemp("empty")))
+
+
+def test_scaffold_writes_into_the_checkout_you_stand_in(tmp_path, monkeypatch):
+    """Not into the installed passlab: the checkout the current folder is in (or a clear error)."""
+    (tmp_path / "passes").mkdir()
+    (tmp_path / "passes" / "api.py").write_text("")
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "docs").mkdir()
+    monkeypatch.chdir(tmp_path / "docs")
+    paths = scaffold.new_pass("mine_here", rewrite=True)
+    assert paths == [str(tmp_path / "passes" / "mine_here.py"), str(tmp_path / "tests" / "test_pass_mine_here.py")]
+    monkeypatch.chdir(tmp_path.parent)
+    with pytest.raises(ValueError, match="is not inside a passlab checkout.*--dir CHECKOUT"):
+        scaffold.new_pass("mine_elsewhere")
 
 
 def load_file(name, path):

@@ -8,13 +8,13 @@ from torch import nn
 from passlab.graphs import capture, clone, load
 from passlab.passes import PassContext, PassManager, get_pass, relative_error
 from passlab.passes.contract import captured
-from passlab.passes.layout import blas_ready, channels_last, count_conversions, layout
+from passlab.passes.layout import blas_ready, channels_last, count_conversions
 
 aten = torch.ops.aten
 
 
 def run_layout(gm, device="cpu", **options):
-    return layout(clone(gm), PassContext(device=device), **options)
+    return get_pass("layout")(clone(gm), PassContext(device=device, options=options))   # the pass, then its end
 
 
 def check_numerics(gm, reference, inputs, tol=1e-4):
@@ -61,7 +61,7 @@ def test_convnet_runs_channels_last_with_one_conversion():
     assert s["convs_nhwc"] == len(convs(gm)) and s["weights_nhwc"] == len(convs(gm))
     for c in convs(res.gm):
         assert channels_last(c.args[0].meta["val"]) and channels_last(c.meta["val"])
-        assert c.args[1].op == "get_attr" and c.args[1].target.startswith("layout_nhwc_")
+        assert c.args[1].op == "get_attr" and c.args[1].target.startswith("_layout_nhwc_")
     (entry,) = [n for n in res.gm.graph.nodes if n.target is aten.clone.default]
     assert entry.args[0].op == "placeholder" and entry.kwargs["memory_format"] == torch.channels_last
     for seed in (1, 2):
@@ -259,7 +259,7 @@ def test_after_fuse_kernels_follow_the_layout():
     instead of converting back at every kernel."""
     sample = load("convnet", "tiny")
     gm = capture(sample.module, sample.example_inputs)
-    fused = get_pass("fuse").run(clone(gm), PassContext(sample=sample)).gm
+    fused = get_pass("fuse")(clone(gm), PassContext(sample=sample)).gm
     res = run_layout(fused)
     s = res.stats
     assert s["kernels_relowered"] >= 1

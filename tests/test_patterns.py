@@ -25,7 +25,7 @@ needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, 
 
 
 def run(name, gm, **options):
-    res = get_pass(name).run(gm, PassContext(options=options))
+    res = get_pass(name)(gm, PassContext(options=options))
     res.gm.graph.lint()
     return res
 
@@ -475,7 +475,7 @@ def test_gemm_epilogue_template(act, name, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     torch.manual_seed(0)
     m, x = FFN(act).eval(), torch.randn(2, 5, 16)
-    res = get_pass("fuse_epilogue").run(capture(m, (x,)), PassContext(device="cuda"))
+    res = get_pass("fuse_epilogue")(capture(m, (x,)), PassContext(device="cuda"))
     assert res.stats["gemm_templates"] == 2, res.stats
     kinds = sorted(n.target.name for n in res.gm.graph.nodes if getattr(n.target, "is_gemm_template", False))
     assert kinds == sorted([f"gemm_bias_{name}", "gemm_bias_residual"])
@@ -491,7 +491,7 @@ def test_gemm_epilogue_template(act, name, monkeypatch):
 def test_gemm_epilogue_template_on_gpu():
     torch.manual_seed(0)
     m, x = FFN(nn.GELU()).eval().cuda(), torch.randn(4, 64, 16, device="cuda")
-    res = get_pass("fuse_epilogue").run(capture(m, (x,)), PassContext(device="cuda"))
+    res = get_pass("fuse_epilogue")(capture(m, (x,)), PassContext(device="cuda"))
     assert res.stats["gemm_templates"] == 2
     with torch.no_grad():
         assert relative_error(res.gm(x), m(x)) < 1e-4

@@ -56,7 +56,7 @@ def test_reader_of_the_old_value_after_the_update_blocks_it():
     out = g.output_node()
     out.args = ((*out.args[0], late) if isinstance(out.args[0], tuple) else (out.args[0], late),)
     gm.recompile()
-    res = get_pass("write_in_place").run(gm, context(load("mlp", "tiny"), "cpu"))
+    res = get_pass("write_in_place")(gm, context(load("mlp", "tiny"), "cpu"))
     assert res.stats["skipped"].get("old_value_read_after_update") == 1
 
 

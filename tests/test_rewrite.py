@@ -33,7 +33,7 @@ def targets(gm):
 
 
 def run(name, gm, **options):
-    res = get_pass(name).run(gm, PassContext(options=options))
+    res = get_pass(name)(gm, PassContext(options=options))
     res.gm.graph.lint()
     assert check_metadata(res.gm) == []
     return res
@@ -288,7 +288,7 @@ def test_fusion_pattern_then_fuse_costs_no_launches(registered, dtype):
     for pipe in ("cleanup,fuse", "cleanup,fuse_rmsnorm", "cleanup,fuse_rmsnorm,fuse"):
         gm = clone(base)
         for step in parse(pipe):
-            r = as_result(step.pass_.run(gm, PassContext(options=dict(step.options))), gm)
+            r = as_result(step.pass_(gm, PassContext(options=dict(step.options))), gm)
             gm = r.gm
             gm.recompile()
             stats[(pipe, step.name)] = r.stats
@@ -325,3 +325,49 @@ def test_fuse_nodes_names_checks_and_drops_asserts():
     close(gm, m, make, torch.float32)
     with pytest.raises(ValueError, match="identifier"):
         fuse_nodes(gm, [k2], label="no spaces")
+
+
+# --------------------------------------------------------------------- rule tables, errors at registration
+
+def test_rule_table_applies_its_rules_as_one_pass_counted_per_rule():
+    from passlab.passes import Rules
+    from passlab.passes.patterns.activations import gelu, gelu_erf, silu, swish
+
+    class Both(nn.Module):
+        def forward(self, x):
+            a = x * torch.sigmoid(x)
+            return 0.5 * a * (1.0 + torch.erf(a / 1.4142135623730951))
+
+    m, make = Both(), (lambda dtype: (torch.randn(4, 8, dtype=dtype),))
+    table = Rules("t_table", [Rewrite("t_swish", swish, silu), Rewrite("t_gelu", gelu_erf, gelu)])
+    res = table(capture(m, make(torch.float32)), PassContext())          # the pass, then its end
+    assert res.stats["by_rule"] == {"t_swish": {"matched": 1, "rewritten": 1},
+                                    "t_gelu": {"matched": 1, "rewritten": 1}}, res.stats
+    assert res.stats["rewritten"] == 2 and aten.silu.default in targets(res.gm) and check_metadata(res.gm) == []
+    close(res.gm, m, make, torch.float32)
+    limited = table(capture(m, make(torch.float32)), PassContext(options={"max_rewrites": 1}))
+    assert limited.stats["by_rule"]["t_gelu"] == {"matched": 1, "rewritten": 0}
+    with pytest.raises(RewriteError, match=r"'t_swish'\] occur twice"):
+        Rules("t_twice", [Rewrite("t_swish", swish, silu), Rewrite("t_swish", gelu_erf, gelu)])
+
+
+def test_pattern_errors_show_at_registration_with_the_rewrites_name():
+    def scaled_twice(x, eps=1e-6):
+        return x * (2 * eps)          # eps folded into a Python number: cannot be matched
+
+    def wrong_rank(x):
+        return x @ torch.ones(3, 3)  # does not fit the example shapes (8, 16)
+
+    with pytest.raises(RewriteError, match=r"register_rewrite\('t_eps'\): free literal.*not an argument"):
+        register_rewrite("t_eps", scaled_twice, replacement, free=("eps",))
+    with pytest.raises(RewriteError, match=r"register_rewrite\('t_rank'\): the pattern does not trace"):
+        register_rewrite("t_rank", wrong_rank, replacement)
+    from passlab.passes import list_passes
+    assert "t_eps" not in list_passes() and "t_rank" not in list_passes()
+
+
+def test_pass_descriptions_are_whole_paragraphs():
+    from passlab.passes import list_passes
+    descriptions = {k: v for k, v in list_passes().items() if not v.startswith("alias:")}
+    assert descriptions["fuse_epilogue"].endswith("(CUDA: Triton GEMM + epilogue).")
+    assert all(v.endswith(".") for v in descriptions.values()), descriptions

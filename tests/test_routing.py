@@ -94,7 +94,7 @@ def test_group_experts_matches_eager(name):
 def test_group_experts_leaves_dense_bmm_alone():
     sample = load("moe", "tiny")          # capacity-dispatched: dense [E, C, D] bmm, no gather of weights
     gm = capture(sample.module, sample.example_inputs)
-    res = get_pass("group_experts").run(gm, context(sample, "cpu"))
+    res = get_pass("group_experts")(gm, context(sample, "cpu"))
     assert res.stats["rewritten"] == 0
 
 
@@ -109,13 +109,13 @@ def test_sum_pairs_is_bit_exact_and_fires_on_the_moe_combine():
                 return x.sum(1), x.sum(-2, keepdim=True), x.sum(2)     # the last: not a pair
 
         gm = capture(Combine(), (x,))
-        res = get_pass("sum_pairs").run(gm, context(load("mlp", "tiny"), "cpu"))
+        res = get_pass("sum_pairs")(gm, context(load("mlp", "tiny"), "cpu"))
         assert res.stats["rewritten"] == 2
         for got, want in zip(res.gm(x), Combine()(x)):
             assert got.shape == want.shape and torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
     sample = load("moe", "tiny")
     gm = capture(sample.module, sample.example_inputs)
-    assert get_pass("sum_pairs").run(gm, context(sample, "cpu")).stats["rewritten"] == 4   # per layer: top-2 weights, combine
+    assert get_pass("sum_pairs")(gm, context(sample, "cpu")).stats["rewritten"] == 4   # per layer: top-2 weights, combine
 
 
 def test_gather_rows_matches_advanced_indexing():
@@ -127,7 +127,7 @@ def test_gather_rows_matches_advanced_indexing():
     x = torch.randn(7, 5, 3)
     idx = torch.tensor([0, -1, 3, -7, 6, 2])                         # negatives count from the end
     gm = capture(Gather(), (x, idx))
-    res = get_pass("gather_rows").run(gm, context(load("mlp", "tiny"), "cpu"))
+    res = get_pass("gather_rows")(gm, context(load("mlp", "tiny"), "cpu"))
     assert res.stats["rewritten"] == 2 and res.stats["wrapped"] == 1   # the sort's indices need no wrap
     for got, want in zip(res.gm(x, idx), Gather()(x, idx)):
         assert torch.equal(got, want)

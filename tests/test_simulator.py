@@ -170,7 +170,7 @@ def test_compare_a_bench_result():
 def test_shapley_of_a_bench_with_subsets():
     """Two passes, every subset timed: exact Shapley values add up to the total log gain."""
     import math
-    from passlab.tools.simulate import shapley_of, subset_key
+    from passlab.tools.distributed_run import shapley_of, subset_key
     from passlab.passes import parse
     steps = parse("overlap_reorder,overlap_chunk")
     assert subset_key(steps, (1,)) == "overlap_chunk (subset)" and subset_key(steps, (0, 1)) == "overlap_chunk"

@@ -33,6 +33,8 @@ from passlab.runtime import costmodel, timing
 from passlab.runtime.executor import compile_graph, fused_kernels
 from passlab.runtime.profiles import get_profile
 
+from .peers import EAGER, EAGER_SETTINGS, PEER_SETTINGS
+
 EXACT_SHAPLEY_MAX = 8
 
 
@@ -49,33 +51,14 @@ def measure_run(sample: Sample, result, steps, *, device: str = "cpu", budget_s:
     to its numbers; `extra` holds shapley / interaction / ablation / peers."""
     say = say or (lambda m: None)
     inputs = [sample.make_inputs(seed) for seed in (11, 12, 13)]
-    graphs: dict[str, torch.fx.GraphModule] = {"baseline": result.baseline.snapshot}
-    key_of_step: dict[int, str] = {}
-    prev = "baseline"
-    for i, rec in enumerate(result.steps):
-        if rec.changed and rec.status == "ok" and rec.snapshot is not None:
-            prev = f"step{i}"
-            graphs[prev] = rec.snapshot
-        key_of_step[i] = prev
-
-    subsets, subset_rollbacks = {}, {}
-    players = None
+    graphs, key_of_step = step_graphs(result)
+    players, subsets, subset_rollbacks = None, {}, {}
     if ablate or shapley:
         players = [name for name, _ in parse_items(pipeline)] if pipeline is not None else [str(s) for s in steps]
         player_steps = [st for _, st in parse_items(pipeline)] if pipeline is not None else [[s] for s in steps]
         subsets, subset_rollbacks = subset_graphs(sample, result, player_steps, device, ablate=ablate,
                                                   shapley=shapley, say=say)
-
-    fns, dedup = {}, {}
-    for key, gm in list(graphs.items()) + [(f"subset{k}", g) for k, g in subsets.items()]:
-        sig = signature(gm)
-        if sig in dedup:
-            continue
-        dedup[sig] = key
-        fns[key] = compile_graph(gm, device)
-    alias = {key: dedup[signature(gm)] for key, gm in list(graphs.items()) +
-             [(f"subset{k}", g) for k, g in subsets.items()]}
-
+    fns, alias = compile_once({**graphs, **{f"subset{k}": g for k, g in subsets.items()}}, device)
     fns[EAGER] = sample.reference
     peer_info = {}
     if peers:
@@ -87,9 +70,48 @@ def measure_run(sample: Sample, result, steps, *, device: str = "cpu", budget_s:
                             progress=None if bar is None else
                             (lambda msg: bar(*[int(x) for x in msg.split()[1].split("/")], "timing")))
     profile = get_profile(device)
-    base_bytes = costmodel.materialized_bytes(graphs["baseline"])
+    numbers = numbers_of(t, alias, sample, profile, costmodel.materialized_bytes(graphs["baseline"]))
     energy = timing.EnergyMeter(device)
+    costs = memory_and_energy(graphs, alias, fns, inputs[0], sample, energy, device)
+    measured = step_numbers(result, graphs, key_of_step, alias, numbers, costs)
 
+    extra = {"energy_source": energy.source, "profile": profile}
+    if peers:
+        extra["peers"] = {name: ({**numbers(name), **info} if name in fns else info)
+                          for name, info in peer_info.items()}
+    if players:
+        extra.update(subset_numbers(players, subsets, subset_rollbacks, numbers, ablate=ablate, shapley=shapley))
+    return measured, extra
+
+
+def step_graphs(result) -> tuple[dict, dict]:
+    """({"baseline": graph, "stepI": graph of each step that changed it}, {step index: the key of its graph})."""
+    graphs: dict[str, torch.fx.GraphModule] = {"baseline": result.baseline.snapshot}
+    key_of_step: dict[int, str] = {}
+    prev = "baseline"
+    for i, rec in enumerate(result.steps):
+        if rec.changed and rec.status == "ok" and rec.snapshot is not None:
+            prev = f"step{i}"
+            graphs[prev] = rec.snapshot
+        key_of_step[i] = prev
+    return graphs, key_of_step
+
+
+def compile_once(graphs: dict, device: str) -> tuple[dict, dict]:
+    """Each distinct graph (by `signature`) compiled once: ({key: runner}, {every key: the key it runs as})."""
+    fns, dedup = {}, {}
+    for key, gm in graphs.items():
+        sig = signature(gm)
+        if sig not in dedup:
+            dedup[sig] = key
+            fns[key] = compile_graph(gm, device)
+    return fns, {key: dedup[signature(gm)] for key, gm in graphs.items()}
+
+
+def numbers_of(t: dict, alias: dict, sample: Sample, profile: dict, base_bytes: int) -> Callable:
+    """`numbers(key, gm=None, prev=None)`: a timed graph's throughput, speedups
+    (vs eager, vs `prev`, with CIs) and, given its graph, its roofline bound
+    and the intermediate bytes it saves."""
     def numbers(key: str, gm=None, prev: str | None = None) -> dict:
         d = timed(t, alias.get(key, key), sample, None if prev is None else alias.get(prev, prev))
         if gm is not None:
@@ -98,36 +120,46 @@ def measure_run(sample: Sample, result, steps, *, device: str = "cpu", budget_s:
             d["bound_s"], d["percent_of_bound"] = bound, 100 * bound / tm.median_s
             d["intermediate_bytes_saved"] = base_bytes - costmodel.materialized_bytes(gm)
         return d
+    return numbers
 
-    measured = {"baseline": numbers("baseline", graphs["baseline"])}
-    mem_cache = {}
-    for key, gm in graphs.items():
+
+def memory_and_energy(graphs: dict, alias: dict, fns: dict, x: tuple, sample: Sample, energy, device: str) -> dict:
+    """{runner key: (peak bytes, how measured, joules per unit or None)}, once per distinct graph."""
+    out = {}
+    for key in graphs:
         k = alias[key]
-        if k not in mem_cache:
-            once = fresh_copies(inputs[0], sample.writes)     # a graph that writes its inputs: copies
-            mem_cache[k] = timing.peak_memory(fns[k], once, device)
-            ej = energy.joules(fns[k], fresh_copies(inputs[0], sample.writes), reps=5) if energy.available else None
-            mem_cache[k] += (None if ej is None else ej / sample.units_per_forward,)
-    measured["baseline"]["peak_memory_bytes"], measured["baseline"]["memory_method"], \
-        measured["baseline"]["energy_j_per_unit"] = mem_cache["baseline"]
-    measured["eager"] = {**numbers(EAGER), "settings": EAGER_SETTINGS}
+        if k not in out:
+            once = fresh_copies(x, sample.writes)     # a graph that writes its inputs: copies
+            out[k] = timing.peak_memory(fns[k], once, device)
+            ej = energy.joules(fns[k], fresh_copies(x, sample.writes), reps=5) if energy.available else None
+            out[k] += (None if ej is None else ej / sample.units_per_forward,)
+    return out
+
+
+def step_numbers(result, graphs: dict, key_of_step: dict, alias: dict, numbers: Callable, costs: dict) -> dict:
+    """The numbers of the baseline, eager and every step (a step that changed
+    nothing has its predecessor's graph, and its numbers)."""
+    def with_costs(d: dict, key: str) -> dict:
+        d["peak_memory_bytes"], d["memory_method"], d["energy_j_per_unit"] = costs[alias[key]]
+        return d
+    measured = {"baseline": with_costs(numbers("baseline", graphs["baseline"]), "baseline"),
+                "eager": {**numbers(EAGER), "settings": EAGER_SETTINGS}}
     for i in range(len(result.steps)):
         key = key_of_step[i]
-        gm = graphs[key]
-        measured[i] = numbers(key, gm, prev=key_of_step.get(i - 1, "baseline"))
-        measured[i]["peak_memory_bytes"], measured[i]["memory_method"], measured[i]["energy_j_per_unit"] = \
-            mem_cache[alias[key]]
+        measured[i] = with_costs(numbers(key, graphs[key], prev=key_of_step.get(i - 1, "baseline")), key)
+    return measured
 
-    extra = {"energy_source": energy.source, "profile": profile}
-    if peers:
-        extra["peers"] = {name: ({**numbers(name), **info} if name in fns else info)
-                          for name, info in peer_info.items()}
-    if players:
-        extra["subset_rollbacks"] = {"+".join(players[i] for i in k) or "(none)": bad
-                                     for k, bad in subset_rollbacks.items() if bad}
-        v = {k: math.log(numbers(f"subset{k}")["throughput"]) for k in subsets}
-        extra.update(attribute(v, players, ablate=ablate, shapley=shapley))
-    return measured, extra
+
+def subset_numbers(players: list, subsets: dict, subset_rollbacks: dict, numbers: Callable, *,
+                   ablate: bool, shapley: bool) -> dict:
+    """Ablation (each player's loss when left out, its gain alone) and/or
+    Shapley values with the interaction term (`attribute`), from the log
+    throughput of every timed subset of the players."""
+    extra = {"subset_rollbacks": {"+".join(players[i] for i in k) or "(none)": bad
+                                  for k, bad in subset_rollbacks.items() if bad}}
+    v = {k: math.log(numbers(f"subset{k}")["throughput"]) for k in subsets}
+    extra.update(attribute(v, players, ablate=ablate, shapley=shapley))
+    return extra
 
 
 def subset_graphs(sample, result, player_steps, device, *, ablate, shapley, say):
@@ -264,14 +296,6 @@ def attribute(v: dict[tuple, float], players: list[str], *, ablate: bool, shaple
                                 if have(full, (), *[(i,) for i in range(n)]) else None)
         extra["interaction_matrix"] = interaction_matrix(v, players)
     return extra
-
-
-EAGER = "eager"
-EAGER_SETTINGS = "the module itself, module.eval(), under torch.no_grad()"
-COMPILE, FREEZING = "torch.compile", "torch.compile(freezing)"
-PEER_SETTINGS = {COMPILE: ("torch.compile(model) defaults (inductor, mode=None, no freezing)", None),
-                 FREEZING: ('torch.compile(model, options={"freezing": True}) (inductor; weights folded '
-                            'as constants, the usual CPU inference setting)', {"freezing": True})}
 
 
 def throughput(tm: timing.Timing, sample: Sample) -> dict:

@@ -25,6 +25,7 @@ import sys
 import time
 
 from . import record as records
+from .peers import COMPILE, EAGER, FREEZING
 from .progress import Progress
 from .table import md_table, render
 from .zoo import first_line
@@ -37,7 +38,7 @@ ZOO_DEFAULT = ["zoo:mixtral", "zoo:qwen2-moe", "zoo:qwen3-moe", "zoo:mixtral-gro
                "zoo:bert", "zoo:vit"]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 MODEL_TIMEOUT_S = 1800
-CONTENDERS = ["eager", "torch.compile", "torch.compile(freezing)", "captured", "passlab"]
+CONTENDERS = [EAGER, COMPILE, FREEZING, "captured", "passlab"]
 
 
 def zoo_names() -> list[str] | None:
@@ -60,7 +61,7 @@ def measure_model(name: str, preset: str = "bench", *, budget_s: float = 3.0, pi
     from passlab.graphs import load
     from passlab.runtime import costmodel, timing
     from passlab.runtime.profiles import get_profile
-    from .attribution import COMPILE, EAGER, FREEZING, make_peers, model_call, throughput
+    from .attribution import make_peers, model_call, throughput
     from .optimize import graph_runner
 
     say = say or (lambda m: None)
@@ -187,8 +188,8 @@ def ratio_cell(r: list | None) -> str:
 
 def setup_cell(row: dict) -> str:
     c = row.get("contenders") or {}
-    parts = [row.get("setup_seconds"), (c.get("torch.compile") or {}).get("compile_s"),
-             (c.get("torch.compile(freezing)") or {}).get("compile_s")]
+    parts = [row.get("setup_seconds"), (c.get(COMPILE) or {}).get("compile_s"),
+             (c.get(FREEZING) or {}).get("compile_s")]
     return " / ".join("–" if v is None else f"{v:.1f}" for v in parts)
 
 
@@ -197,7 +198,7 @@ def bound_cell(row: dict) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.0f}%"
 
 
-HEADERS = ["model", "dtype", "unit", "eager", "torch.compile", "torch.compile freezing", "captured", "passlab",
+HEADERS = ["model", "dtype", "unit", EAGER, COMPILE, FREEZING, "captured", "passlab",
            "passlab/eager", "passlab/best compile", "setup s (passlab / compile / freezing)", "% of bound"]
 
 
@@ -208,7 +209,7 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
         if row.get("status") != "ok":
             if c.get("eager", {}).get("throughput"):       # passlab failed; the peers ran
                 out.append([row["model"], row.get("dtype", "–"), row.get("unit", "–"), tp_cell(c.get("eager"), False),
-                            tp_cell(c.get("torch.compile")), tp_cell(c.get("torch.compile(freezing)")), "–",
+                            tp_cell(c.get(COMPILE)), tp_cell(c.get(FREEZING)), "–",
                             f"failed: {row.get('error')}"] + ["–"] * (len(HEADERS) - 8))
             else:
                 out.append([row["model"], row.get("dtype", "–"), row.get("unit", "–"),
@@ -218,7 +219,7 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
         passlab = tp_cell(p, with_ratio=False) + (f" [guard: {row['guard']}]" if row.get("guard") not in
                                                    (None, "passlab", "final") else "")
         out.append([row["model"], row.get("dtype", "?"), row.get("unit", ""), tp_cell(c.get("eager"), False),
-                    tp_cell(c.get("torch.compile")), tp_cell(c.get("torch.compile(freezing)")),
+                    tp_cell(c.get(COMPILE)), tp_cell(c.get(FREEZING)),
                     tp_cell(c.get("captured")), passlab,
                     ratio_cell([p.get("speedup_vs_eager")] + list(p.get("speedup_vs_eager_ci") or [None, None])),
                     ratio_cell(row.get("passlab_vs_best_compile")), setup_cell(row), bound_cell(row)])
@@ -242,7 +243,7 @@ def zoo_summary(rows: list[dict]) -> list[list[str]]:
             "passlab/eager": [r["contenders"]["passlab"]["speedup_vs_eager"] for r in ok],
             "passlab/best compile": [r["passlab_vs_best_compile"][0] for r in ok if r.get("passlab_vs_best_compile")]}
     comp = {k: [r["contenders"][k]["speedup_vs_eager"] for r in ok if r["contenders"].get(k, {}).get("throughput")]
-            for k in ("torch.compile", "torch.compile(freezing)")}
+            for k in (COMPILE, FREEZING)}
     out = []
     for what, f in (("geomean", geomean), ("worst", min)):
         def cell(xs):
@@ -251,8 +252,8 @@ def zoo_summary(rows: list[dict]) -> list[list[str]]:
         if what == "worst":
             w = min(ok, key=lambda r: r["contenders"]["passlab"]["speedup_vs_eager"])
             worst_name = f" ({w['model']})"
-        out.append([f"{label} {what}", "", "", "1.00x", cell(comp["torch.compile"]),
-                    cell(comp["torch.compile(freezing)"]), cell(cols["captured/eager"]), "",
+        out.append([f"{label} {what}", "", "", "1.00x", cell(comp[COMPILE]),
+                    cell(comp[FREEZING]), cell(cols["captured/eager"]), "",
                     cell(cols["passlab/eager"]) + worst_name, cell(cols["passlab/best compile"]), "", ""])
     return out
 

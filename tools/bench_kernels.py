@@ -61,7 +61,7 @@ def kernel_of(fn, *inputs) -> FusedKernel:
 def raw_call(k: FusedKernel, inputs):
     """The kernel's C entry point with outputs preallocated."""
     lib = codegen.runner(k, "cpu").keepalive
-    f = getattr(lib, codegen.cpp.symbol(k))
+    f = getattr(lib, codegen.printer("cpu").symbol(k))
     outs = [torch.empty_strided(b.shape, b.strides, dtype=b.dtype) for b in k.kernel.outputs]
     args = (ctypes.c_void_p * (len(inputs) + len(outs)))(*[t.data_ptr() for t in inputs],
                                                           *[t.data_ptr() for t in outs])

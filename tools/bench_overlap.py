@@ -2,7 +2,7 @@
 emulated link, and the simulator checked against the measurements.
 
 For each distributed sample and world size, one launched run
-(`simulate.bench`: W gloo ranks in their own network namespaces, joined by the
+(`distributed_run.bench`: W gloo ranks in their own network namespaces, joined by the
 TUN delay line at the link preset scaled to this machine) times the captured
 graph and the graph after each overlap pass in one interleaved batch and
 traces each; then `simulate.compare_bench` predicts the same graphs (the
@@ -21,6 +21,7 @@ import sys
 import time
 
 from .bench import write_readme
+from .peers import COMPILE, EAGER, FREEZING
 from .table import md_table
 
 START, END = "<!-- overlap:start -->", "<!-- overlap:end -->"
@@ -31,8 +32,9 @@ SHAPLEY = {"ep_mixtral"}
 
 def measure(model: str, world: int, link: str, reps: int, say, peers: bool = True) -> dict:
     from . import simulate
+    from .distributed_run import bench
     t0 = time.monotonic()
-    b = simulate.bench(model, "bench", world, link, reps=reps, shapley=model in SHAPLEY, timeout=1800,
+    b = bench(model, "bench", world, link, reps=reps, shapley=model in SHAPLEY, timeout=1800,
                        peers=peers)
     say(f"  measured in {time.monotonic() - t0:.0f} s; predicting")
     pred = simulate.compare_bench(b)
@@ -102,11 +104,11 @@ def peers_row(r: dict) -> list[str]:
     ranks = r["bench"]["ranks"]
     step = lambda k: max(x["peer_step_s"][k] for x in ranks)
     ours = max(x["step_s"][[k for k in x["step_s"] if "(subset)" not in k][-1]] for x in ranks)
-    eager, comp, frz = step("eager"), step("torch.compile"), step("torch.compile freezing")
+    eager, comp, frz = step(EAGER), step(COMPILE), step(FREEZING)
     setup = lambda k: max(x["peer_setup_s"][k] for x in ranks)
     return [r["model"], str(r["world"]), f"{eager * 1e3:,.0f}", f"{comp * 1e3:,.0f}", f"{frz * 1e3:,.0f}",
             f"{ours * 1e3:,.0f}", f"{eager / ours:.2f}x", f"{min(comp, frz) / ours:.2f}x",
-            f"{setup('torch.compile'):.0f} / {setup('torch.compile freezing'):.0f}"]
+            f"{setup(COMPILE):.0f} / {setup(FREEZING):.0f}"]
 
 
 def latency_cell(link: dict) -> str:

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     np_ = sub.add_parser("new-pass", help="scaffold a new pass and its test")
     np_.add_argument("name")
-    np_.add_argument("--dir", default=None, help="repository root (default: the passlab checkout)")
+    np_.add_argument("--dir", default=None, help="the checkout to write into (default: the passlab checkout you stand in)")
     np_.add_argument("--plugin", action="store_true",
                      help="scaffold a separately installable package (entry point group passlab.passes) "
                           "in --dir (default: the current folder)")
@@ -304,17 +304,40 @@ def cmd_new_pass(args) -> int:
 COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "new-pass": cmd_new_pass}
 
 
+OPTIONAL_COMMANDS = ("simulate", "zoo", "explain")
+UNAVAILABLE: dict[str, str] = {}   # subcommand -> why its module did not import
+
+
 def load_extra_commands():
-    """Optional subcommands from other tools modules (e.g. simulate)."""
+    """Subcommands from other tools modules (e.g. simulate). One whose module
+    does not import is still listed (`passlab --help` says it is unavailable)
+    and, when run, says why instead of vanishing."""
     import importlib
-    for mod in ("simulate", "zoo", "explain"):
+    for mod in OPTIONAL_COMMANDS:
         try:
             m = importlib.import_module(f"passlab.tools.{mod}")
-        except ImportError:
+        except Exception as e:  # a broken optional command must not take the others down
+            UNAVAILABLE[mod] = f"{type(e).__name__}: {e}"
+            COMMANDS[mod] = cmd_unavailable
+            if add_unavailable not in EXTRA_COMMANDS:
+                EXTRA_COMMANDS.append(add_unavailable)
             continue
         if hasattr(m, "add_command") and m.add_command not in EXTRA_COMMANDS:
             EXTRA_COMMANDS.append(m.add_command)
             COMMANDS[mod] = m.command
+
+
+def add_unavailable(sub) -> None:
+    for name, why in UNAVAILABLE.items():
+        p = sub.add_parser(name, add_help=False, help=f"(unavailable: {why})")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+
+
+def cmd_unavailable(args) -> int:
+    print(f"passlab: error: `passlab {args.cmd}` is unavailable: importing passlab.tools.{args.cmd} failed "
+          f"({UNAVAILABLE[args.cmd]}). Install what it names (an optional dependency) or fix that module, "
+          "then run it again", file=sys.stderr)
+    return FAILED
 
 
 if __name__ == "__main__":

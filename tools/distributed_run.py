@@ -12,6 +12,11 @@ repetitions on every rank (collectives must match), and traces the baseline
 and final graphs. Rank 0 gathers everything into one run record: per-pass
 rows as in a single-process run, per-rank step times, the link, and the
 Chrome-trace timeline.
+
+`bench` (`passlab simulate --bench`) launches the same ranks on another
+target, `bench_rank`: the captured graph and each pass of a pipeline applied
+on top of the last, every graph (and, on request, every subset of the passes
+and the eager/torch.compile peers) timed in the same paired rounds and traced.
 """
 from __future__ import annotations
 
@@ -137,13 +142,15 @@ def agreeing(manager, guard_rounds: int = 0):
     import hashlib
     from passlab.graphs import clone
     from passlab.passes import CheckNumerics
-    from passlab.passes.api import Pass, as_result
+    from passlab.passes.api import Pass
     from passlab.runtime.simulator import collective_kind
 
     def simulator_collectives(g):
         return any(collective_kind(n) not in (None, "wait") for n in g.graph.nodes)
 
     class AgreedPass(Pass):
+        keeps_meta = True             # the inner pass's own call finished the graph (api.finish)
+
         def __init__(self, inner):
             self.inner, self.name, self.description, self.options = inner, inner.name, inner.description, inner.options
 
@@ -153,7 +160,7 @@ def agreeing(manager, guard_rounds: int = 0):
             guarded = guard_rounds and "link" in self.inner.options and simulator_collectives(gm)
             original = clone(gm) if guarded else None          # passes may rewrite gm in place
             try:
-                res = as_result(self.inner.run(gm, ctx), gm)
+                res = self.inner(gm, ctx)
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
             code = hashlib.sha1(str(res.gm.graph).encode()).hexdigest() if res is not None else None
@@ -286,10 +293,17 @@ def trace(baseline, final, inputs, rank: int, between: dict | None = None) -> di
         dist.barrier()
         for it in range(TRACE_ITERS):
             traced(g, inputs, tl, f"{name} #{it + 1}")
-        chrome = [{"ph": "X", "cat": e["cat"], "pid": rank, "ts": e["start_ns"] / 1e3,
-                   "dur": (e["end_ns"] - e["start_ns"]) / 1e3} for e in tl.events if e["step"] == last_run(name)]
+        chrome = chrome_events([e for e in tl.events if e["step"] == last_run(name)], rank)
         metrics[name] = overlap_metrics(chrome)["ranks"].get(rank, {})
     return {"events": tl.events, "origin_ns": origin, "overlap": metrics}
+
+
+def chrome_events(events: list[dict], rank: int, zero_ns: int = 0) -> list[dict]:
+    """A rank's timeline events as Chrome-trace "X" events (microseconds from
+    `zero_ns`), the form `overlap_metrics` reads."""
+    return [{"ph": "X", "cat": e["cat"], "name": e.get("name", e["cat"]), "pid": rank,
+             "tid": e.get("lane") or e["cat"], "ts": (e["start_ns"] - zero_ns) / 1e3,
+             "dur": (e["end_ns"] - e["start_ns"]) / 1e3} for e in events]
 
 
 def last_run(name: str) -> str:
@@ -306,6 +320,167 @@ def reference_error(sample, gm) -> float | None:
     with torch.no_grad():
         return relative_error(gm(*x), ref(*x))
 
+
+# ---------------------------------------------------------------- inside a rank: each pass measured (simulate --bench)
+
+BENCH_TARGET = "passlab.tools.distributed_run:bench_rank"
+BENCH_PIPELINE = ["overlap_reorder", "overlap_chunk"]
+
+
+def bench_rank(p: dict) -> dict:
+    """Inside a rank: the captured graph, then each pass applied on top of the
+    last, each timed (same repetitions on every rank, interleaved) and traced."""
+    import torch.distributed as dist
+    from passlab.graphs import capture, load
+    from passlab.passes import PassContext, parse
+    from passlab.passes.overlap import run_profile
+    from passlab.runtime.distributed.measure import time_on_every_rank
+    from passlab.runtime.simulator import get_link
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sample = load(p["model"], p["preset"])
+    gm = capture(sample.module, sample.example_inputs)
+    ctx = PassContext(world_size=world, rank=rank, dtype=sample.dtype, example_inputs=sample.example_inputs,
+                      sample=sample)
+    link, source = bench_link(p)
+    dist.barrier()
+    # the profile the overlap passes decide with (rank 0's, broadcast; cached for the passes below)
+    profile = run_profile("cpu", sample.dtype, get_link(link), gm)
+    steps = parse(",".join(p["passes"]))
+    variants, stats = pass_chain(steps, gm, ctx, link, p["reps"])
+    if p.get("shapley"):
+        variants.update(subset_variants(steps, gm, ctx, link))
+    x = sample.make_inputs(3)
+    peers, setup_s = bench_peers(sample, x) if p.get("peers") else ({}, {})
+    with torch.no_grad():
+        # paired rounds on every rank, each sample the slowest rank's: CIs on any ratio (timing.speedup)
+        times = time_on_every_rank({**variants, **peers}, x, rounds=p["reps"], warmup=1)
+        metrics, traces = trace_variants(variants, x, rank)
+        errors = variant_errors(sample, variants)
+    out = {"rank": rank, "stats": stats, "metrics": metrics, "trace": traces, "pass_link": link,
+           "pass_link_source": source, "profile": profile, "peer_setup_s": setup_s,
+           "step_s": {k: times[k].median_s for k in variants}, "peer_step_s": {k: times[k].median_s for k in peers},
+           "samples_s": {k: t.samples_s for k, t in times.items()}}
+    if errors is not None:
+        out["error_vs_reference"] = errors
+    return out
+
+
+def bench_link(p: dict) -> tuple[str, str]:
+    """The link the passes are told, and where it comes from: the link as
+    emulated (what the ranks really have), else fitted to all_reduce timings,
+    else the one given."""
+    from passlab.runtime.distributed import applied_link
+    link = applied_link()
+    if link is not None:
+        return link, "the link as emulated"
+    if p.get("calibrate", True):
+        return calibrate_link(), "fitted to all_reduce timings"
+    return p["pass_link"], "given"
+
+
+def pass_chain(steps, gm, ctx, link: str, reps: int) -> tuple[dict, dict]:
+    """Each pass applied on top of the last ({"captured": gm, step name: graph},
+    {step name: stats}); as `passlab run` does, a pass whose graph is slower on
+    the link than without it (`link_guard`) is rolled back."""
+    variants, stats = {"captured": gm}, {}
+    for step in steps:
+        res = apply_step(step, gm, ctx, link)
+        if str(res.gm.graph) != str(gm.graph) and not (res.stats.get("measured") or {}).get("baseline_is_input"):
+            res.stats["measured_on_link"] = link_guard(step.name, gm, res.gm, ctx, reps)
+            if res.stats["measured_on_link"]["slower"]:
+                res.stats["rolled_back"] = res.stats["measured_on_link"]["loss"]
+                res.gm = gm
+        gm = res.gm
+        variants[step.name], stats[step.name] = gm, res.stats
+    return variants, stats
+
+
+def apply_step(step, gm, ctx, link: str):
+    from passlab.graphs import clone
+    ctx.options = {"link": link, **step.options}
+    return step.pass_(clone(gm), ctx)
+
+
+def subset_variants(steps, captured, ctx, link: str) -> dict:
+    """The graph of every subset of the passes that is not a prefix (the chain has those)."""
+    out = {}
+    for subset in subsets(len(steps)):
+        if subset != tuple(range(len(subset))):
+            g = captured
+            for i in subset:
+                g = apply_step(steps[i], g, ctx, link).gm
+            out[subset_key(steps, subset)] = g
+    return out
+
+
+def bench_peers(sample, x) -> tuple[dict, dict]:
+    """Eager and torch.compile (default, freezing), timed in the same rounds:
+    ({name: callable}, {compiled peer: seconds of its first call})."""
+    import torch.distributed as dist
+    from .attribution import make_peers
+    from .peers import EAGER
+    dist.barrier()
+    info, fns = make_peers(sample, x, "cpu", lambda msg: None)
+    return fns, {k: v["compile_s"] for k, v in info.items() if k in fns and k != EAGER}
+
+
+def trace_variants(variants: dict, x, rank: int) -> tuple[dict, dict]:
+    """One traced step of every graph, from its own start: its overlap metrics
+    and its Chrome-trace events."""
+    import torch.distributed as dist
+    from passlab.runtime.distributed import Timeline, traced
+    from passlab.runtime.overlap_metrics import overlap_metrics
+    metrics, traces = {}, {}
+    for name, g in variants.items():
+        tl = Timeline(rank)
+        dist.barrier()
+        traced(g, x, tl, name)
+        evs = chrome_events(tl.events, rank, min((e["start_ns"] for e in tl.events), default=0))
+        metrics[name] = {k: v for k, v in overlap_metrics(evs).items() if k != "ranks"}
+        traces[name] = evs
+    return metrics, traces
+
+
+def variant_errors(sample, variants: dict) -> dict | None:
+    """Every graph's largest error against the unsharded reference, relative to its largest value."""
+    ref = getattr(sample.module, "reference", None)
+    if ref is None:
+        return None
+    xr = sample.make_inputs(11)
+    want = ref(*xr)
+    return {k: float((g(*xr) - want).abs().max() / want.abs().max()) for k, g in variants.items()}
+
+
+def calibrate_link(reps: int = 8, big: int = 1 << 20) -> str:
+    """The link as the ranks see it, fitted to the ring all_reduce formula:
+    a 1-element all_reduce gives 2(W-1) latencies, a `big`-float one adds
+    2(W-1)/W * bytes / bandwidth. Rank 0's fit, broadcast, so every rank
+    schedules with the same numbers. Each size's fastest of `reps` calls, a
+    barrier before each: the link's floor (a busy machine only adds to it)."""
+    import torch.distributed as dist
+    from passlab.runtime import timing
+    w = dist.get_world_size()
+    calls = {"small": lambda t=torch.zeros(1): dist.all_reduce(t),
+             "large": lambda t=torch.zeros(big): dist.all_reduce(t)}
+    times = timing.measure_lockstep(calls, [()], rounds=reps, warmup=0, before=dist.barrier)
+    small, large = min(times["small"].samples_s), min(times["large"].samples_s)
+    lat = small / (2 * (w - 1))
+    bw = 2 * (w - 1) / w * big * 4 / max(large - small, 1e-9)
+    box = [f"rate={bw:.6g}B;latency={lat:.6g}s"]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def subsets(n: int) -> list[tuple]:
+    import itertools
+    return [c for r in range(1, n + 1) for c in itertools.combinations(range(n), r)]
+
+
+def subset_key(steps, subset) -> str:
+    """The variant a subset of the passes names: the chain's own for a prefix."""
+    if subset == tuple(range(len(subset))):
+        return steps[len(subset) - 1].name if subset else "captured"
+    return "+".join(steps[i].name for i in subset) + " (subset)"
 
 # ---------------------------------------------------------------- rank 0: one record
 
@@ -422,14 +597,17 @@ def check_args(args, p: dict) -> None:
 
 
 def link_config(args, dtype: str, threads: int):
+    return resolve_link(args.link, args.preset, args.device, dtype, threads) if args.link else None
+
+
+def resolve_link(spec: str, preset: str, device: str, dtype, threads: int):
+    """The link a run emulates: a preset scaled to this machine's matmul rate
+    at one rank's threads (`link.resolve`), or a given link as it is."""
     from passlab.graphs.sample import preset_dtype
     from passlab.runtime.distributed import link
-    if not args.link:
-        return None
-    if args.link in link.PRESETS:
-        dt = preset_dtype(args.preset, args.device, dtype)
-        return link.resolve(args.link, link.host_flops(dt, threads))
-    return link.resolve(args.link)
+    if spec in link.PRESETS:
+        return link.resolve(spec, link.host_flops(preset_dtype(preset, device, dtype), threads))
+    return link.resolve(spec)
 
 
 def main(args, write_outputs=None) -> int:
@@ -523,3 +701,45 @@ def summary(rec: dict) -> str:
         lines.append("(step: median of timed runs; the rest: last traced run of the final graph; comm: issue to "
                      "completion, link: from the last rank's issue to completion)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- each pass measured in one run (simulate --bench)
+
+def bench(model: str, preset: str, world: int, link: str, *, reps: int = 5, passes=None,
+          timeout: float = 600, shapley: bool = False, peers: bool = False) -> dict:
+    """Launch `world` ranks on the emulated `link` and measure the captured
+    graph and each overlap pass, in one run (`bench_rank`). The passes are
+    told the link's per-rank rate."""
+    from passlab.runtime.distributed import spawn
+    threads = max(1, (os.cpu_count() or 1) // world)
+    cfg = resolve_link(link, preset, "cpu", None, threads)
+    pass_link = f"rate={cfg.rate_bytes_per_s:.6g}B;latency={cfg.latency_s:.6g}s"
+    p = {"model": model, "preset": preset, "passes": passes or BENCH_PIPELINE, "reps": reps, "pass_link": pass_link,
+         "peers": peers, "shapley": shapley}
+    launched = spawn(BENCH_TARGET, p, world, timeout=timeout, link=cfg, threads=threads)
+    r0 = launched.results[0]
+    out = {"model": model, "preset": preset, "world": world, "link": launched.link,
+           "pass_link": r0.get("pass_link", pass_link), "pass_link_source": r0.get("pass_link_source"),
+           "passes": p["passes"], "profile": r0.get("profile"),
+           "threads_per_rank": threads, "cores": os.cpu_count(), "ranks": launched.results}
+    if shapley:
+        out.update(shapley_of(out))
+    return out
+
+
+def shapley_of(b: dict) -> dict:
+    """Shapley values of log-throughput (1 / the slowest rank's step) over the
+    bench's passes, exact over every subset, and the interaction term: total
+    log gain minus the sum of solo log gains (`attribution.shapley_values`)."""
+    import math
+    from passlab.passes import parse
+    from .attribution import shapley_values
+    steps = parse(",".join(b["passes"]))
+    step = lambda key: max(r["step_s"][key] for r in b["ranks"])
+    v = {(): -math.log(step("captured"))}
+    v.update({c: -math.log(step(subset_key(steps, c))) for c in subsets(len(steps))})
+    phi, _ = shapley_values(v, len(steps))
+    full = tuple(range(len(steps)))
+    solo = sum(v[(i,)] - v[()] for i in range(len(steps)))
+    return {"shapley": {s.name: x for s, x in zip(steps, phi)}, "interaction": v[full] - v[()] - solo,
+            "total_log_gain": v[full] - v[()], "of": "log throughput, slowest rank's step (interleaved)"}

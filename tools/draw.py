@@ -23,7 +23,7 @@ import torch.fx
 
 from passlab.graphs.capture import returns_value
 from passlab.runtime import costmodel
-from passlab.runtime.opclass import OpClass, op_class
+from passlab.runtime.opclass import OpClass, op_class, op_name
 
 aten = torch.ops.aten
 
@@ -100,14 +100,6 @@ def human_bytes(n: int) -> str:
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-def op_name(target) -> str:
-    """`aten.addmm.default` -> `addmm`; `aten.add.Tensor` -> `add`."""
-    if getattr(target, "is_fused_kernel", False):
-        return getattr(target, "name", "fused")
-    packet = getattr(target, "_opname", None) or getattr(target, "__name__", None) or str(target)
-    return str(packet).split(".")[0]
 
 
 def is_layout_conversion(node: torch.fx.Node) -> bool:

@@ -100,10 +100,7 @@ def spawn(cmd: list[str], env: dict, timeout: float, log: Log) -> tuple[int | No
 
 
 def child_env(args, interpret: bool) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_INTERPRET="1" if interpret else "0")
-    if args.cpu_dry_run:
-        env["PASSLAB_GPU_CHECK_DRY"] = "1"
-    return env
+    return dict(os.environ, PYTHONUNBUFFERED="1", TRITON_INTERPRET="1" if interpret else "0")
 
 
 def run_child(args, work: str, part: str, timeout: float, log: Log, model: str | None = None,

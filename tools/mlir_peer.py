@@ -14,8 +14,6 @@ import warnings
 from passlab.runtime.costmodel import node_cost
 from passlab.runtime.opclass import OpClass, op_class
 
-KERNEL_OPS = r"linalg\.(generic|reduce|map|softmax|elemwise_\w+|pooling_\w+|broadcast|transpose|fill)\b"
-
 
 def available() -> bool:
     try:

@@ -45,7 +45,7 @@ def num(v, digits: int = 3) -> str:
     return f"{v:.{digits}g}"
 
 
-def nbytes(v) -> str:
+def bytes_text(v) -> str:
     return "–" if v is None else draw.human_bytes(int(v))
 
 
@@ -382,7 +382,7 @@ def summary(rec: dict) -> str:
              ("final speedup vs captured", speed(rec.get("final_speedup"))),
              ("setup (capture + passes)", seconds(rec.get("setup_seconds"))),
              ("kernel launches (est.)", f"{num(b.get('launches'))} → {num(last.get('launches'))}"),
-             ("bytes moved (est.)", f"{nbytes(b.get('bytes'))} → {nbytes(last.get('bytes'))}"),
+             ("bytes moved (est.)", f"{bytes_text(b.get('bytes'))} → {bytes_text(last.get('bytes'))}"),
              ("graph nodes", f"{num(b.get('nodes'))} → {num(last.get('nodes'))}")]
     failed = [s for s in steps if s.get("status") != "ok"]
     html_ = '<div class="cards">' + "".join(f'<div class="card"><div class="v">{esc(v)}</div><div class="k">{esc(k)}</div></div>'
@@ -460,7 +460,7 @@ def pass_table(rec: dict) -> str:
                  f'<td class="{cls}">{speed(sp)}</td>',
                  f'<td>{speed(s.get("cumulative_speedup") if i else (1.0 if tp else None))}</td>',
                  f'<td>{ve_text}</td>',
-                 f'<td>{num(s.get("launches"))}</td>', f'<td>{nbytes(s.get("bytes"))}</td>', f'<td>{num(s.get("flops"))}</td>',
+                 f'<td>{num(s.get("launches"))}</td>', f'<td>{bytes_text(s.get("bytes"))}</td>', f'<td>{num(s.get("flops"))}</td>',
                  f'<td>{num(s.get("nodes"))}</td>',
                  f'<td>{"–" if s.get("max_error") is None else format(s["max_error"], ".1e")}</td>',
                  f'<td>{num(s.get("numerics_ok"))}</td>', f'<td>{"–" if i == 0 else format(s.get("pass_seconds") or 0, ".3f")}</td>']

@@ -1,7 +1,9 @@
 """`passlab new-pass NAME`: a new pass module and its test, from a template.
 
-In-tree, the pass lands in passes/NAME.py, where the registry imports it, and
-its test in tests/test_pass_NAME.py; the contract tests cover it from then on.
+In-tree, the pass lands in passes/NAME.py of the checkout you stand in (the
+current folder or one above it; `--dir` names another), where the registry
+imports it, and its test in tests/test_pass_NAME.py; the contract tests cover
+it from then on.
 With `plugin=True` it becomes a package of its own, passlab-NAME, that
 registers through the `passlab.passes` entry-point group once pip-installed.
 The template is a small, correct pass (x ** 2 -> x * x) that shows the parts
@@ -28,12 +30,10 @@ legality, rewrite, keep meta["val"], count. Replace it with yours; run
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 
 from passlab.passes import PassResult, register_pass
-from passlab.passes.meta import propagate
+from passlab.passes.vocabulary import Counters
 
 aten = torch.ops.aten
 
@@ -45,27 +45,24 @@ def {name}(gm: torch.fx.GraphModule, ctx, *, max_rewrites: int = -1) -> PassResu
     max_rewrites: stop after this many rewrites (-1: no limit); halve it to
     bisect a miscompile: `{name}(max_rewrites=3)`.
     """
-    matched, rewritten, skipped = 0, 0, Counter()
+    c = Counters()               # matched / rewritten / skipped{{snake_case_reason}}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.pow.Tensor_Scalar:    # match
             continue
-        matched += 1
         x, exponent = node.args[:2]
         if exponent != 2:                                                               # legality
-            skipped["exponent is not 2"] += 1
+            c.count("exponent_not_2")
             continue
-        if 0 <= max_rewrites <= rewritten:
-            skipped["max_rewrites reached"] += 1
+        if 0 <= max_rewrites <= c.rewritten:
+            c.count("max_rewrites_reached")
             continue
         with gm.graph.inserting_before(node):                                           # rewrite
             square = gm.graph.call_function(aten.mul.Tensor, (x, x))
         node.replace_all_uses_with(square)
         gm.graph.erase_node(node)
-        rewritten += 1
-    if rewritten:
-        gm.recompile()
-        propagate(gm)            # new nodes need meta["val"]; runs on fake tensors, costs no compute
-    return PassResult(gm, rewritten > 0, {{"matched": matched, "rewritten": rewritten, "skipped": dict(skipped)}})
+        c.count(None)                                                                   # count
+    # no recompile or meta["val"] upkeep here: the framework does both after every pass that changed the graph
+    return PassResult(gm, c.rewritten > 0, c.as_dict())
 '''
 
 REWRITE_TEMPLATE = '''\
@@ -167,9 +164,26 @@ py-modules = ["passlab_{name}"]
 '''
 
 
-def checkout_root() -> str:
-    """The passlab checkout this module runs from (an editable install)."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def is_checkout(folder: str) -> bool:
+    """A passlab checkout: the package's pyproject.toml and its passes/ API."""
+    return os.path.isfile(os.path.join(folder, "pyproject.toml")) and \
+        os.path.isfile(os.path.join(folder, "passes", "api.py"))
+
+
+def checkout_root(start: str | None = None) -> str:
+    """The passlab checkout the user stands in: `start` (default: the current
+    folder) or the nearest folder above it that is one. Not the installed
+    passlab, which may be another checkout or a wheel."""
+    here = os.path.abspath(start or os.getcwd())
+    folder = here
+    while not is_checkout(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            raise ValueError(f"{here} is not inside a passlab checkout (no pyproject.toml with passes/api.py "
+                             "here or above): cd into your checkout, give --dir CHECKOUT, or scaffold a plugin "
+                             "package with --plugin")
+        folder = parent
+    return folder
 
 
 def validate(name: str) -> None:
@@ -197,15 +211,17 @@ def write(files: dict[str, str]) -> list[str]:
 
 
 def new_pass(name: str, root_dir: str | None = None, *, plugin: bool = False, rewrite: bool = False) -> list[str]:
-    """Create the pass module and its test; return the created paths. `rewrite`:
-    the pass as a `register_rewrite` pattern and replacement.
+    """Create the pass module and its test; return the created paths. `root_dir`:
+    the checkout (default: the one the current folder is in; with `plugin`, the
+    folder the package goes in, default the current one). `rewrite`: the pass as
+    a `register_rewrite` pattern and replacement.
 
     Raises ValueError (with the reason) for a bad or taken name, a file that
     exists already, or a root that is not a passlab checkout.
     """
     validate(name)
     template = REWRITE_TEMPLATE if rewrite else PASS_TEMPLATE
-    root = os.path.abspath(root_dir or (os.getcwd() if plugin else checkout_root()))
+    root = os.path.abspath(root_dir) if root_dir else os.getcwd() if plugin else checkout_root()
     if plugin:
         pkg = os.path.join(root, f"passlab-{name.replace('_', '-')}")
         files = {
@@ -216,9 +232,6 @@ def new_pass(name: str, root_dir: str | None = None, *, plugin: bool = False, re
                 TEST_TEMPLATE.format(name=name, import_line=f"\nimport passlab_{name}  # noqa: F401  registers it"),
         }
     else:
-        if not root_dir and not os.path.exists(os.path.join(root, "pyproject.toml")):
-            raise ValueError("passlab is installed from a wheel, not a checkout: give --dir CHECKOUT, "
-                             "or scaffold a plugin package with --plugin")
         if not os.path.isdir(os.path.join(root, "passes")):
             raise ValueError(f"{root} is not a passlab checkout (no passes/ folder); give --dir, "
                              "or scaffold a plugin package with --plugin")

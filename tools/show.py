@@ -8,7 +8,6 @@ import sys
 import torch
 
 from passlab.graphs import capture, load
-from passlab.passes import PassManager
 from passlab.runtime import costmodel
 
 from .table import human_bytes, render

@@ -12,8 +12,6 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
-
 from passlab.graphs import CaptureError, capture, load, parse_dtype, zoo
 
 
@@ -100,7 +98,8 @@ def measure_model(sample, gm, device: str, budget_s: float, say) -> dict:
     import torch.utils._pytree as pytree
     from passlab.runtime import timing
     from passlab.runtime.executor import compile_graph
-    from .attribution import COMPILE, EAGER, FREEZING, make_peers, model_call
+    from .attribution import make_peers, model_call
+    from .peers import COMPILE, EAGER, FREEZING
     inputs = [sample.make_inputs(seed) for seed in (11, 12, 13)]
     info, fns = make_peers(sample, inputs[0], device, say)
     graph = compile_graph(gm, device)

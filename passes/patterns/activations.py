@@ -10,8 +10,9 @@ an activation the GEMM epilogues know (`fuse_epilogue` runs these first, so
 a hand-written swish after a linear still becomes a oneDNN post-op). HF GPT-2
 writes its GELU the tanh way (`NewGELUActivation`); many codebases write swish.
 
-Each rewrite is two plain PyTorch functions given to `Rewrite`; this module
-is the example of several rewrites under one pass name.
+Each rewrite is two plain PyTorch functions given to `Rewrite`; the three
+are one rule table (`Rules`) registered as one pass, its statistics counted
+per rule (`by_rule`). This module is the example of a rule table.
 """
 from __future__ import annotations
 
@@ -20,11 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..api import PassResult
-from ..meta import propagate
 from ..registry import register_pass
-from .rewrite import Rewrite
-from .vocabulary import Counters
+from .rewrite import Rewrite, Rules
 
 
 def swish(x):
@@ -51,23 +49,8 @@ def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
-RECOMPOSE = [Rewrite("swish_to_silu", swish, silu),
-             Rewrite("gelu_erf_to_gelu", gelu_erf, gelu),
-             Rewrite("gelu_tanh_to_gelu", gelu_tanh_written, gelu_tanh)]
-
-
-def recompose(gm: torch.fx.GraphModule, counters: Counters) -> dict:
-    """Apply every recomposition to `gm` in place (no recompile); rewrites per rule."""
-    return {rw.name: rw.apply(gm, counters) for rw in RECOMPOSE}
-
-
-@register_pass("recompose_activations")
-def recompose_activations(gm: torch.fx.GraphModule, ctx) -> PassResult:
-    """SiLU / GELU written out (x * sigmoid(x), the erf and tanh GELU formulas) -> one aten op."""
-    c = Counters()
-    by_rule = recompose(gm, c)
-    if c.rewritten:
-        gm.graph.lint()
-        gm.recompile()
-        propagate(gm)
-    return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(**by_rule))
+RECOMPOSE = register_pass(Rules("recompose_activations", [
+    Rewrite("swish_to_silu", swish, silu),
+    Rewrite("gelu_erf_to_gelu", gelu_erf, gelu),
+    Rewrite("gelu_tanh_to_gelu", gelu_tanh_written, gelu_tanh),
+], description="SiLU / GELU written out (x * sigmoid(x), the erf and tanh GELU formulas) -> one aten op."))

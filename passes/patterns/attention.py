@@ -36,9 +36,9 @@ from torch.fx.node import map_arg
 
 from passlab.passes import PassResult, register_pass
 from passlab.runtime import autotune
-from passlab.passes.meta import propagate
 
-from .vocabulary import RESHAPES, Counters, Skip, aten, constant_of, erase_dead, is_cast, shape, users
+from ..vocabulary import (Counters, Skip, aten, constant_of, erase_dead, expands_nothing, is_cast, passes_value, shape,
+                          through_views, users)
 
 SDPA = aten.scaled_dot_product_attention.default
 SCALES = {aten.mul.Tensor: lambda c: c, aten.div.Tensor: lambda c: 1.0 / c}
@@ -48,29 +48,19 @@ DECODE_ROWS = 8         # query rows up to which `decode_attention` (after this 
 
 
 def reshape_like(n) -> bool:
-    """Ops that keep the elements in logical order: a chain of them is one reshape."""
-    if not isinstance(n, torch.fx.Node) or n.op != "call_function":
-        return False
-    if n.target == aten.expand.default:
-        return shape(n.args[0]) == shape(n)
-    return n.target == aten.clone.default or n.target in RESHAPES
+    """Ops that keep the elements in logical order (a chain of them is one reshape):
+    the vocabulary's reshapes and plain copies, and an expand that expands nothing."""
+    return passes_value(n) or expands_nothing(n)
 
 
 def peel(n):
-    while reshape_like(n):
-        n = n.args[0]
-    return n
+    return through_views(n, passes=reshape_like)[0]
 
 
 def through_reshapes(n, want: tuple):
     """The deepest node of shape `want` that reshapes to `n`, or None."""
-    best = None
-    while True:
-        if shape(n) == want:
-            best = n
-        if not reshape_like(n):
-            return best
-        n = n.args[0]
+    producer, passed = through_views(n, passes=reshape_like)
+    return next((x for x in reversed(passed + [producer]) if shape(x) == want), None)
 
 
 def scalar_value(gm, x):
@@ -410,8 +400,4 @@ def fuse_attention(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") ->
         c.rewritten += 1
         causal_n += m.is_causal
         gqa_n += m.gqa
-    if c.rewritten:
-        gm.graph.lint()
-        gm.recompile()
-        propagate(gm)
     return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(causal=causal_n, gqa=gqa_n, softmax_not_attention=other))

@@ -16,9 +16,8 @@ import torch
 import torch.fx
 
 from passlab.passes import PassResult, register_pass
-from passlab.passes.meta import propagate
 
-from .vocabulary import Counters, aten, constant_of, erase_dead, gemm_operands, new_constant, users
+from ..vocabulary import Counters, aten, constant_of, erase_dead, gemm_operands, new_constant, users
 
 BATCHNORM = aten._native_batch_norm_legit_no_training.default
 
@@ -120,8 +119,4 @@ def fold_batchnorm(gm: torch.fx.GraphModule, ctx) -> PassResult:
         old_inputs = [a for a in (*bn.args, *src.args) if isinstance(a, torch.fx.Node)]
         erase_dead(g, outs + [bn] + ([src] if res is not src else []) + old_inputs)
         c.rewritten += 1
-    if c.rewritten:
-        g.lint()
-        gm.recompile()
-        propagate(gm)
     return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict())

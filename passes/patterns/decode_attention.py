@@ -25,10 +25,9 @@ import torch
 import torch.fx
 
 from passlab.passes import PassResult, register_pass
-from passlab.passes.meta import refresh
 from passlab.runtime import autotune
 
-from .vocabulary import Counters, Skip, aten, shape
+from ..vocabulary import Counters, Skip, aten
 
 SDPA = aten.scaled_dot_product_attention.default
 MAX_ROWS = 8
@@ -156,6 +155,4 @@ def decode_attention(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") 
             continue
         rewrite(g, n, m)
         c.rewritten += 1
-    if c.rewritten:
-        refresh(gm)
     return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict())

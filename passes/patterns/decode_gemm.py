@@ -16,12 +16,11 @@ import torch
 import torch.fx
 
 from passlab.passes import PassResult, register_pass
-from passlab.passes.meta import refresh
 from passlab.runtime import autotune
 from passlab.runtime.codegen import cpp_gemv
 
 from .onednn import onednn_weight
-from .vocabulary import Counters, Skip, aten, erase_dead, gemm_operands, shape, sole_user_through_views
+from ..vocabulary import Counters, Skip, aten, erase_dead, gemm_operands, shape, sole_user_through_views
 
 
 def residual_of(gemm, c_passed: list):
@@ -108,7 +107,7 @@ def decode_gemm(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") -> Pa
             node = g.call_function(cpp_gemv.DecodeGemm(b is not None, res is not None), (x, w, b, r2))
             node.meta["fused_from"] = [n.name for n in [gemm] + (passed + [add] if res is not None else [])]
             out = node if shape(last) == (M, N) else g.call_function(aten.view.default, (node, list(shape(last))))
-        for n in (node, r2):       # later matches read shapes before `refresh` runs
+        for n in (node, r2):       # later matches read shapes before the pass ends (api.finish)
             if n is not None and "val" not in n.meta:
                 n.meta["val"] = gemm.meta["val"]
         out.meta["val"] = last.meta["val"]
@@ -116,6 +115,4 @@ def decode_gemm(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") -> Pa
         erase_dead(g, [last] + passed[::-1] + [gemm, wt])
         c.rewritten += 1
         residuals += res is not None
-    if c.rewritten:
-        refresh(gm)
     return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(residual_folded=residuals))

@@ -26,14 +26,14 @@ import torch
 import torch.fx
 
 from ..api import PassResult
-from ..meta import propagate
+from ..meta import refresh
 from ..registry import register_pass
-from .activations import recompose
+from .activations import RECOMPOSE
 from .epilogue_kernels import cpu_epilogues
 from .folds import fold_adds
 from .gemm_template import template_for
 from .onednn import onednn_available, onednn_linear
-from .vocabulary import ACTIVATIONS, GEMMS, Counters, through_views
+from ..vocabulary import ACTIVATIONS, GEMMS, Counters, through_views
 
 __all__ = ["fuse_epilogue", "onednn_available"]
 
@@ -49,7 +49,7 @@ def fuse_epilogue(gm: torch.fx.GraphModule, ctx, *, residual: bool = True, kerne
     residual as one oneDNN linear with a post-op (CUDA: Triton GEMM + epilogue)."""
     c, g = Counters(), gm.graph
     cuda = str(ctx.device).startswith("cuda")
-    recomposed = sum(recompose(gm, Counters()).values())
+    recomposed = sum(r["rewritten"] for r in RECOMPOSE.apply(gm).values())
     folded = {"bias": 0, "residual": 0}
     bias_only = Counters()               # first: mm + b -> addmm, so templates and oneDNN see the bias
     c.rewritten += fold_adds(gm, bias_only, {"bias"}, folded)
@@ -70,17 +70,11 @@ def fuse_epilogue(gm: torch.fx.GraphModule, ctx, *, residual: bool = True, kerne
     c.rewritten += fold_adds(gm, c, {"bias", "residual"} if residual else {"bias"}, folded)
     epilogues = 0
     if kernels and not cuda:
-        g.lint()
-        gm.recompile()
-        propagate(gm)
+        refresh(gm)                      # the kernels below read the shapes of what the folds made
         epilogues = cpu_epilogues(gm, c)
         c.rewritten += epilogues
     activations = sum(1 for n in g.nodes if n.op == "call_function" and n.target in ACTIVATIONS
                       and through_views(n.args[0])[0].target in GEMMS)
-    if c.rewritten or recomposed:
-        g.lint()
-        gm.recompile()
-        propagate(gm)
     return PassResult(gm, changed=c.rewritten + recomposed > 0,
                       stats=c.as_dict(bias_folded=folded["bias"], residual_folded=folded["residual"],
                                       gemm_templates=templates, epilogue_kernels=epilogues,

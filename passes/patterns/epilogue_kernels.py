@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..fuse import FusionError, fuse_nodes
-from .vocabulary import GEMMS, Counters, activation_at, aten, sole_user_through_views, users
+from ..vocabulary import GEMMS, Counters, activation_at, aten, sole_user_through_views, users
 
 
 def activation_groups(gm: torch.fx.GraphModule) -> list[list]:

@@ -35,10 +35,9 @@ import torch
 import torch.fx
 
 from passlab.passes import PassResult, register_pass
-from passlab.passes.meta import refresh
 from passlab.runtime import ops
 
-from .vocabulary import Counters, Skip, aten, erase_dead, shape, users
+from ..vocabulary import Counters, Skip, aten, erase_dead, shape, users
 
 INDEX = aten.index.Tensor
 
@@ -126,5 +125,4 @@ def group_experts(gm: torch.fx.GraphModule, ctx) -> PassResult:
         c.rewritten += 1
     if c.rewritten:
         erase_dead(g, done)
-        refresh(gm)
     return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(sorts=len(memo)))

@@ -8,16 +8,17 @@ also with a view between the GEMM and the add (a 3-D linear), the view's
 sizes bound as a free literal and handed to the replacement. The BLAS call
 accumulates into C (beta = 1), so the separate pass over the output that the
 add made disappears. Each rule is a pattern and a replacement written as
-PyTorch functions (`Rewrite`, as `register_rewrite` makes them); `fold_check`
-is the legality both share: the add does not broadcast the GEMM result (the
-residual has the output's shape, the bias one row), the dtypes agree.
+PyTorch functions (`Rewrite`, as `register_rewrite` makes them), the four in
+one rule table (`Rules`); `fold_kind` is the legality they share: the add does
+not broadcast the GEMM result (the residual has the output's shape, the bias
+one row), the dtypes agree.
 """
 from __future__ import annotations
 
 import torch
 
-from .rewrite import Rewrite
-from .vocabulary import Counters, Skip
+from .rewrite import Rewrite, Rules
+from ..vocabulary import Counters, Skip
 
 X, W, B, R = (5, 8), (8, 6), (6,), (5, 6)     # example shapes the patterns are traced at
 SIZES, R3 = (1, 5, 6), (1, 5, 6)               # the view's sizes: bound per match
@@ -64,14 +65,14 @@ def addmm_view_add_folded(b, x, w, y, sizes=SIZES):
     return torch.addmm(y.reshape(x.shape[0], w.shape[1]) + b, x, w).view(sizes)
 
 
-FOLDS = [
+FOLDS = Rules("fold_adds", [
     Rewrite("fold_mm_add", mm_add, mm_add_folded, example_inputs=[X, W, R], casts=False),
     Rewrite("fold_mm_view_add", mm_view_add, mm_view_add_folded, example_inputs=[X, W, R3],
             free=("sizes",), casts=False),
     Rewrite("fold_addmm_add", addmm_add, addmm_add_folded, example_inputs=[B, X, W, R], casts=False),
     Rewrite("fold_addmm_view_add", addmm_view_add, addmm_view_add_folded, example_inputs=[B, X, W, R3],
             free=("sizes",), casts=False),
-]
+])
 
 
 def fold_kind(m, allow: set) -> str:
@@ -108,14 +109,10 @@ def fold_adds(gm, c: Counters, allow: set, folded: dict) -> int:
         return None
 
     done = 0
-    for rw in FOLDS:
-        for m, reason in rw.each(gm, check=check):
-            c.matched += 1
-            if reason:
-                c.skip(reason)
-                continue
+    for _, m, reason in FOLDS.each(gm, check=check):
+        c.count(reason)
+        if not reason:
             folded[kinds[id(m)]] += 1
-            c.rewritten += 1
             done += 1
     return done
 

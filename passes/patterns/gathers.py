@@ -20,9 +20,8 @@ import torch
 import torch.fx
 
 from passlab.passes import PassResult, register_pass
-from passlab.passes.meta import refresh
 
-from .vocabulary import Counters, Skip, aten
+from ..vocabulary import Counters, Skip, aten
 
 INDEX = aten.index.Tensor
 NONNEG_PRODUCERS = {aten.sort.default, aten.sort.stable, aten.topk.default, aten.max.dim, aten.min.dim}
@@ -82,6 +81,4 @@ def gather_rows(gm: torch.fx.GraphModule, ctx) -> PassResult:
         n.replace_all_uses_with(out)
         g.erase_node(n)
         c.rewritten += 1
-    if c.rewritten:
-        refresh(gm)
     return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(wrapped=wrapped))

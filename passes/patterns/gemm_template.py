@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from .vocabulary import Counters, activation_at, aten, erase_dead, gemm_operands, shape, sole_user_through_views
+from ..vocabulary import Counters, activation_at, aten, erase_dead, gemm_operands, shape, sole_user_through_views
 
 
 def residual_after(t, nxt, gemm):

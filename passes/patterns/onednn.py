@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from .vocabulary import (Counters, activation_at, aten, constant_of, erase_dead, gemm_operands, new_constant,
+from ..vocabulary import (Counters, activation_at, aten, constant_of, erase_dead, gemm_operands, new_constant,
                          shape, sole_user_through_views)
 
 ONEDNN_ATTRS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "silu": ("swish", ""), "relu": ("relu", "")}

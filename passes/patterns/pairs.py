@@ -18,9 +18,8 @@ import torch
 import torch.fx
 
 from passlab.passes import PassResult, register_pass
-from passlab.passes.meta import refresh
 
-from .vocabulary import Counters, Skip, aten, shape
+from ..vocabulary import Counters, Skip, aten, shape
 
 SUM = aten.sum.dim_IntList
 
@@ -61,6 +60,4 @@ def sum_pairs(gm: torch.fx.GraphModule, ctx) -> PassResult:
         n.replace_all_uses_with(out)
         g.erase_node(n)
         c.rewritten += 1
-    if c.rewritten:
-        refresh(gm)
     return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict())

@@ -23,11 +23,10 @@ import torch.fx
 from torch.fx.node import map_arg
 
 from passlab.passes import PassResult, register_pass
-from passlab.passes.meta import propagate
 from passlab.runtime import autotune
 from passlab.runtime.opclass import OpClass, op_class
 
-from .vocabulary import RESHAPES, Counters, aten, constant_of, erase_dead, gemm_operands, new_constant, users
+from ..vocabulary import RESHAPES, Counters, aten, constant_of, erase_dead, gemm_operands, new_constant, users
 
 
 class Member:
@@ -195,8 +194,4 @@ def merge_projections(gm: torch.fx.GraphModule, ctx, *, min_group: int = 2, choo
             merge(gm, group)
             c.rewritten += 1
             merged += len(group)
-    if c.rewritten:
-        gm.graph.lint()
-        gm.recompile()
-        propagate(gm)
     return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(gemms_merged=merged))

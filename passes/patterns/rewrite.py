@@ -55,11 +55,12 @@ import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
-from ..api import Option, Pass, PassResult
+from passlab.graphs.decompositions import decomp_table
+
+from ..api import Option, Pass, PassResult, summary
 from ..fuse import FusionError, fuse_nodes
-from ..meta import propagate
 from ..registry import register_pass
-from .vocabulary import Counters, aten, erase_dead, new_constant, side_effect_only, users
+from ..vocabulary import Counters, aten, erase_dead, new_constant, side_effect_only, users
 
 COMMUTATIVE = frozenset({aten.add.Tensor, aten.mul.Tensor, aten.maximum.default, aten.minimum.default})
 SAME_RESHAPE = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default})  # one op to a pattern
@@ -75,11 +76,7 @@ class RewriteError(ValueError):
 
 @functools.lru_cache(maxsize=1)
 def decompositions() -> dict:
-    """The decomposition table `capture` uses (graphs/decompositions.py where it exists)."""
-    try:
-        from passlab.graphs.decompositions import decomp_table
-    except ImportError:
-        return torch.export.default_decompositions()
+    """The decomposition table `capture` uses (graphs/decompositions.py)."""
     return decomp_table()
 
 
@@ -330,32 +327,41 @@ class Rewrite(Pass):
             raise RewriteError(f"register_rewrite({name!r}): {len(example_inputs)} example inputs for "
                                f"{len(self.tensor_names)} tensor parameters {self.tensor_names}")
         self.name, self.pattern, self.replacement = name, pattern, replacement
-        doc = description or (inspect.getdoc(pattern) or "").strip().splitlines()[:1]
-        self.description = doc if isinstance(doc, str) else (doc[0] if doc else f"rewrite {name}: pattern -> replacement")
+        self.description = summary(description or inspect.getdoc(pattern)) or f"rewrite {name}: pattern -> replacement"
         self.free, self.examples, self.check = free, list(example_inputs), check
         self.casts, self.commutative, self.label = casts, commutative, label or name
         self._variants: list[Variant] | None = None
         self._replacements: dict = {}
 
-    # -- tracing (lazy: the first run pays, imports stay cheap)
+    # -- tracing (`register_rewrite` traces at once; a built-in table's rules on first use)
 
     @property
     def variants(self) -> list[Variant]:
+        """The pattern traced (plain, and cast where it has a low-precision form); a
+        pattern that cannot be used raises RewriteError naming this rewrite."""
         if self._variants is None:
-            a = [example_tensor(s) for s in self.examples]
-            b = [example_tensor(scaled(t.shape), t.dtype) for t in a]
-            found = []
-            if self.casts and any(t.dtype.is_floating_point for t in a):
-                la = [t.to(torch.bfloat16) if t.dtype.is_floating_point else t for t in a]
-                lb = [t.to(torch.float16) if t.dtype.is_floating_point else t for t in b]
-                try:   # bf16 and fp16 traces: the output cast's dtype is a wildcard
-                    found.append(build_variant("cast", upcast(self.pattern), la, lb,
-                                               self.literals, self.free))
-                except RewriteError:
-                    pass   # no low-precision form at these shapes: the plain pattern only
-            found.append(build_variant("plain", self.pattern, a, b, self.literals, self.free))
-            self._variants = found
+            try:
+                self._variants = self.trace_variants()
+            except RewriteError as e:
+                raise RewriteError(f"register_rewrite({self.name!r}): {e}") from None
+            except Exception as e:
+                raise RewriteError(f"register_rewrite({self.name!r}): the pattern does not trace at example_inputs "
+                                   f"{self.examples}: {type(e).__name__}: {e}") from e
         return self._variants
+
+    def trace_variants(self) -> list[Variant]:
+        a = [example_tensor(s) for s in self.examples]
+        b = [example_tensor(scaled(t.shape), t.dtype) for t in a]
+        found = []
+        if self.casts and any(t.dtype.is_floating_point for t in a):
+            la = [t.to(torch.bfloat16) if t.dtype.is_floating_point else t for t in a]
+            lb = [t.to(torch.float16) if t.dtype.is_floating_point else t for t in b]
+            try:   # bf16 and fp16 traces: the output cast's dtype is a wildcard
+                found.append(build_variant("cast", upcast(self.pattern), la, lb, self.literals, self.free))
+            except RewriteError:
+                pass   # no low-precision form at these shapes: the plain pattern only
+        found.append(build_variant("plain", self.pattern, a, b, self.literals, self.free))
+        return found
 
     def replacement_for(self, vals: list, literals: dict) -> torch.fx.GraphModule:
         key = (tuple((tuple(v.shape), v.dtype, str(v.device)) for v in vals),
@@ -405,14 +411,11 @@ class Rewrite(Pass):
         c = counters if counters is not None else Counters()
         done = 0
         for m, reason in self.each(gm, max_rewrites=max_rewrites, check=check):
-            c.matched += 1
-            if reason:
-                c.skip(reason)
-                continue
-            done += 1
-            c.rewritten += 1
-            if by_variant is not None:
-                by_variant[m.variant] = by_variant.get(m.variant, 0) + 1
+            c.count(reason)
+            if not reason:
+                done += 1
+                if by_variant is not None:
+                    by_variant[m.variant] = by_variant.get(m.variant, 0) + 1
         return done
 
     def rewrite(self, gm: torch.fx.GraphModule, m: Match) -> str | None:
@@ -467,11 +470,53 @@ class Rewrite(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx) -> PassResult:
         c, by_variant = Counters(), {}
         self.apply(gm, c, max_rewrites=int(ctx.options.get("max_rewrites", -1)), by_variant=by_variant)
-        if c.rewritten:
-            gm.graph.lint()
-            gm.recompile()
-            propagate(gm)
         return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(by_variant=by_variant))
+
+
+class Rules(Pass):
+    """A rule table, as tinygrad's `PatternMatcher` and Inductor's `pass_dicts`:
+    rewrites (`Rewrite`) applied as one pass, counted per rule. The rules apply
+    in table order, each to its matches in graph order, so a rule sees what
+    the rules before it made (`mm + b -> addmm`, then `addmm + r -> addmm(r + b)`);
+    a match an earlier rule took is left alone. `check(match)` (the table's, or
+    one given to `apply`) is the legality every rule shares."""
+    options = {"max_rewrites": Option(int, -1, "stop after this many rewrites (-1: no limit)")}
+
+    def __init__(self, name: str, rules, *, description: str = "", check=None):
+        self.rules = list(rules)
+        names = [r.name for r in self.rules]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise RewriteError(f"rule table {name!r}: rule name(s) {twice} occur twice; each rule needs its own name")
+        self.name, self.description, self.check = name, summary(description), check
+
+    def each(self, gm: torch.fx.GraphModule, *, check=None, max_rewrites: int = -1):
+        """(rule, match, reason) for every match of every rule, rewriting as it goes
+        (in place, no recompile); `reason` None: rewritten."""
+        check = check if check is not None else self.check
+        done = 0
+        for rule in self.rules:
+            left = max_rewrites - done if max_rewrites >= 0 else -1
+            for m, reason in rule.each(gm, check=check, max_rewrites=left):
+                done += not reason
+                yield rule, m, reason
+
+    def apply(self, gm: torch.fx.GraphModule, counters: Counters | None = None, *, check=None,
+              max_rewrites: int = -1) -> dict:
+        """Apply the table to `gm` in place (no recompile), counting in `counters`;
+        returns {rule name: {"matched": n, "rewritten": n}}."""
+        c = counters if counters is not None else Counters()
+        by_rule = {r.name: {"matched": 0, "rewritten": 0} for r in self.rules}
+        for rule, _, reason in self.each(gm, check=check, max_rewrites=max_rewrites):
+            c.count(reason)
+            by_rule[rule.name]["matched"] += 1
+            by_rule[rule.name]["rewritten"] += not reason
+        return by_rule
+
+    def run(self, gm: torch.fx.GraphModule, ctx) -> PassResult:
+        c = Counters()
+        by_rule = self.apply(gm, c, max_rewrites=int(ctx.options.get("max_rewrites", -1)))
+        return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(by_rule=by_rule))
 
 
 def register_rewrite(name: str, pattern, replacement, **options) -> Rewrite:
@@ -485,7 +530,9 @@ def register_rewrite(name: str, pattern, replacement, **options) -> Rewrite:
     `commutative=True` match add/mul in either operand order; `description`.
     `replacement="kernel"` makes each match ONE generated kernel (`fuse_nodes`,
     named `label`, default the rewrite's name) instead of inserting a function.
-    Returns the registered `Rewrite` (a Pass)."""
+    The pattern is traced here, so its errors (RewriteError, naming the
+    rewrite) show at registration. Returns the registered `Rewrite` (a Pass)."""
     rw = Rewrite(name, pattern, replacement, **options)
+    rw.variants
     register_pass(rw)
     return rw

@@ -16,8 +16,9 @@ import math
 
 import torch
 
-from . import CAST, EXPR, kernel_symbol
+from .exprs import CAST, EXPR
 from .plan import STATEMENTS, Printer, term, terms
+from .symbols import naming
 
 CLAMP = STATEMENTS["clamp"][0]
 
@@ -143,14 +144,6 @@ def const(value, type_) -> str:
     if math.isinf(v):
         return "INFINITY" if v > 0 else "(-INFINITY)"
     return f"{v!r}f"
-
-
-def symbol(fk) -> str:
-    return kernel_symbol(body, fk)
-
-
-def render(fk) -> str:
-    return body(fk, symbol(fk))
 
 
 def byte_loads(k, need) -> set:
@@ -286,6 +279,9 @@ class Body(Printer):
 
 def body(fk, name: str) -> str:
     return Body(fk, name).render()
+
+
+symbol, render = naming(body)
 
 
 MAX_SEGMENTS = 8

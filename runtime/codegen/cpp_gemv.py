@@ -133,8 +133,10 @@ extern "C" int pl_gemv_f32(int64_t M, const void* x, int64_t ldx, const void* w,
 @functools.lru_cache(maxsize=None)
 def library():
     """The compiled template (through the kernel cache: keyed, HMAC-checked, private copy)."""
-    from . import compiler, digest, load_cached_library, toolchain
     from .cpp import FLAGS
+    from .cxx import compiler, toolchain
+    from .loading import load_cached_library
+    from .trust import digest
     cxx, flags = compiler(), tuple(FLAGS)
     symbols = [f"pl_gemv_{s}" for s in DTYPES.values()]
     lib = load_cached_library(digest(SOURCE + "\0" + toolchain(cxx, flags)), SOURCE, symbols, cxx, flags)

@@ -14,13 +14,13 @@ import math
 
 import torch
 
-from . import CAST, EXPR, kernel_symbol
+from .exprs import CAST, EXPR
 from .plan import STATEMENTS, Printer, term, terms
+from .symbols import naming
 
 CLAMP = STATEMENTS["clamp"][1]
 
 HEADER = "# passlab generated Triton kernels\nimport triton\nimport triton.language as tl\n\n"
-TL = {"f": "tl.float32", "i": "tl.int64", "b": "tl.int1"}
 MAX_RBLOCK = 1024
 MAX_TILE = 2048
 MAX_XBLOCK = 64
@@ -46,14 +46,6 @@ def const(value, type_) -> str:
     v = float(value)
     lit = f'float("{v}")' if math.isnan(v) or math.isinf(v) else repr(v)
     return f"tl.full([], {lit}, tl.float32)"
-
-
-def symbol(fk) -> str:
-    return kernel_symbol(body, fk)
-
-
-def render(fk) -> str:
-    return body(fk, symbol(fk))
 
 
 def expr(k, v, vals) -> str:
@@ -124,6 +116,9 @@ class Body(Printer):
 
 def body(fk, name: str) -> str:
     return Body(fk, name).render()
+
+
+symbol, render = naming(body)
 
 
 def store_cast(buf) -> str:

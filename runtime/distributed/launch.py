@@ -31,7 +31,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .link import Link, Namespace
+from .link import Link
+from .namespaces import Namespace
 from .relay import die_with_parent
 
 GRACE_S = 1.0            # after a failure, how long the other ranks get to report theirs
@@ -286,9 +287,9 @@ def run_here(target: str | Callable, payload, *, timeout: float = 300.0, backend
 
 
 def probe(work: str, rank: int, configured_s: float) -> None:
-    """The latency probe between ranks 0 and 1 (link.probe_latency); rank 0 leaves it in `work`."""
+    """The latency probe between ranks 0 and 1 (latency.probe_latency); rank 0 leaves it in `work`."""
     import torch.distributed as dist
-    from .link import probe_latency
+    from .latency import probe_latency
     from .relay import address
     result = probe_latency(rank, address(1), configured_s, dist.barrier) if rank in (0, 1) else None
     if rank not in (0, 1):

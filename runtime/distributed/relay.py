@@ -4,7 +4,7 @@ Mahimahi's delay and link shells do (no netem needed).
 
 Each rank runs in its own network namespace `passlab-<pid>-<rank>` whose only
 route to the others is a TUN device `pl0` with address 10.77.0.<rank+1>. The
-relay (this module, one process, started by `link.Namespace`) holds the TUN
+relay (this module, one process, started by `namespaces.Namespace`) holds the TUN
 file descriptor of every namespace. A packet read from rank i's TUN is given
 its departure time on rank i's uplink (serialized at the link rate after the
 packets before it) and delivered to the destination rank's TUN one latency

@@ -26,17 +26,14 @@ import time
 import torch
 import torch.fx
 
+from ..opclass import op_name
+
 LANES = {"step": 0, "compute": 1}        # comm lanes follow: 2, 3, ...
 NS = "_c10d_functional"
 
 
 def is_collective(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and getattr(node.target, "namespace", None) == NS
-
-
-def op_name(node: torch.fx.Node) -> str:
-    t = node.target
-    return t.overloadpacket.__name__ if hasattr(t, "overloadpacket") else str(t)
 
 
 class Timeline:

@@ -9,6 +9,7 @@ import torch
 import torch.fx
 
 from ..costmodel import Cost, nbytes, tensors
+from ..opclass import op_name
 from .ir import Kernel
 from .materialize import lower
 
@@ -16,12 +17,9 @@ from .materialize import lower
 # ---------------------------------------------------------------- the fused-node target
 
 def op_names(gm: torch.fx.GraphModule) -> list[str]:
-    out = []
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is not operator.getitem:
-            name = getattr(n.target, "__name__", str(n.target))
-            out.append(name.replace(".default", ""))
-    return out
+    """The ops a kernel's subgraph calls, by overload (`add.Tensor`, `addmm`)."""
+    return [op_name(n, overload=True) for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is not operator.getitem]
 
 
 @dataclass(eq=False)
@@ -42,10 +40,6 @@ class FusedKernel:
         self.ops = op_names(self.subgraph)
         self.__name__ = self.name
         self._sources = {}
-
-    @property
-    def n_outputs(self):
-        return len(self.kernel.outputs)
 
     @property
     def multi_output(self):

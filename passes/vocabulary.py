@@ -1,17 +1,20 @@
-"""The pattern vocabulary: the few words every pattern pass is written in.
+"""The pass vocabulary: the few words the passes are written in (the pattern
+passes, `fuse`, `cleanup`, `layout`, `write_in_place`).
 
 - `users(n)`            the users that consume a value (side-effect-only users such as export's
                         `_assert_tensor_metadata` never count, so they never block a rewrite)
 - `erase_dead(g, ns)`   erase rewritten nodes (and their asserts) once nothing reads them
-- `Counters`, `Skip`    matched / rewritten / skipped{snake_case_reason}; a matcher raises Skip(reason)
+- `Counters`, `Skip`    matched / rewritten / skipped{snake_case_reason} (`count(reason)` per match);
+                        a matcher raises Skip(reason)
 - `VIEW_OPS`            view-like ops, read from `runtime/opclass.py`'s table (VIEW and BROADCAST)
 - `RESHAPES`            the view ops that keep elements in logical order (a chain of them is one reshape)
 - `STRICT_VIEWS`        view / _unsafe_view: they need viewable strides (reshape copies when it must)
 - `through_views(n)`    back from a value through reshapes (and eval-dropout clones) to its producer
+                        (`passes=` another test, e.g. attention's: also `expands_nothing`)
 - `sole_user_through_views(n)`  forward through single-user reshapes to the op that reads the value
 - `gemm_operands(n)`    (x, w, bias) of an mm / addmm (alpha = beta = 1) / bmm, else None
 - `activation_at(t)`    the activation applied to `t` (gelu / gelu_tanh / silu / relu) and its nodes
-- `new_constant`, `constant_of`   register a new buffer (weights are never edited) / read one
+- `new_constant`, `constant_of`   register a new buffer `_<stem>` (weights are never edited) / read one
 
 A pattern pass reads: match (raise `Skip(reason)`), check legality, rewrite, count;
 `passes/patterns/attention.py` is the long example, `passes/patterns/rewrite.py`
@@ -25,7 +28,7 @@ from collections import Counter
 import torch
 import torch.fx
 
-from passlab.graphs.capture import returns_value
+from passlab.graphs.capture import fetch_attr, returns_value
 from passlab.runtime.opclass import TABLE, OpClass
 
 aten = torch.ops.aten
@@ -107,6 +110,14 @@ class Counters:
                 self._seen.add(key)
                 self.declined.append({"reason": reason, "nodes": names})
 
+    def count(self, reason: str | None) -> None:
+        """One match: rewritten (`reason` None) or skipped for `reason`."""
+        self.matched += 1
+        if reason:
+            self.skip(reason)
+        else:
+            self.rewritten += 1
+
     def as_dict(self, **extra) -> dict:
         d = {"matched": self.matched, "rewritten": self.rewritten,
              "skipped": dict(sorted(self.skipped.items())), **extra}
@@ -141,6 +152,12 @@ def copies_only(n) -> bool:
 def passes_value(n) -> bool:
     """A reshape or a plain copy: the value, in logical order, flows through it."""
     return (isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target in RESHAPES) or copies_only(n)
+
+
+def expands_nothing(n) -> bool:
+    """An expand to the shape it already has: the value passes through it."""
+    return (isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target == aten.expand.default
+            and shape(n.args[0]) == shape(n))
 
 
 def through_views(n, *, passes=passes_value):
@@ -221,24 +238,28 @@ def activation_at(t, nxt=None):
 
 # ---------------------------------------------------------------- constants
 
-def new_constant(gm: torch.fx.GraphModule, stem: str, value: torch.Tensor) -> str:
-    """Register `value` as a new buffer under a fresh name; parameters are never mutated."""
+def new_constant(gm: torch.fx.GraphModule, stem: str, value: torch.Tensor, *, persistent: bool = True,
+                 memory_format: torch.memory_format | None = torch.contiguous_format) -> str:
+    """Register `value` as a new buffer under a fresh name (`_<stem>`, `_<stem>_1`, ...) and
+    return the name; parameters are never mutated. The buffer is made dense in
+    `memory_format` (None: `value` as it is, e.g. a folded view sharing its weight's storage)."""
     base = "_" + "".join(c if c.isalnum() else "_" for c in stem)
     name, i = base, 0
     while hasattr(gm, name):
         i += 1
         name = f"{base}_{i}"
-    gm.register_buffer(name, value.detach().contiguous())
+    value = value.detach()
+    gm.register_buffer(name, value if memory_format is None else value.contiguous(memory_format=memory_format),
+                       persistent=persistent)
     return name
 
 
 def constant_of(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
     """The tensor behind a get_attr node (or None)."""
-    if isinstance(node, torch.fx.Node) and node.op == "get_attr":
-        obj = gm
-        for part in node.target.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                return None
-        return obj if isinstance(obj, torch.Tensor) else None
-    return None
+    if not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
+        return None
+    try:
+        obj = fetch_attr(gm, node.target)
+    except AttributeError:
+        return None
+    return obj if isinstance(obj, torch.Tensor) else None
