@@ -40,8 +40,10 @@ from passlab.graphs import Sample
 from passlab.graphs.errors import UnknownModelError
 from passlab.runtime import timing
 
+from .peers import COMPILE, FREEZING
+
 DECODERS = ("gpt2", "llama", "mistral", "qwen2", "phi3", "gemma", "mixtral", "qwen2-moe")
-PEERS = ("torch.compile", "torch.compile(freezing)", "HF recipe")
+PEERS = (COMPILE, FREEZING, "HF recipe")
 NO_COUNTER = "n/a: no counter here"
 SIZES = {"tiny": dict(prompt=16), "bench": dict(prompt=128)}
 RECOMPILE_LIMIT = 64
@@ -105,8 +107,8 @@ def contenders(model, names, pipeline=None) -> dict[str, Callable]:
     `pipeline`: passlab's (default: the default pipeline)."""
     forward = model.forward
     fwd = {"eager": forward}
-    compilers = {"torch.compile": lambda: torch.compile(forward),
-                 "torch.compile(freezing)": lambda: torch.compile(forward, options={"freezing": True}),
+    compilers = {COMPILE: lambda: torch.compile(forward),
+                 FREEZING: lambda: torch.compile(forward, options={"freezing": True}),
                  "HF recipe": lambda: torch.compile(forward, mode="reduce-overhead", fullgraph=True),
                  "passlab": lambda: torch.compile(forward, backend="passlab",
                                                   options={"pipeline": pipeline} if pipeline else None)}
@@ -114,6 +116,20 @@ def contenders(model, names, pipeline=None) -> dict[str, Callable]:
         if name != "eager":
             fwd[name] = compilers[name]()
     return fwd
+
+
+def first_call(name: str, run: Callable[[], object]) -> dict:
+    """A contender's first generate (its compiles): {"setup_s"}, or {"error"} if it fails.
+    Dynamo reads `freezing` while tracing, before options= applies: the freezing
+    contender's compiling call runs with inductor's config patched."""
+    frozen = torch._inductor.config.patch(freezing=True) if name == FREEZING else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    try:
+        with frozen:
+            run()
+        return {"setup_s": time.perf_counter() - t0}
+    except Exception as e:  # a contender that fails is reported, not fatal
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
 
 
 def measure_generate(arch: str, preset: str = "tiny", *, new_tokens: int = 8, peers: bool = True,
@@ -140,16 +156,8 @@ def measure_generate(arch: str, preset: str = "tiny", *, new_tokens: int = 8, pe
         for name in names:                      # the first call: setup (compiles), and the tokens
             say(f"generate: {name}: first call (setup)")
             model.forward = fwd[name]
-            t0 = time.perf_counter()
-            # dynamo reads `freezing` while tracing, before options= applies: patched for the compiling call
-            frozen = torch._inductor.config.patch(freezing=True) if name == "torch.compile(freezing)" \
-                else contextlib.nullcontext()
-            try:
-                with frozen:
-                    tokens[name] = generate(model, ids, n_gen, max_cache_len=cache_len)
-                info[name] = {"setup_s": time.perf_counter() - t0}
-            except Exception as e:  # a contender that fails is reported, not fatal
-                info[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            info[name] = first_call(name, lambda: tokens.update({name: generate(model, ids, n_gen,
+                                                                                max_cache_len=cache_len)}))
         if "error" in info["eager"]:
             raise RuntimeError(f"eager generate failed: {info['eager']['error']}")
         live = [n for n in names if "error" not in info[n]]
