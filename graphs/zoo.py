@@ -31,7 +31,7 @@ AUDIO = {"tiny": dict(layers=2, dim=32, heads=4, ffn=64, vocab=128, batch=2, mel
 
 @dataclass(frozen=True)
 class Entry:
-    family: str                      # encoder | decoder | moe | enc-dec | vision | audio | torch
+    family: str                      # encoder | decoder | moe | enc-dec | vision | real-size | audio | torch
     description: str
     build: Callable[[str], dict]     # preset -> Sample fields: module, example_inputs / example_kwargs, unit, ...
 
@@ -75,6 +75,30 @@ def image(arch: str, cls: str):
         s = VISION[preset]
         x = torch.randn(s["batch"], 3, s["image"], s["image"])
         return fields(hf_model(arch, cls, s), kwargs={"pixel_values": x}, unit="images", units=s["batch"])
+    return build
+
+
+def published(arch: str, cls: str, kind: str = "image", **inputs):
+    """The architecture at its published size (the config class's defaults: ViT-B/16, ResNet-50,
+    ConvNeXt-T, Swin-T, MobileNetV2 1.0, BERT-base, GPT-2 small) for the bench preset, batch 1
+    at 224x224 (or 128 tokens); the tiny preset is the small model, so tests stay fast."""
+    small = image(arch, cls) if kind == "image" else text(arch, cls, **inputs)
+
+    def build(preset):
+        if preset != "bench":
+            return small(preset)
+        import transformers as tf
+        config = getattr(tf, hf.CONFIGS[arch][0])(attn_implementation="eager")
+        m = getattr(hf.require_transformers(), cls)(config)
+        if kind == "image":
+            size = getattr(config, "image_size", 224)
+            x = torch.randn(1, 3, size, size)
+            return fields(m, kwargs={"pixel_values": x}, unit="images", units=1)
+        ids = torch.randint(0, config.vocab_size, (1, 128))
+        kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if inputs.get("types"):
+            kw["token_type_ids"] = torch.zeros_like(ids)
+        return fields(m, kwargs=kw, unit="tokens", units=128, vocab_size=config.vocab_size)
     return build
 
 
@@ -246,6 +270,19 @@ MODELS: dict[str, Entry] = {
     "convnext": Entry("vision", "ConvNeXt (ConvNextModel)", image("convnext", "ConvNextModel")),
     "resnet": Entry("vision", "ResNet (HF ResNetModel), bottlenecks", image("resnet", "ResNetModel")),
     "mobilenet-v2": Entry("vision", "MobileNetV2 (MobileNetV2Model)", image("mobilenet-v2", "MobileNetV2Model")),
+    # published sizes (bench preset: the paper's model, batch 1; tiny preset: the small one)
+    "vit-b16": Entry("real-size", "ViT-B/16 at 224 (ViTModel, published size)", published("vit", "ViTModel")),
+    "resnet-50": Entry("real-size", "ResNet-50 at 224 (HF ResNetModel, published size)",
+                       published("resnet", "ResNetModel")),
+    "convnext-t": Entry("real-size", "ConvNeXt-T at 224 (ConvNextModel, published size)",
+                        published("convnext", "ConvNextModel")),
+    "swin-t": Entry("real-size", "Swin-T at 224 (SwinModel, published size)", published("swin", "SwinModel")),
+    "mobilenet-v2-1.0": Entry("real-size", "MobileNetV2 1.0 at 224 (depthwise, published size)",
+                              published("mobilenet-v2", "MobileNetV2Model")),
+    "bert-base": Entry("real-size", "BERT-base, 128 tokens (BertModel, published size)",
+                       published("bert", "BertModel", "text", types=True)),
+    "gpt2-small": Entry("real-size", "GPT-2 small (124M), 128 tokens (GPT2LMHeadModel, published size)",
+                        published("gpt2", "GPT2LMHeadModel", "text")),
     # audio
     "whisper-encoder": Entry("audio", "Whisper encoder (WhisperEncoder), log-mel input", whisper_encoder),
     "wav2vec2": Entry("audio", "Wav2Vec2 (Wav2Vec2Model), raw waveform input", wav2vec2),

@@ -186,3 +186,13 @@ def test_whole_zoo(tmp_path):
     assert s["models"] >= 25
     assert s["ok"] >= 0.95 * s["models"], zoo_tool.table(rec)
     assert s["clean"] >= 0.90 * s["models"], zoo_tool.table(rec)
+
+
+def test_published_sizes_at_the_bench_preset():
+    """The real-size entries are the published models at the bench preset (batch 1), and
+    the small ones at tiny."""
+    r = load("zoo:resnet-50", "bench", dtype=torch.float32)
+    assert sum(p.numel() for p in r.module.parameters()) > 23e6 and r.example_kwargs["pixel_values"].shape == (1, 3, 224, 224)
+    b = load("zoo:bert-base", "bench", dtype=torch.float32)
+    assert b.module.config.hidden_size == 768 and b.module.config.num_hidden_layers == 12
+    assert sum(p.numel() for p in load("zoo:resnet-50", "tiny").module.parameters()) < 1e6
