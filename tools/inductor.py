@@ -260,12 +260,8 @@ class Budget:
         return self.hit is not None
 
 
-def run(model, *, preset: str = "tiny", pipeline: str | None = None, device: str = "cpu", dtype=None,
-        ablate: bool = False, shapley: bool = False, budget_s: float = 1.0, max_configs: int | None = None,
-        compile_budget_s: float | None = None, tolerance: float | None = None,
-        say: Callable[[str], None] | None = None, bar: Callable[[int, int, str], None] | None = None) -> dict:
-    """The Inductor attribution run; returns the run record (schema 1)."""
-    say = say or (lambda m: None)
+def prepare(model, preset: str, pipeline: str | None, device: str, dtype, say) -> tuple:
+    """The items and the sample (in eval mode, knowing which inputs it writes)."""
     items = parse_items(pipeline, device)
     if not items:
         raise PipelineError("--compiler inductor: no items (name Inductor switches or passlab passes)")
@@ -277,59 +273,124 @@ def run(model, *, preset: str = "tiny", pipeline: str | None = None, device: str
         sample = stateful(sample, capture(sample.module, sample.example_inputs, sample.example_kwargs), lift=False)
     except Exception as e:
         say(f"note: torch.export could not capture the model ({type(e).__name__}); assuming it writes no inputs")
-    n = len(items)
-    tol = tolerance if tolerance is not None else TOLERANCE.get(sample.dtype, 1e-4)
-    x0 = sample.make_inputs(11)
-    prefix_subsets = [tuple(range(k)) for k in range(n + 1)]
+    return sample, items
+
+
+def configuration_order(n: int, *, ablate: bool, shapley: bool) -> tuple[list, list | None, list]:
+    """The prefixes (baseline, then the first k items on), the sampled Shapley
+    orders (None when exact or not asked), and every subset to compile, prefixes first."""
+    prefixes = [tuple(range(k)) for k in range(n + 1)]
     perms = attribution.cyclic_permutations(n) if shapley and n > 1 else None
-    extra_subsets = attribution.needed_subsets(n, ablate=ablate, shapley=shapley, exact_max=EXACT_MAX,
-                                               perms=perms) if (ablate or shapley) else []
-    order = list(dict.fromkeys(prefix_subsets + extra_subsets))
-    dropped: dict[int, str] = {}          # items rolled back: their prefix failed
-    compiled: dict[tuple, Compiled] = {}
-    failed: dict[tuple, str] = {}
-    configs = []
-    budget = Budget(max_configs, compile_budget_s)
-    effective = lambda s: tuple(i for i in s if i not in dropped)
+    extra = attribution.needed_subsets(n, ablate=ablate, shapley=shapley, exact_max=EXACT_MAX,
+                                       perms=perms) if (ablate or shapley) else []
+    return prefixes, perms, list(dict.fromkeys(prefixes + extra))
+
+
+@dataclass
+class Compilation:
+    """What compiling the configurations left, keyed by effective subset
+    (the subset less the items rolled back)."""
+    compiled: dict = field(default_factory=dict)     # subset -> Compiled (it compiled)
+    failed: dict = field(default_factory=dict)       # subset -> error (an attribution subset that did not compile)
+    dropped: dict = field(default_factory=dict)      # item index -> why it was rolled back (its prefix failed)
+    configs: list = field(default_factory=list)      # the record's `inductor.configs`, one entry per compile
+
+    def effective(self, subset: tuple) -> tuple:
+        return tuple(i for i in subset if i not in self.dropped)
+
+    def keep(self, items: list[Item], subset: tuple, eff: tuple, is_prefix: bool, c: Compiled, tol: float,
+             say) -> None:
+        """File one compiled configuration: a prefix whose last item broke it
+        (no compile, or a passlab item changed the numerics) rolls that item back."""
+        if is_prefix and subset and (c.fn is None or (c.numerics_ok is False and items[subset[-1]].switch is None)):
+            i = subset[-1]
+            self.dropped[i] = c.error or f"numerics changed: relative error {c.max_error:.3g} > tolerance {tol:g}"
+            say(f"{items[i].name} rolled back: {self.dropped[i]}")
+        elif c.fn is None and not subset:
+            raise RuntimeError(f"Inductor could not compile the baseline (every item off): {c.error}")
+        elif c.fn is None:        # an attribution subset that does not compile: left out, reported
+            self.failed[eff] = c.error
+        else:
+            self.compiled[eff] = c
+
+
+def compile_checked(sample, cfg: dict, label: str, x0: tuple, tol: float) -> Compiled:
+    """One configuration compiled and, where it compiled, checked against eager."""
+    c = compile_config(sample, cfg, label, x0)
+    if c.fn is not None:
+        check(c, sample, tol)
+    return c
+
+
+def config_entry(items: list[Item], eff: tuple, cfg: dict, c: Compiled) -> dict:
+    """A configuration as the record's `inductor.configs` lists it."""
+    passlab_bad = [f"{st['pass']}: {st['error']}" for r in c.passes for st in r["steps"] if st["status"] != "ok"]
+    return {"items": [items[i].name for i in eff], "config": shown(cfg), "compile_s": c.compile_s,
+            "cache_hit": c.cache_hit, "launches": c.launches, "error": c.error,
+            "max_error": c.max_error, "numerics_ok": c.numerics_ok, "passlab_rolled_back": passlab_bad}
+
+
+def compile_all(sample, items: list[Item], order: list, prefixes: list, x0: tuple, tol: float,
+                budget: Budget, say, bar) -> Compilation:
+    """Compile and check every configuration of `order` once (a subset that
+    becomes an already-seen one after rollbacks is skipped); attribution subsets
+    stop when the budget is reached."""
+    done = Compilation()
     for k, subset in enumerate(order):
-        eff = effective(subset)
+        eff = done.effective(subset)
         label = "+".join(items[i].name for i in eff) or "(none)"
-        if eff in compiled or eff in failed:
+        if eff in done.compiled or eff in done.failed:
             continue
-        if subset not in prefix_subsets and budget.exhausted():
+        is_prefix = subset in prefixes
+        if not is_prefix and budget.exhausted():
             say(f"budget reached ({budget.hit}): {len(order) - k} configurations left uncompiled")
             break
         if bar:
             bar(k, len(order), f"compiling {label}")
         cfg = config_for(items, eff)
-        c = compile_config(sample, cfg, label, x0)
-        if c.fn is not None:
-            check(c, sample, tol)
-        passlab_bad = [f"{st['pass']}: {st['error']}" for r in c.passes for st in r["steps"] if st["status"] != "ok"]
+        c = compile_checked(sample, cfg, label, x0, tol)
         say(f"[{k + 1}/{len(order)}] {label}: {c.compile_s:.1f}s"
             f"{' (FX graph cache hit)' if c.cache_hit else ''}"
             + (f" FAILED {c.error}" if c.error else "")
             + ("" if c.numerics_ok in (None, True) else f" numerics {c.max_error:.2g} > {tol:g}"))
-        if subset not in prefix_subsets:
+        if not is_prefix:
             budget.charge(c.compile_s)
-        configs.append({"items": [items[i].name for i in eff], "config": shown(cfg), "compile_s": c.compile_s,
-                        "cache_hit": c.cache_hit, "launches": c.launches, "error": c.error,
-                        "max_error": c.max_error, "numerics_ok": c.numerics_ok, "passlab_rolled_back": passlab_bad})
-        if subset in prefix_subsets and subset and (c.fn is None or (c.numerics_ok is False and
-                                                                     items[subset[-1]].switch is None)):
-            i = subset[-1]
-            dropped[i] = c.error or f"numerics changed: relative error {c.max_error:.3g} > tolerance {tol:g}"
-            say(f"{items[i].name} rolled back: {dropped[i]}")
-        elif c.fn is None and not subset:
-            raise RuntimeError(f"Inductor could not compile the baseline (every item off): {c.error}")
-        elif c.fn is None:        # an attribution subset that does not compile: left out, reported
-            failed[eff] = c.error
-        else:
-            compiled[eff] = c
+        done.configs.append(config_entry(items, eff, cfg, c))
+        done.keep(items, subset, eff, is_prefix, c, tol, say)
     if bar:
         bar(len(order), len(order), "compiled")
+    return done
 
-    # one timed contender per distinct output code, all interleaved with eager
+
+@dataclass
+class Timed:
+    """The interleaved timing of the compiled configurations and eager, and
+    the numbers each configuration gets from it."""
+    sample: object
+    device: str
+    timings: dict            # contender -> timing.Timing
+    fns: dict                # contender -> callable
+    contender: dict          # effective subset -> its contender (configurations with one output code share one)
+    inputs: list
+    recompiled: int          # graphs dynamo compiled while timing (a guard failed)
+    memory: dict = field(default_factory=dict)
+
+    def numbers(self, eff: tuple, prev: tuple | None = None) -> dict:
+        """A configuration's measured numbers (and the speedup over `prev`)."""
+        from passlab.graphs import fresh_copies
+        key = self.contender[eff]
+        d = attribution.timed(self.timings, key, self.sample, None if prev is None else self.contender[prev])
+        if key not in self.memory:
+            self.memory[key] = timing.peak_memory(self.fns[key], fresh_copies(self.inputs[0], self.sample.writes),
+                                                  self.device)
+        d["peak_memory_bytes"], d["memory_method"] = self.memory[key]
+        d["energy_j_per_unit"] = None
+        return d
+
+
+def time_contenders(sample, compiled: dict, device: str, budget_s: float, say, bar) -> Timed:
+    """One timed contender per distinct output code, all interleaved with eager."""
+    from torch._dynamo.utils import counters
     timed_key, fns = {}, {attribution.EAGER: sample.reference}
     by_code: dict[str, str] = {}
     for eff, c in compiled.items():
@@ -342,7 +403,6 @@ def run(model, *, preset: str = "tiny", pipeline: str | None = None, device: str
                 by_code[c.code] = key
     inputs = [sample.make_inputs(seed) for seed in (11, 12, 13)]
     say(f"timing {len(fns)} contenders interleaved with eager (budget {budget_s:g}s each)")
-    from torch._dynamo.utils import counters
     graphs_before = counters["stats"]["unique_graphs"]
     t = timing.measure_many(fns, inputs, device=device, budget_s=budget_s, writes=sample.writes,
                             progress=None if bar is None else
@@ -350,75 +410,99 @@ def run(model, *, preset: str = "tiny", pipeline: str | None = None, device: str
     recompiled = counters["stats"]["unique_graphs"] - graphs_before    # a guard that failed while timing
     if recompiled:
         say(f"warning: dynamo compiled {recompiled} graph(s) while timing; those timings include a recompile")
-    from passlab.graphs import fresh_copies
-    memory = {}
+    return Timed(sample, device, t, fns, timed_key, inputs, recompiled)
 
-    def numbers(eff, prev=None) -> dict:
-        key = timed_key[eff]
-        d = attribution.timed(t, key, sample, None if prev is None else timed_key[prev])
-        if key not in memory:
-            memory[key] = timing.peak_memory(fns[key], fresh_copies(inputs[0], sample.writes), device)
-        d["peak_memory_bytes"], d["memory_method"] = memory[key]
-        d["energy_j_per_unit"] = None
-        return d
 
-    def step_record(name, eff, prev_code, options) -> StepRecord:
-        c = compiled[eff]
-        passes = [st for r in c.passes for st in r["steps"]]
-        stats = {"compile_seconds": round(c.compile_s, 3), "fx_graph_cache_hit": c.cache_hit,
-                 "kernels_in_output_code": c.launches, "config": shown(config_for(items, eff))}
-        for st in passes:      # what the passlab passes did inside Inductor (a cache hit ran none)
-            stats[f"{st['pass']}"] = {k: v for k, v in st["stats"].items() if k != "traceback" and k != "declined"}
-        return StepRecord(name, options, "ok", c.code != prev_code, None, None, c.launches, None, None,
-                          c.max_error, c.numerics_ok, c.compile_s, stats)
+def step_record(items: list[Item], c: Compiled, name: str, eff: tuple, prev_code, options: dict) -> StepRecord:
+    """A kept step: the configuration `eff` against the one before it."""
+    stats = {"compile_seconds": round(c.compile_s, 3), "fx_graph_cache_hit": c.cache_hit,
+             "kernels_in_output_code": c.launches, "config": shown(config_for(items, eff))}
+    passes = [st for r in c.passes for st in r["steps"]]
+    for st in passes:      # what the passlab passes did inside Inductor (a cache hit ran none)
+        stats[f"{st['pass']}"] = {k: v for k, v in st["stats"].items() if k != "traceback" and k != "declined"}
+    return StepRecord(name, options, "ok", c.code != prev_code, None, None, c.launches, None, None,
+                      c.max_error, c.numerics_ok, c.compile_s, stats)
 
-    base = compiled[()]
-    baseline = step_record("baseline", (), None, {})
-    measured = {"baseline": numbers(()), "eager": {**attribution.timed(t, attribution.EAGER, sample),
-                                                   "settings": attribution.EAGER_SETTINGS}}
+
+def steps_and_numbers(items: list[Item], done: Compilation, timed: Timed) -> tuple:
+    """The baseline and one step per item (the first k items on; a rolled-back
+    item repeats the step before it), each with its measured numbers; and the
+    final configuration."""
+    compiled = done.compiled
+    baseline = step_record(items, compiled[()], "baseline", (), None, {})
+    measured = {"baseline": timed.numbers(())}
+    measured["eager"] = {**attribution.timed(timed.timings, attribution.EAGER, timed.sample),
+                         "settings": attribution.EAGER_SETTINGS}
     steps, prev_eff = [], ()
     for i, it in enumerate(items):
         options = shown(it.switch.on if it.switch else {"post_grad_custom_post_pass": InductorPass(it.steps)})
-        if i in dropped:
-            rec = StepRecord(it.name, options, "rolled_back", False, dropped[i], None, compiled[prev_eff].launches,
-                             None, None, compiled[prev_eff].max_error, compiled[prev_eff].numerics_ok, 0.0, {})
-            measured[i] = numbers(prev_eff, prev_eff)
+        prev = compiled[prev_eff]
+        if i in done.dropped:
+            rec = StepRecord(it.name, options, "rolled_back", False, done.dropped[i], None, prev.launches,
+                             None, None, prev.max_error, prev.numerics_ok, 0.0, {})
+            measured[i] = timed.numbers(prev_eff, prev_eff)
         else:
-            eff = effective(tuple(range(i + 1)))
-            rec = step_record(it.name, eff, compiled[prev_eff].code, options)
-            measured[i] = numbers(eff, prev_eff)
+            eff = done.effective(tuple(range(i + 1)))
+            rec = step_record(items, compiled[eff], it.name, eff, prev.code, options)
+            measured[i] = timed.numbers(eff, prev_eff)
             prev_eff = eff
         steps.append(rec)
-    players = [it.name for it in items]
-    extra: dict = {"compiler": "inductor"}
-    if ablate or shapley:
-        v = {}
-        for s in order:
-            if effective(s) in compiled:
-                v[s] = math.log(numbers(effective(s))["throughput"])
-        extra.update(attribution.attribute(v, players, ablate=ablate, shapley=shapley, exact_max=EXACT_MAX,
-                                           perms=perms))
-        extra["subset_rollbacks"] = {"+".join(items[i].name for i in s): [
-            {"pass": items[i].name, "status": "rolled_back", "error": dropped[i]} for i in s if i in dropped]
-            for s in order if any(i in dropped for i in s) and effective(s) in compiled}
-        if shapley:
-            extra["shapley_method"] = ("exact: every subset" if extra.get("shapley_samples") is None else
-                                       f"sampled: {extra['shapley_samples']} orders (cyclic shifts of one random "
-                                       "order and their reverses)")
-    final = compiled[prev_eff]
-    extra["inductor"] = {
+    return baseline, steps, measured, prev_eff
+
+
+def attribution_extra(items: list[Item], order: list, done: Compilation, timed: Timed, *,
+                      ablate: bool, shapley: bool, perms: list | None) -> dict:
+    """`--ablate` / `--shapley`: the attribution over log throughput of every
+    compiled subset, the rollbacks each subset saw, and how Shapley was computed."""
+    if not (ablate or shapley):
+        return {}
+    effective, players = done.effective, [it.name for it in items]
+    v = {s: math.log(timed.numbers(effective(s))["throughput"]) for s in order if effective(s) in done.compiled}
+    extra = attribution.attribute(v, players, ablate=ablate, shapley=shapley, exact_max=EXACT_MAX, perms=perms)
+    extra["subset_rollbacks"] = {"+".join(items[i].name for i in s): [
+        {"pass": items[i].name, "status": "rolled_back", "error": done.dropped[i]} for i in s if i in done.dropped]
+        for s in order if any(i in done.dropped for i in s) and effective(s) in done.compiled}
+    if shapley:
+        extra["shapley_method"] = ("exact: every subset" if extra.get("shapley_samples") is None else
+                                   f"sampled: {extra['shapley_samples']} orders (cyclic shifts of one random "
+                                   "order and their reverses)")
+    return extra
+
+
+def inductor_section(items: list[Item], order: list, done: Compilation, budget: Budget, recompiled: int) -> dict:
+    """The record's `inductor`: the items' settings, every configuration compiled, the budget, failures."""
+    configs = done.configs
+    return {
         "switches": {it.name: {"on": shown(it.switch.on), "off": shown(it.switch.off)} for it in items if it.switch},
         "passlab_items": {it.name: InductorPass(it.steps).pipeline for it in items if not it.switch},
         "baseline": "torch.compile (Inductor) with every listed item off; unlisted settings at Inductor's defaults",
         "configs": configs, "configs_compiled": len(configs),
         "configs_needed": len(order), "compile_seconds_total": sum(c["compile_s"] for c in configs),
-        "budget": {"max_configs": max_configs, "compile_budget_s": compile_budget_s, "reached": budget.hit},
-        "failed_subsets": {"+".join(items[i].name for i in s): e for s, e in failed.items()},
+        "budget": {"max_configs": budget.max_configs, "compile_budget_s": budget.seconds, "reached": budget.hit},
+        "failed_subsets": {"+".join(items[i].name for i in s): e for s, e in done.failed.items()},
         "recompiles_during_timing": recompiled,
         "cache_dir": cache_dir(), "torch": torch.__version__}
-    rec = records.build(model=sample.name, preset=sample.preset, device=device, pipeline=players,
+
+
+def run(model, *, preset: str = "tiny", pipeline: str | None = None, device: str = "cpu", dtype=None,
+        ablate: bool = False, shapley: bool = False, budget_s: float = 1.0, max_configs: int | None = None,
+        compile_budget_s: float | None = None, tolerance: float | None = None,
+        say: Callable[[str], None] | None = None, bar: Callable[[int, int, str], None] | None = None) -> dict:
+    """The Inductor attribution run; returns the run record (schema 1)."""
+    say = say or (lambda m: None)
+    sample, items = prepare(model, preset, pipeline, device, dtype, say)
+    tol = tolerance if tolerance is not None else TOLERANCE.get(sample.dtype, 1e-4)
+    prefixes, perms, order = configuration_order(len(items), ablate=ablate, shapley=shapley)
+    budget = Budget(max_configs, compile_budget_s)
+    done = compile_all(sample, items, order, prefixes, sample.make_inputs(11), tol, budget, say, bar)
+    timed = time_contenders(sample, done.compiled, device, budget_s, say, bar)
+    baseline, steps, measured, final = steps_and_numbers(items, done, timed)
+    extra = {"compiler": "inductor",
+             **attribution_extra(items, order, done, timed, ablate=ablate, shapley=shapley, perms=perms)}
+    extra["inductor"] = inductor_section(items, order, done, budget, timed.recompiled)
+    rec = records.build(model=sample.name, preset=sample.preset, device=device, pipeline=[it.name for it in items],
                         baseline=baseline, steps=steps, measured=measured, extra=extra,
-                        capture_seconds=base.compile_s, setup_seconds=final.compile_s)
+                        capture_seconds=done.compiled[()].compile_s, setup_seconds=done.compiled[final].compile_s)
     rec["pipeline_text"] = pipeline
     rec["dtype"] = str(sample.dtype).replace("torch.", "")
     rec["description"] = sample.description
