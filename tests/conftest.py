@@ -27,8 +27,8 @@ def have(tool: str) -> bool:
 
 @pytest.fixture(scope="session")
 def session_cache(tmp_path_factory):
-    """One private cache directory and HMAC key file for the whole session,
-    holding a fixed CPU profile (the nominal one: no test asserts a timing,
+    """One private cache directory and HMAC key file for the whole session (and one
+    for Inductor's FX graph and kernel caches), holding a fixed CPU profile (the nominal one: no test asserts a timing,
     and measuring this machine costs ~20 s on a loaded 2-core box)."""
     import json
     from passlab.runtime.profiles import machine_key
@@ -40,7 +40,10 @@ def session_cache(tmp_path_factory):
     profile = dict(NOMINAL_CPU, matmul_flops_per_s={"float32": 50e9, "bfloat16": 50e9},
                    source="fixed by tests/conftest.py", measured_at="never (tests)")
     (cache / f"profile-{machine_key('cpu')}.json").write_text(json.dumps(profile))
-    return {"PASSLAB_CACHE": str(cache), "PASSLAB_KEY_FILE": str(keys / "cache.key")}
+    inductor = root / "inductor"     # torch.compile's own cache: a shared /tmp one may hold another build's headers
+    inductor.mkdir()
+    return {"PASSLAB_CACHE": str(cache), "PASSLAB_KEY_FILE": str(keys / "cache.key"),
+            "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
 
 
 @pytest.fixture(autouse=True)

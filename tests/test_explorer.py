@@ -27,8 +27,8 @@ CHROMIUM = next((p for p in ("/usr/lib/chromium/chromium", shutil.which("chromiu
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    out = tmp_path_factory.mktemp("me") / "mlp.json"
-    assert main(["show", "mlp", "--after", "cleanup,fuse", "--format", "model-explorer", "--measure",
+    out = tmp_path_factory.mktemp("me") / "transformer.json"
+    assert main(["show", "transformer", "--after", "cleanup,fuse", "--format", "model-explorer", "--measure",
                  "-o", str(out)]) == 0
     return out
 

@@ -16,7 +16,7 @@ SHORT = "dce,cse,fuse"      # enough to generate a kernel, fast to run
 
 def mlp():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)).eval()
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 16)).eval()
 
 
 def close(a, b, tol=1e-4):

@@ -210,10 +210,10 @@ def node_data(coll, times: dict, metric: str):
         nt = times.get(g.id)
         if nt is None:
             continue
-        res = {}
+        res, shown = {}, {n.id for n in g.nodes}      # a kernel output's getitem is no node of its own
         for name, t in nt.nodes.items():
             v = t.median_s * 1e6 if metric == "time_us" else t.bytes
-            if v:
+            if v and name in shown:
                 res[name] = nb.NodeDataResult(value=round(v, 3) if metric == "time_us" else int(v))
         data[g.id] = nb.GraphNodeData(results=res, name=f"{metric} ({g.id})", gradient=[
             nb.GradientItem(stop=0, bgColor="#ffffff"), nb.GradientItem(stop=0.5, bgColor="#ffd666"),

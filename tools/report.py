@@ -504,7 +504,7 @@ def times_table(nt: dict, names: list[str]) -> str:
         roof = f'{t["percent_of_roofline"]:.0f}%' if t.get("percent_of_roofline") is not None else "-"
         rows.append(f'<tr><td>{esc(name)}</td><td>{esc(t["op"])}</td><td>{usec(t["median_s"])}</td>'
                     f'<td>{usec(t["ci_low_s"])}–{usec(t["ci_high_s"])}</td>'
-                    f'<td>{100 * t["median_s"] / step:.1f}%</td><td>{nbytes(t["bytes"])}</td><td>{rate}</td>'
+                    f'<td>{100 * t["median_s"] / step:.1f}%</td><td>{bytes_text(t["bytes"])}</td><td>{rate}</td>'
                     f'<td>{roof}</td></tr>')
     return f'<div style="overflow-x:auto"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 
@@ -525,7 +525,7 @@ def node_times(rec: dict) -> str:
         parts.append(f'<h3>{esc(label)}</h3><p class="note">step {usec(nt["step"]["median_s"])} (the plain run, '
                      f'median of {nt["step"]["n"]}); the node times sum to {usec(nt["node_sum_s"])} = '
                      f'{100 * nt["coverage"]:.0f}% of it; {esc(nt["method"])}, timed interleaved with the plain '
-                     f'run. Roofline: copy {nbytes(nt["roofline"].get("copy_bytes_per_s") or 0)}/s, matmul '
+                     f'run. Roofline: copy {bytes_text(nt["roofline"].get("copy_bytes_per_s") or 0)}/s, matmul '
                      f'{(nt["roofline"].get("matmul_flops_per_s") or 0) / 1e9:,.0f} GFLOP/s '
                      f'({esc(str(nt["roofline"].get("dtype")))}), measured on this machine.</p>'
                      f'<h4>slowest nodes</h4>{times_table(nt, by_time[:12])}')
