@@ -53,7 +53,11 @@ def sigint_pass():
         for _ in range(10_000_000):     # the handler raises KeyboardInterrupt at the next bytecode
             pass
         raise AssertionError("SIGINT was not delivered")
+    # Python's own Ctrl-C handler, whatever this process inherited (a job started in the
+    # background by a non-interactive shell ignores SIGINT, and Python then keeps it ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
+    signal.signal(signal.SIGINT, previous)
     unregister_pass("_sigint")
 
 
