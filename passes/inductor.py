@@ -36,7 +36,7 @@ import torch
 import torch.fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from passlab.graphs import clone
+from passlab.graphs import clone, fetch_attr
 
 from .api import PassContext
 from .manager import PassManager, PassRejected, Statistics, VerifyGraph
@@ -260,9 +260,7 @@ def decompose_for_inductor(gm: torch.fx.GraphModule) -> dict[str, int]:
         placeholders = [p for p in sub.graph.nodes if p.op == "placeholder"]
         with gm.graph.inserting_before(n):
             out = gm.graph.graph_copy(sub.graph, dict(zip(placeholders, [flat[i] for i in nodes])))
-        for c in gm.graph.nodes:
-            if c.op == "get_attr" and not hasattr_path(gm, c.target):
-                set_path(gm, c.target, get_path(sub, c.target))
+        copy_missing_attrs(gm, sub)
         n.replace_all_uses_with(out)
         gm.graph.erase_node(n)
         done[str(n.target)] = done.get(str(n.target), 0) + 1
@@ -287,22 +285,21 @@ def replace_graph(gm: torch.fx.GraphModule, new: torch.fx.GraphModule) -> None:
     val_map = dict(zip([n for n in new.graph.nodes if n.op == "placeholder"], placeholders))
     out = graph.graph_copy(new.graph, val_map)
     graph.output(out).meta.update(out_meta)
-    for n in graph.nodes:
-        if n.op == "get_attr" and not hasattr_path(gm, n.target):
-            set_path(gm, n.target, get_path(new, n.target))
+    copy_missing_attrs(gm, new)
     graph.lint()
     gm.recompile()
 
 
-def get_path(obj, target: str):
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+def copy_missing_attrs(gm: torch.fx.GraphModule, src: torch.nn.Module) -> None:
+    """Attributes `gm`'s get_attr nodes read that `gm` lacks, copied from `src`."""
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and not hasattr_path(gm, n.target):
+            set_path(gm, n.target, fetch_attr(src, n.target))
 
 
 def hasattr_path(obj, target: str) -> bool:
     try:
-        get_path(obj, target)
+        fetch_attr(obj, target)
         return True
     except AttributeError:
         return False

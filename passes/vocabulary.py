@@ -110,6 +110,20 @@ class Counters:
                 self._seen.add(key)
                 self.declined.append({"reason": reason, "nodes": names})
 
+    def attempt(self, match, node, *args, not_candidates=()):
+        """`match(node, *args)` for a candidate at `node`, counted: its result (one
+        match), or None where it raised `Skip`: a skip with its reason and node,
+        unless the reason is one of `not_candidates` (the node was never a candidate)."""
+        try:
+            found = match(node, *args)
+        except Skip as e:
+            if str(e) not in not_candidates:
+                self.matched += 1
+                self.skip(str(e), nodes=[node])
+            return None
+        self.matched += 1
+        return found
+
     def count(self, reason: str | None) -> None:
         """One match: rewritten (`reason` None) or skipped for `reason`."""
         self.matched += 1

@@ -31,7 +31,7 @@ import torch.fx
 
 from . import costmodel, timing
 from .executor import compile_graph, fetch_attr
-from .opclass import OpClass, op_class
+from .opclass import OpClass, op_class, op_name
 
 
 @dataclass
@@ -91,7 +91,7 @@ def op_label(node: torch.fx.Node) -> str:
     t = node.target
     if getattr(t, "is_fused_kernel", False):
         return f"kernel {t.name}"
-    return str(getattr(t, "_opname", None) or getattr(t, "__name__", t))
+    return op_name(t)
 
 
 class Instrumented:

@@ -33,7 +33,7 @@ from passlab.runtime import costmodel, timing
 from passlab.runtime.executor import compile_graph, fused_kernels
 from passlab.runtime.profiles import get_profile
 
-from .peers import EAGER, EAGER_SETTINGS, PEER_SETTINGS
+from .peers import EAGER, EAGER_SETTINGS, PEER_SETTINGS, compiling
 
 EXACT_SHAPLEY_MAX = 8
 
@@ -345,8 +345,7 @@ def make_peers(sample: Sample, x: tuple, device: str, say) -> tuple[dict, dict]:
         try:
             compiled = model_call(sample, torch.compile(sample.module, options=options))
             t0 = time.perf_counter()
-            # dynamo reads `freezing` while tracing, before options= applies: patched for the first call too
-            with torch.no_grad(), torch._inductor.config.patch(options or {}):
+            with torch.no_grad(), compiling(options):
                 compiled(*x)
             info[name] = {"settings": settings, "compile_s": time.perf_counter() - t0}
             fns[name] = compiled

@@ -27,6 +27,7 @@ from passlab.graphs import clone
 from passlab.passes.fuse import FusionError, fuse_nodes, is_kernel
 from passlab.runtime import costmodel, timing
 from passlab.runtime.executor import compile_graph
+from passlab.runtime.opclass import op_name
 
 from .nodetime import SEEDS, run_graphs, step_key
 from .table import human_bytes, render
@@ -91,29 +92,24 @@ def declines(result, profile: dict | None = None) -> list[Decline]:
         recorded = rec.stats.get("declined") or []
         if not recorded:
             continue
-        before = graphs[step_key(result, i - 1) if i > 0 else "baseline"]
+        before = graphs[step_key(result, i - 1)]
         after = graphs[step_key(result, i)]
         by_name = {n.name: n for n in before.graph.nodes}
         hold = holders_of(after)
         for d in recorded:
             names = [x for x in d["nodes"] if x in by_name]
-            hs = list(dict.fromkeys(hold[x].name for x in names if x in hold))
+            holders = list(dict.fromkeys(hold[x] for x in names if x in hold))
+            hs = [h.name for h in holders]
             key = (rec.name, d["reason"], frozenset(hs))
-            if not names or key in seen or (len(hs) == 1 and is_kernel(hold[names[0]])):
+            if not names or key in seen or (len(holders) == 1 and is_kernel(holders[0])):
                 continue            # gone, listed, or fused together in the end (another grouping took them)
             seen.add(key)
-            dc = Decline(i, rec.name, d["reason"], names, [op_text(by_name[x]) for x in names], hs)
+            dc = Decline(i, rec.name, d["reason"], names, [op_name(by_name[x].target) for x in names], hs)
             held = [n for n in after.graph.nodes if n.name in set(hs)]
             if rec.name in FORCEABLE and held:
                 dc.est_bytes_saved, dc.est_launches_saved, dc.est_seconds_saved = estimate(held, profile)
             out.append(dc)
     return out
-
-
-def op_text(n) -> str:
-    if is_kernel(n):
-        return n.target.name
-    return str(getattr(n.target, "_opname", None) or getattr(n.target, "__name__", n.target))
 
 
 def forced(result, dc: Decline) -> torch.fx.GraphModule:

@@ -45,6 +45,7 @@ from passlab.runtime import timing
 
 from . import attribution
 from . import record as records
+from .peers import compiling
 
 EXACT_MAX = 6          # exact Shapley up to this many items (2^6 = 64 compiles); sampled orders beyond
 
@@ -215,7 +216,7 @@ def compile_config(sample, cfg: dict, label: str, inputs: tuple) -> Compiled:
     t0 = time.perf_counter()
     try:
         compiled = attribution.model_call(sample, torch.compile(call, options=cfg))
-        with torch.no_grad(), torch._inductor.config.patch(cfg), \
+        with torch.no_grad(), compiling(cfg), \
                 mock.patch.object(GraphLowering, "save_output_code", codes.append):
             compiled(*inputs)
     except Exception as e:   # a configuration that does not compile is reported, not fatal
@@ -375,6 +376,9 @@ class Timed:
     recompiled: int          # graphs dynamo compiled while timing (a guard failed)
     memory: dict = field(default_factory=dict)
 
+    def throughput(self, eff: tuple) -> float:
+        return attribution.throughput(self.timings[self.contender[eff]], self.sample)["throughput"]
+
     def numbers(self, eff: tuple, prev: tuple | None = None) -> dict:
         """A configuration's measured numbers (and the speedup over `prev`)."""
         from passlab.graphs import fresh_copies
@@ -457,7 +461,7 @@ def attribution_extra(items: list[Item], order: list, done: Compilation, timed: 
     if not (ablate or shapley):
         return {}
     effective, players = done.effective, [it.name for it in items]
-    v = {s: math.log(timed.numbers(effective(s))["throughput"]) for s in order if effective(s) in done.compiled}
+    v = {s: math.log(timed.throughput(effective(s))) for s in order if effective(s) in done.compiled}
     extra = attribution.attribute(v, players, ablate=ablate, shapley=shapley, exact_max=EXACT_MAX, perms=perms)
     extra["subset_rollbacks"] = {"+".join(items[i].name for i in s): [
         {"pass": items[i].name, "status": "rolled_back", "error": done.dropped[i]} for i in s if i in done.dropped]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from . import draw
-from .nodetime import heat_of, run_graphs, step_key, time_graphs, us
+from .nodetime import heat_of, run_graphs, step_key, us
 from .table import render
 
 
@@ -49,11 +49,10 @@ class PassDiff:
                 "added": [asdict(e) for e in self.of("added")], "replaced": [asdict(e) for e in self.of("replaced")]}
 
 
-def op_of(gm, name: str) -> str:
-    n = next((n for n in gm.graph.nodes if n.name == name), None)
-    if n is None:
-        return "?"
-    return n.op if n.op in ("placeholder", "get_attr", "output") else draw.op_name(n.target)
+def ops_of(gm) -> dict[str, str]:
+    """Each node's op by name (placeholders, get_attrs and the output by their kind)."""
+    return {n.name: n.op if n.op in ("placeholder", "get_attr", "output") else draw.op_name(n.target)
+            for n in gm.graph.nodes}
 
 
 def pass_diff(before, after, *, step: int = 0, name: str = "", times_before=None, times_after=None) -> PassDiff:
@@ -67,11 +66,12 @@ def pass_diff(before, after, *, step: int = 0, name: str = "", times_before=None
         vals = [tb[n] for n in names if n in tb]
         return sum(vals) if vals else None
 
-    entries = [Entry("removed", n, op_of(before, n), before_s=tb.get(n)) for n in d.removed
-               if op_of(before, n) not in ("get_attr", "placeholder")]
-    entries += [Entry("added", n, op_of(after, n), after_s=ta.get(n)) for n in d.added
-                if op_of(after, n) not in ("get_attr", "placeholder")]
-    entries += [Entry("replaced", n, op_of(after, n), list(olds), summed(olds), ta.get(n)) for n, olds in d.fused.items()]
+    ob, oa = ops_of(before), ops_of(after)
+    entries = [Entry("removed", n, ob.get(n, "?"), before_s=tb.get(n)) for n in d.removed
+               if ob.get(n) not in ("get_attr", "placeholder")]
+    entries += [Entry("added", n, oa.get(n, "?"), after_s=ta.get(n)) for n in d.added
+                if oa.get(n) not in ("get_attr", "placeholder")]
+    entries += [Entry("replaced", n, oa.get(n, "?"), list(olds), summed(olds), ta.get(n)) for n, olds in d.fused.items()]
     return PassDiff(step, name, entries, len(d.kept), step_b, step_a)
 
 
@@ -100,17 +100,6 @@ def find_step(result, name: str) -> int:
         raise ValueError(f"--diff {name}: pass {base!r} is not in the pipeline ({names}); "
                          f"name one of them, or add it with --after")
     return hits[k - 1]
-
-
-def diff_of_step(sample, result, i: int, *, measure: bool = False, device: str = "cpu",
-                 budget_s: float = 0.5) -> PassDiff:
-    before_key = step_key(result, i - 1) if i > 0 else "baseline"
-    after_key = step_key(result, i)
-    graphs = run_graphs(result)
-    times = time_graphs(sample, {k: graphs[k] for k in {before_key, after_key}}, device=device,
-                        budget_s=budget_s) if measure else {}
-    return pass_diff(graphs[before_key], graphs[after_key], step=i, name=result.steps[i].name,
-                     times_before=times.get(before_key), times_after=times.get(after_key))
 
 
 def text(pd: PassDiff) -> str:

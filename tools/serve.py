@@ -28,7 +28,6 @@ check and timed run gets its own copy of it).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -40,7 +39,7 @@ from passlab.graphs import Sample
 from passlab.graphs.errors import UnknownModelError
 from passlab.runtime import timing
 
-from .peers import COMPILE, FREEZING
+from .peers import COMPILE, FREEZING, PEER_SETTINGS, compiling
 
 DECODERS = ("gpt2", "llama", "mistral", "qwen2", "phi3", "gemma", "mixtral", "qwen2-moe")
 PEERS = (COMPILE, FREEZING, "HF recipe")
@@ -107,8 +106,8 @@ def contenders(model, names, pipeline=None) -> dict[str, Callable]:
     `pipeline`: passlab's (default: the default pipeline)."""
     forward = model.forward
     fwd = {"eager": forward}
-    compilers = {COMPILE: lambda: torch.compile(forward),
-                 FREEZING: lambda: torch.compile(forward, options={"freezing": True}),
+    compilers = {COMPILE: lambda: torch.compile(forward, options=PEER_SETTINGS[COMPILE][1]),
+                 FREEZING: lambda: torch.compile(forward, options=PEER_SETTINGS[FREEZING][1]),
                  "HF recipe": lambda: torch.compile(forward, mode="reduce-overhead", fullgraph=True),
                  "passlab": lambda: torch.compile(forward, backend="passlab",
                                                   options={"pipeline": pipeline} if pipeline else None)}
@@ -120,12 +119,10 @@ def contenders(model, names, pipeline=None) -> dict[str, Callable]:
 
 def first_call(name: str, run: Callable[[], object]) -> dict:
     """A contender's first generate (its compiles): {"setup_s"}, or {"error"} if it fails.
-    Dynamo reads `freezing` while tracing, before options= applies: the freezing
-    contender's compiling call runs with inductor's config patched."""
-    frozen = torch._inductor.config.patch(freezing=True) if name == FREEZING else contextlib.nullcontext()
+    A torch.compile peer's compiling call runs with its options patched into inductor's config."""
     t0 = time.perf_counter()
     try:
-        with frozen:
+        with compiling(PEER_SETTINGS.get(name, (None, None))[1]):
             run()
         return {"setup_s": time.perf_counter() - t0}
     except Exception as e:  # a contender that fails is reported, not fatal

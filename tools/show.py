@@ -155,7 +155,7 @@ def show_diff(args, sample, result, measured) -> int:
     except ValueError as e:
         raise BadArguments(e) from e
     graphs = run_graphs(result)
-    before = graphs[step_key(result, i - 1) if i > 0 else "baseline"]
+    before = graphs[step_key(result, i - 1)]
     after = graphs[step_key(result, i)]
     tb, ta = (measured(before), measured(after)) if measured else (None, None)
     pd = passdiff.pass_diff(before, after, step=i, name=result.steps[i].name, times_before=tb, times_after=ta)

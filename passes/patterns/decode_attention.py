@@ -142,14 +142,9 @@ def decode_attention(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") 
         raise ValueError(f"choose must be 'measure' or 'always', got {choose!r}")
     c, g = Counters(), gm.graph
     for n in [n for n in g.nodes if n.op == "call_function" and n.target == SDPA]:
-        try:
-            m = match(n)
-        except Skip as e:
-            if str(e) != "not_decode":      # prefill attention is not a candidate
-                c.matched += 1
-                c.skip(str(e), nodes=[n])
+        m = c.attempt(match, n, not_candidates=("not_decode",))      # prefill attention is not a candidate
+        if m is None:
             continue
-        c.matched += 1
         if choose == "measure" and not explicit_faster(m, ctx.device):
             c.skip("sdpa_measured_faster", nodes=[n])
             continue

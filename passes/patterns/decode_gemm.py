@@ -77,14 +77,10 @@ def decode_gemm(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") -> Pa
     c, g = Counters(), gm.graph
     residuals = 0
     for gemm in [n for n in g.nodes if n.op == "call_function" and n.target in (aten.mm.default, aten.addmm.default)]:
-        try:
-            x, wt, b = match(gemm, ctx.device)
-        except Skip as e:
-            if str(e) not in ("not_a_matrix_gemm", "too_many_rows"):
-                c.matched += 1
-                c.skip(str(e), nodes=[gemm])
+        found = c.attempt(match, gemm, ctx.device, not_candidates=("not_a_matrix_gemm", "too_many_rows"))
+        if found is None:
             continue
-        c.matched += 1
+        x, wt, b = found
         M, N = shape(gemm)
         passed: list = []
         res, add = residual_of(gemm, passed)

@@ -112,14 +112,10 @@ def group_experts(gm: torch.fx.GraphModule, ctx) -> PassResult:
     c, memo, done = Counters(), {}, []
     g = gm.graph
     for n in [n for n in g.nodes if n.op == "call_function" and n.target == aten.bmm.default]:
-        try:
-            gathered, w, ids, x, transposed = match(n)
-        except Skip as e:
-            if str(e) != "not_gathered":
-                c.matched += 1
-                c.skip(str(e), nodes=[n])
+        found = c.attempt(match, n, not_candidates=("not_gathered",))
+        if found is None:
             continue
-        c.matched += 1
+        gathered, w, ids, x, transposed = found
         rewrite(g, n, w, ids, x, transposed, memo)
         done += [n, gathered]
         c.rewritten += 1

@@ -65,13 +65,10 @@ def gather_rows(gm: torch.fx.GraphModule, ctx) -> PassResult:
     c, g = Counters(), gm.graph
     wrapped = 0
     for n in [n for n in g.nodes if n.op == "call_function" and n.target == INDEX]:
-        try:
-            x, idx, rows = match(n)
-        except Skip as e:
-            c.matched += 1
-            c.skip(str(e), nodes=[n])
+        found = c.attempt(match, n)
+        if found is None:
             continue
-        c.matched += 1
+        x, idx, rows = found
         with g.inserting_before(n):
             if not never_negative(idx):
                 neg = g.call_function(aten.lt.Scalar, (idx, 0))

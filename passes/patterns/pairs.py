@@ -43,14 +43,10 @@ def sum_pairs(gm: torch.fx.GraphModule, ctx) -> PassResult:
     """A sum over a dim of size 2 (top-2 MoE combine) -> add of the two halves (same bits)."""
     c, g = Counters(), gm.graph
     for n in [n for n in g.nodes if n.op == "call_function" and n.target == SUM]:
-        try:
-            x, d, keep = match(n)
-        except Skip as e:
-            if str(e) != "not_a_pair":
-                c.matched += 1
-                c.skip(str(e), nodes=[n])
+        found = c.attempt(match, n, not_candidates=("not_a_pair",))
+        if found is None:
             continue
-        c.matched += 1
+        x, d, keep = found
         with g.inserting_before(n):
             a = g.call_function(aten.select.int, (x, d, 0))
             b = g.call_function(aten.select.int, (x, d, 1))
