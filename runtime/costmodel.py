@@ -72,6 +72,9 @@ def gemm_flops(node: torch.fx.Node) -> int:
         w = ins[1]
         groups = node.args[8] if len(node.args) > 8 else 1
         return 2 * o.numel() * math.prod(w.shape[1:]) if groups else 0
+    if getattr(getattr(t, "_schema", None), "name", "") == "mkldnn::_convolution_pointwise":   # packed weight
+        w = node.args[2 if t._overloadname == "binary" else 1].meta["val"]        # [out, in / groups, kh, kw]
+        return 2 * o.numel() * math.prod(w.shape[1:])
     if len(ins) >= 2 and hasattr(ins[0], "shape"):  # attention and friends: a rough count
         q, k = ins[0], ins[1]
         return 4 * q.numel() * k.shape[-2]

@@ -76,7 +76,8 @@ for _cls, _names in {
         "linear.default", "matmul.default", "_scaled_dot_product_flash_attention_for_cpu.default",
         "_scaled_dot_product_flash_attention.default", "_scaled_dot_product_efficient_attention.default",
         "scaled_dot_product_attention.default", "_scaled_dot_product_cudnn_attention.default",
-        "mkldnn::_linear_pointwise.default", "mkldnn::_linear_pointwise.binary"],
+        "mkldnn::_linear_pointwise.default", "mkldnn::_linear_pointwise.binary",
+        "mkldnn::_convolution_pointwise.default", "mkldnn::_convolution_pointwise.binary"],
 }.items():
     for _op in _ops(*_names):
         TABLE[_op] = _cls
