@@ -27,6 +27,8 @@ after; it counts explicit copies and the reorders kernels do internally.
 """
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass, field
 
 import torch
@@ -161,13 +163,16 @@ class Settle(FakeTensorProp):
     raises LayoutError (repair=False, used to test whether a copy can go).
     """
 
-    def __init__(self, gm, original: dict, *, repair: bool, contiguous_outputs: bool):
+    def __init__(self, gm, original: dict, *, repair: bool, contiguous_outputs: bool, settled=frozenset()):
         super().__init__(gm, fake_mode_of(gm))
         self.original, self.repair, self.contiguous_outputs = original, repair, contiguous_outputs
+        self.settled = settled           # nodes whose values and checks cannot have changed: taken as they are
         self.inserted: list[torch.fx.Node] = []
         self.relowered = 0
 
     def run_node(self, n):
+        if n in self.settled and "val" in n.meta:
+            return n.meta["val"]
         if n.op == "call_function":
             if n.target in VIEWS:
                 v = self.env[n.args[0]]
@@ -258,9 +263,10 @@ def layouts(gm) -> dict:
     return {n: (v.shape, v.stride()) for n in gm.graph.nodes if (v := tensor_val(n)) is not None}
 
 
-def settle(gm, original, *, repair=True, contiguous_outputs=True) -> tuple[list, int]:
-    """Propagate layouts; returns the conversions it inserted and the kernels it lowered again."""
-    s = Settle(gm, original, repair=repair, contiguous_outputs=contiguous_outputs)
+def settle(gm, original, *, repair=True, contiguous_outputs=True, settled=frozenset()) -> tuple[list, int]:
+    """Propagate layouts; returns the conversions it inserted and the kernels it lowered again.
+    `settled`: nodes of a settled graph upstream of the only change, taken as they are."""
+    s = Settle(gm, original, repair=repair, contiguous_outputs=contiguous_outputs, settled=settled)
     inserted = s.settle()
     gm.graph.lint()
     return inserted, s.relowered
@@ -399,10 +405,12 @@ def drop_copies(gm, original, contiguous_outputs, device) -> tuple[int, dict]:
     for n, _, _ in layout_changing_clones(gm):
         total_before = count_conversions(gm, device).total
         saved = {u: (u.args, u.kwargs) for u in n.users}
+        vals = {m: m.meta.get("val") for m in gm.graph.nodes}      # a refused trial puts these back
+        upstream = set(itertools.takewhile(lambda m: m is not n, gm.graph.nodes))
         n.replace_all_uses_with(n.args[0])
         reason = None
         try:
-            settle(gm, original, repair=False, contiguous_outputs=contiguous_outputs)
+            settle(gm, original, repair=False, contiguous_outputs=contiguous_outputs, settled=upstream)
             if count_conversions(gm, device).total >= total_before:
                 reason = "consumer_would_reorder"
         except LayoutError as e:
@@ -414,7 +422,11 @@ def drop_copies(gm, original, contiguous_outputs, device) -> tuple[int, dict]:
             for u, (args, kwargs) in saved.items():
                 u.args, u.kwargs = args, kwargs
             kept[reason] = kept.get(reason, 0) + 1
-            propagate(gm)
+            for m, v in vals.items():
+                if v is None:
+                    m.meta.pop("val", None)
+                else:
+                    m.meta["val"] = v
     return removed, kept
 
 
