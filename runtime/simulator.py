@@ -186,6 +186,21 @@ def collective_parts(kind: str, nbytes: int, world: int, link: Link) -> tuple[fl
     raise ValueError(f"no formula for collective {kind!r}")
 
 
+def pair_serialized(earlier: int) -> float:
+    """The wire-time factor of a W=2 all_to_all after `earlier` others in the step.
+
+    Measured on the delay line (2 ranks, gloo, an all_to_all issued by one rank
+    `skew` after the other; the late rank's time): with skew under about one
+    one-way latency both directions move at once (fp32 link, 5.2 MB: 543 ms);
+    past it they move one after the other (1,000 ms; bf16 link, 2.9 MB: 79 ->
+    137 ms). The ranks start a step together (a barrier), so the first exchange
+    is parallel, but it ends one wire time later on one rank than the other:
+    that rank then issues every later exchange late, and each one is serial.
+    At W > 2 a rank's other peers keep its uplink busy meanwhile: not modelled
+    as serial."""
+    return 1.0 if earlier == 0 else 2.0
+
+
 def collective_time(kind: str, nbytes: int, world: int, link: Link, overhead_s: float = 0.0) -> float:
     """The time of one collective alone on the link: its latencies, its wire
     time and a fixed `overhead_s` (`collective_parts`)."""
@@ -201,13 +216,16 @@ class CommStream:
     time, in issue order; the wire time of the collectives in flight is
     serialized on the rank's uplink; latency delays a collective (half before
     its bytes move, half after) without occupying the link. So chunks in flight
-    pay one latency together, not one each."""
+    pay one latency together, not one each. At W=2 an all_to_all after the
+    first of the step moves its two directions one after the other
+    (`pair_serialized`)."""
 
     def __init__(self, est: "Estimator", slots: int = 2):
         self.est, self.free = est, [0.0] * max(1, slots)
         self.link_free = 0.0
         self.last_end = 0.0
         self.spans: list[tuple[float, float]] = []
+        self.exchanges = 0
 
     def in_flight(self, t: float) -> bool:
         """Whether a collective is in flight at time `t`."""
@@ -216,6 +234,9 @@ class CommStream:
     def issue(self, node, t: float) -> tuple[float, float]:
         """(start, end) of collective `node` issued at time `t`."""
         lat, wire = self.est.comm_parts(node)
+        if isinstance(node, torch.fx.Node) and collective_kind(node) == "all_to_all" and self.est.world == 2:
+            wire *= pair_serialized(self.exchanges)
+            self.exchanges += 1
         slot = min(range(len(self.free)), key=self.free.__getitem__)
         start = max(t, self.free[slot])
         if lat == wire == 0.0:

@@ -56,6 +56,31 @@ def test_comm_stream_chunks_in_flight_share_one_latency():
     assert alone.issue("b", 0.0)[1] == pytest.approx(6.0)         # one worker: one after the other
 
 
+def a2a_nodes(n: int) -> list:
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    op = torch.ops._c10d_functional.all_to_all_single.default
+    return [g.call_function(op, (x, [1, 1], [1, 1], "0")) for _ in range(n)]
+
+
+def test_w2_exchanges_after_the_first_move_one_direction_at_a_time():
+    """Measured on the delay line: once one rank of a pair issues an all_to_all
+    more than about a latency after the other, the two directions run one after
+    the other; the first exchange of a step (after a barrier) leaves the ranks
+    one wire time apart, so every later one at W=2 pays its wire time twice."""
+    a, b, c = a2a_nodes(3)
+    s = simulator.CommStream(Parts(), slots=1)
+    assert s.issue(a, 0.0)[1] == pytest.approx(3.0)               # 1 latency + 2 on the wire
+    assert s.issue(b, 3.0)[1] == pytest.approx(8.0)               # 1 latency + 2 x 2 on the wire
+    assert s.issue(c, 8.0)[1] == pytest.approx(13.0)
+    assert simulator.pair_serialized(0) == 1.0 and simulator.pair_serialized(5) == 2.0
+    wide = Parts()
+    wide.world = 4                                                # other peers keep the uplink busy: not serial
+    s4 = simulator.CommStream(wide, slots=1)
+    s4.issue(a, 0.0)
+    assert s4.issue(b, 3.0)[1] == pytest.approx(6.0)
+
+
 def test_links_and_devices():
     l = simulator.get_link("rate=10gbit,latency=50us")
     assert l.bytes_per_s == pytest.approx(1.25e9) and l.latency_s == pytest.approx(5e-5)

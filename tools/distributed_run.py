@@ -710,6 +710,7 @@ def bench(model: str, preset: str, world: int, link: str, *, reps: int = 5, pass
     """Launch `world` ranks on the emulated `link` and measure the captured
     graph and each overlap pass, in one run (`bench_rank`). The passes are
     told the link's per-rank rate."""
+    from passlab.graphs.sample import preset_dtype
     from passlab.runtime.distributed import spawn
     threads = max(1, (os.cpu_count() or 1) // world)
     cfg = resolve_link(link, preset, "cpu", None, threads)
@@ -719,6 +720,7 @@ def bench(model: str, preset: str, world: int, link: str, *, reps: int = 5, pass
     launched = spawn(BENCH_TARGET, p, world, timeout=timeout, link=cfg, threads=threads)
     r0 = launched.results[0]
     out = {"model": model, "preset": preset, "world": world, "link": launched.link,
+           "dtype": str(preset_dtype(preset, "cpu")).replace("torch.", ""),    # as the ranks loaded it
            "pass_link": r0.get("pass_link", pass_link), "pass_link_source": r0.get("pass_link_source"),
            "passes": p["passes"], "profile": r0.get("profile"),
            "threads_per_rank": threads, "cores": os.cpu_count(), "ranks": launched.results}

@@ -171,7 +171,8 @@ def compare_bench(b: dict, device: str = "cpu-now") -> dict:
                         else f"{n}(link={b['pass_link']})" for n in passes)
     compute = sum(r["metrics"]["captured"]["compute_s"] for r in ranks) / len(ranks)
     pred = calibrated(lambda prof: predict(b["model"], preset=b["preset"], world=world, link=b["pass_link"],
-                                           device=prof, pipeline=pipeline, ranks_per_host=world),
+                                           device=prof, pipeline=pipeline, ranks_per_host=world,
+                                           dtype=b.get("dtype")),     # the dtype the ranks ran
                       b.get("profile") or device, compute)
     for row, key in zip(pred["steps"], ["captured"] + passes):
         m = max(r["step_s"][key] for r in ranks)
