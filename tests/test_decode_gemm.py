@@ -107,3 +107,68 @@ def test_decode_attention_on_hf_decode_step():
         gm, context(sample, "cpu"))
     step = res.steps[-1]
     assert step.status == "ok" and step.stats["rewritten"] == model.config.num_hidden_layers, step
+
+
+# ---------------------------------------------------------------- grouped (MoE decode)
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("counts", [[1, 0, 2, 1], [0, 0, 0, 3], [2, 2, 2, 2], [1, 1, 0, 0]])
+def test_grouped_template_matches_the_grouped_gemm(dtype, tol, counts):
+    from passlab.runtime.codegen.cpp_gemv import DecodeGroupedGemm
+    g = torch.Generator().manual_seed(sum(counts) * 7 + len(counts))
+    S, E, N, K = 8, len(counts), 40, 70
+    x = torch.randn(S, K + 2, generator=g).to(dtype)[:, 1:K + 1]              # rows strided
+    w = torch.randn(E, N, K, generator=g).to(dtype)
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)   # rows past offs[-1]: zero
+    y = DecodeGroupedGemm()(x, w, offs)
+    ref, start = torch.zeros(S, N), 0
+    for e, end in enumerate(offs.tolist()):
+        ref[start:end] = x[start:end].float() @ w[e].float().t()
+        start = end
+    assert y.dtype == dtype and y.shape == (S, N)
+    assert ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)) < tol
+    assert (y[int(offs[-1]):] == 0).all()
+
+
+def test_grouped_template_refuses_what_it_was_not_built_for():
+    from passlab.runtime.codegen.cpp_gemv import DecodeGroupedGemm, grouped_reference
+    k = DecodeGroupedGemm()
+    w = torch.randn(3, 16, 32)
+    for x, offs in ((torch.randn(9, 32), torch.tensor([3, 6, 9], dtype=torch.int32)),      # too many rows
+                    (torch.randn(4, 32), torch.tensor([3, 1, 4], dtype=torch.int32)),      # offsets not sorted
+                    (torch.randn(4, 32), torch.tensor([1, 2, 4]))):                        # int64 offsets
+        try:
+            ref = grouped_reference(x, w, offs)
+        except Exception as e:                      # the op it replaces refuses too: so must the template
+            with pytest.raises(type(e)):
+                k(x, w, offs)
+            continue
+        assert torch.allclose(k(x, w, offs), ref, atol=1e-5)
+
+
+class Experts(torch.nn.Module):
+    """A decode step's experts as `group_experts` leaves them: rows sorted by expert, one grouped GEMM."""
+
+    def __init__(self, E=4, N=24, K=48):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(E, N, K) * 0.1)
+
+    def forward(self, x, offs):
+        return torch.ops.passlab.grouped_mm(x, self.w.permute(0, 2, 1), offs)
+
+
+def test_pass_runs_a_decode_steps_experts_through_the_template():
+    from passlab.passes import PassContext, get_pass
+    from passlab.runtime import ops  # noqa: F401
+    from passlab.runtime.codegen.cpp_gemv import DecodeGroupedGemm
+    m = Experts().eval()
+    offs = torch.tensor([1, 1, 3, 4], dtype=torch.int32)
+    gm = capture(m, (torch.randn(4, 48), offs))
+    res = get_pass("decode_gemm")(gm, PassContext(device="cpu", options={"choose": "always"}))
+    assert res.stats["grouped"] == 1
+    assert any(isinstance(n.target, DecodeGroupedGemm) for n in res.gm.graph.nodes)
+    for seed in (1, 2):
+        x = torch.randn(4, 48, generator=torch.Generator().manual_seed(seed))
+        o = torch.tensor([0, 2, 2, 4], dtype=torch.int32) if seed == 2 else offs
+        with torch.no_grad():
+            assert torch.allclose(res.gm(x, o), m(x, o), atol=1e-5)

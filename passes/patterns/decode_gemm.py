@@ -9,6 +9,15 @@ x has at most 8 rows (static), W is a constant [N, K] weight (a Linear's own
 layout; any other constant [K, N] operand is transposed once into a new
 buffer), one float dtype, CPU. At each shape the template is timed against
 ATen's GEMM (`autotune.fastest`) and used only where it measured faster.
+
+A MoE decode step's grouped expert GEMM goes the same way:
+
+    _grouped_mm | passlab::grouped_mm (x, permute(W, [0, 2, 1]), offs) -> DecodeGroupedGemm(x, W, offs)
+
+x has at most 8 rows in all, W is the experts' constant [E, N, K] weight (what
+`group_experts` and HF's grouped experts pass, transposed by a view); each
+expert's rows run through the template, timed against the grouped GEMM with the
+rows spread over the experts as a top-k router spreads them.
 """
 from __future__ import annotations
 
@@ -16,11 +25,12 @@ import torch
 import torch.fx
 
 from passlab.passes import PassResult, register_pass
-from passlab.runtime import autotune
+from passlab.runtime import autotune, ops  # noqa: F401  (ops: registers passlab::grouped_mm)
 from passlab.runtime.codegen import cpp_gemv
 
 from .onednn import onednn_weight
-from ..vocabulary import Counters, Skip, aten, erase_dead, gemm_operands, shape, sole_user_through_views
+from ..vocabulary import (Counters, Skip, aten, constant_of, erase_dead, gemm_operands, shape,
+                          sole_user_through_views)
 
 
 def residual_of(gemm, c_passed: list):
@@ -69,6 +79,63 @@ def template_faster(M: int, N: int, K: int, dtype, bias: bool, residual: bool) -
         return autotune.fastest(key, candidates) == "template"
 
 
+GROUPED = {torch.ops.passlab.grouped_mm.default} | (
+    {aten._grouped_mm.default} if hasattr(aten, "_grouped_mm") else set())
+
+
+def match_grouped(node: torch.fx.Node, gm, device: str):
+    """(x, the constant [E, N, K] weight node, offs) of a decode-shaped grouped GEMM."""
+    if node.target not in GROUPED:
+        raise Skip("not_grouped")
+    x, wt, offs = node.args[:3]
+    out = node.meta["val"]
+    if out.device.type != "cpu" or not str(device).startswith("cpu"):
+        raise Skip("not_cpu")
+    if x.meta["val"].dim() != 2 or out.shape[0] > cpp_gemv.MAX_ROWS:
+        raise Skip("too_many_rows")
+    if out.dtype not in cpp_gemv.DTYPES or x.meta["val"].dtype != out.dtype or offs.meta["val"].dtype != torch.int32:
+        raise Skip("dtype")
+    if not (wt.op == "call_function" and wt.target == aten.permute.default and list(wt.args[1]) == [0, 2, 1]):
+        raise Skip("weight_not_transposed_view")
+    w = constant_of(gm, wt.args[0])
+    if w is None or w.dim() != 3 or not w.is_contiguous():
+        raise Skip("weight_not_constant")
+    return x, wt.args[0], offs
+
+
+def grouped_template_faster(S: int, E: int, N: int, K: int, dtype) -> bool:
+    """The per-expert template against the grouped GEMM at this shape, rows
+    spread over distinct experts as a router spreads a decode step's tokens."""
+    x, w = torch.randn(S, K, dtype=dtype), torch.randn(E, N, K, dtype=dtype)
+    counts = torch.bincount(torch.arange(S) % E, minlength=E)
+    offs = counts.cumsum(0).to(torch.int32)
+    kernel = cpp_gemv.DecodeGroupedGemm()
+    candidates = {"template": lambda: kernel(x, w, offs), "aten": lambda: cpp_gemv.grouped_reference(x, w, offs)}
+    with torch.no_grad():
+        return autotune.fastest(("decode_grouped_gemm", S, E, N, K, dtype), candidates) == "template"
+
+
+def rewrite_grouped(gm, node, c: Counters, device: str, choose: str) -> bool:
+    found = c.attempt(match_grouped, node, gm, device, not_candidates=("not_grouped", "too_many_rows"))
+    if found is None:
+        return False
+    x, w, offs = found
+    S, K = shape(x)
+    E, N, _ = shape(w)
+    if choose == "measure" and not grouped_template_faster(S, E, N, K, node.meta["val"].dtype):
+        c.skip("aten_measured_faster", nodes=[node])
+        return False
+    g = gm.graph
+    with g.inserting_before(node):
+        new = g.call_function(cpp_gemv.DecodeGroupedGemm(), (x, w, offs))
+    new.meta.update(node.meta)
+    new.meta["fused_from"] = [node.name]
+    wt = node.args[1]
+    node.replace_all_uses_with(new)
+    erase_dead(g, [node, wt])
+    return True
+
+
 @register_pass("decode_gemm")
 def decode_gemm(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") -> PassResult:
     """GEMMs of <= 8 rows by a constant weight (+ bias, + residual) -> the C++ decode-GEMM template."""
@@ -111,4 +178,9 @@ def decode_gemm(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure") -> Pa
         erase_dead(g, [last] + passed[::-1] + [gemm, wt])
         c.rewritten += 1
         residuals += res is not None
-    return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(residual_folded=residuals))
+    grouped = 0
+    for n in [n for n in g.nodes if n.op == "call_function"]:
+        if n.target in GROUPED:
+            grouped += rewrite_grouped(gm, n, c, ctx.device, choose)
+    c.rewritten += grouped
+    return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(residual_folded=residuals, grouped=grouped))

@@ -315,4 +315,5 @@ def pack_weights(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure", line
         elif linear and n.target in (LINEAR_PW, LINEAR_BINARY, aten.mm.default, aten.addmm.default):
             linears += pack_linear(gm, n, c, ctx.device, measure)
     c.rewritten = convs + linears
-    return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict(convolutions=convs, linears=linears, post_ops=post_ops))
+    stats = c.as_dict(convolutions=convs, linears=linears, post_ops=post_ops)
+    return PassResult(gm, changed=c.rewritten > 0, stats=stats)

@@ -118,6 +118,31 @@ static int dispatch(int64_t M, const T* x, int64_t ldx, const T* w, const T* b, 
   return 1;
 }
 
+// a grouped GEMM of S <= 8 rows: rows offs[g-1]:offs[g] times weight g ([G, N, K]); rows past offs[G-1] are 0
+template <typename T>
+static int grouped(int64_t S, const T* x, int64_t ldx, const T* w, int64_t G, const int32_t* offs, T* y,
+                   int64_t N, int64_t K) {
+  int64_t s = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    int64_t e = offs[g];
+    if (e < s || e > S) return 1;
+    if (e > s && dispatch(e - s, x + s * ldx, ldx, w + g * N * K, (const T*)0, (const T*)0, 0, y + s * N, N, K))
+      return 1;
+    s = e;
+  }
+  for (int64_t i = s * N; i < S * N; ++i) st(y, i, 0.0f);
+  return 0;
+}
+
+extern "C" int pl_grouped_gemv_bf16(int64_t S, const void* x, int64_t ldx, const void* w, int64_t G,
+                                    const int32_t* offs, void* y, int64_t N, int64_t K) {
+  return grouped(S, (const uint16_t*)x, ldx, (const uint16_t*)w, G, offs, (uint16_t*)y, N, K);
+}
+extern "C" int pl_grouped_gemv_f32(int64_t S, const void* x, int64_t ldx, const void* w, int64_t G,
+                                   const int32_t* offs, void* y, int64_t N, int64_t K) {
+  return grouped(S, (const float*)x, ldx, (const float*)w, G, offs, (float*)y, N, K);
+}
+
 extern "C" int pl_gemv_bf16(int64_t M, const void* x, int64_t ldx, const void* w, const void* b, const void* r,
                             int64_t ldr, void* y, int64_t N, int64_t K) {
   return dispatch(M, (const uint16_t*)x, ldx, (const uint16_t*)w, (const uint16_t*)b, (const uint16_t*)r, ldr,
@@ -139,18 +164,23 @@ def library():
     from .trust import digest
     cxx, flags = compiler(), tuple(FLAGS)
     symbols = [f"pl_gemv_{s}" for s in DTYPES.values()]
-    lib = load_cached_library(digest(SOURCE + "\0" + toolchain(cxx, flags)), SOURCE, symbols, cxx, flags)
+    grouped = [f"pl_grouped_gemv_{s}" for s in DTYPES.values()]
+    lib = load_cached_library(digest(SOURCE + "\0" + toolchain(cxx, flags)), SOURCE, symbols + grouped, cxx, flags)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for s in symbols:
         fn = getattr(lib, s)
-        fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+        fn.argtypes = [i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64]
+        fn.restype = ctypes.c_int
+    for s in grouped:
+        fn = getattr(lib, s)
+        fn.argtypes = [i64, ptr, i64, ptr, i64, ptr, ptr, i64, i64]
         fn.restype = ctypes.c_int
     return lib
 
 
 @functools.lru_cache(maxsize=None)
-def kernel(dtype: torch.dtype):
-    return getattr(library(), f"pl_gemv_{DTYPES[dtype]}")
+def kernel(dtype: torch.dtype, grouped: bool = False):
+    return getattr(library(), f"pl_{'grouped_' if grouped else ''}gemv_{DTYPES[dtype]}")
 
 
 def reference(x, w, bias=None, residual=None):
@@ -218,3 +248,62 @@ class DecodeGemm:
 
     def __repr__(self):
         return f"DecodeGemm({self.name})"
+
+
+class DecodeGroupedGemm:
+    """The target of a decode grouped-GEMM node (a MoE decode step's experts):
+    `(x [S, K], w [E, N, K], offs [E] int32) -> y [S, N]`, rows `offs[e-1]:offs[e]`
+    of x times expert e's [N, K] weight, S <= 8 rows in all (each expert's rows
+    through the template above; rows past `offs[-1]` are zero). Anything else
+    runs `passlab::grouped_mm`, the op it replaces."""
+
+    is_gemm_template = True
+    name = __name__ = "grouped_gemv"
+
+    def __call__(self, x, w, offs):
+        if type(x) is not torch.Tensor or not grouped_supported(x, w, offs):   # fake, meta, subclasses
+            return grouped_reference(x, w, offs)
+        S, K = x.shape
+        E, N, _ = w.shape
+        y = torch.empty(S, N, dtype=x.dtype)
+        rc = kernel(x.dtype, grouped=True)(S, x.data_ptr(), x.stride(0), w.data_ptr(), E,
+                                           offs.data_ptr(), y.data_ptr(), N, K)
+        return y if rc == 0 else grouped_reference(x, w, offs)
+
+    def source(self, device: str = "cpu") -> str:
+        return "// grouped_gemv: each expert's rows through the decode GEMM template\n" + SOURCE
+
+    def fallback(self, node) -> str | None:
+        vals = [a.meta["val"] for a in node.args]
+        return None if grouped_supported(*vals) else "passlab::grouped_mm: inputs the template was not built for"
+
+    def cost(self, node):
+        from passlab.runtime.costmodel import Cost, nbytes
+        x, w = (a.meta["val"] for a in node.args[:2])
+        moved = nbytes(node.meta.get("val")) + sum(nbytes(a.meta.get("val")) for a in node.all_input_nodes)
+        return Cost(2 * x.shape[0] * x.shape[1] * w.shape[1], moved, 1)
+
+    def describe(self) -> str:
+        return f"== {self.name}: C++ decode GEMM template per expert (each weight row read once)"
+
+    def __repr__(self):
+        return "DecodeGroupedGemm()"
+
+
+def grouped_reference(x, w, offs):
+    from passlab.runtime import ops  # noqa: F401  (registers passlab::grouped_mm)
+    return torch.ops.passlab.grouped_mm(x, w.transpose(1, 2), offs)
+
+
+def grouped_supported(x, w, offs) -> bool:
+    """CPU, one dtype, at most 8 rows, unit inner strides, contiguous [E, N, K]
+    weights, one int32 offset per expert (their order is checked in the kernel)."""
+    dt = x.dtype
+    if x.is_meta or x.device.type != "cpu" or dt not in DTYPES or w.dtype != dt or x.dim() != 2 or w.dim() != 3:
+        return False
+    S, K = x.shape
+    E, N, Kw = w.shape
+    if not (1 <= S <= MAX_ROWS) or Kw != K or K == 0 or N == 0 or x.stride(1) != 1 or not w.is_contiguous():
+        return False
+    return (offs.dtype == torch.int32 and offs.dim() == 1 and offs.shape[0] == E and offs.is_contiguous()
+            and offs.device.type == "cpu" and not offs.is_meta)
