@@ -183,6 +183,14 @@ def kernel(dtype: torch.dtype, grouped: bool = False):
     return getattr(library(), f"pl_{'grouped_' if grouped else ''}gemv_{DTYPES[dtype]}")
 
 
+def template_cost(node):
+    """FLOPs and bytes of a template node: x [M, K] times weights giving y [M, N]."""
+    from passlab.runtime.costmodel import Cost, nbytes
+    x, y = node.args[0].meta["val"], node.meta["val"]
+    moved = nbytes(y) + sum(nbytes(a.meta.get("val")) for a in node.all_input_nodes)
+    return Cost(2 * x.shape[0] * x.shape[1] * y.shape[1], moved, 1)
+
+
 def reference(x, w, bias=None, residual=None):
     y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
     return y if residual is None else y + residual
@@ -238,10 +246,7 @@ class DecodeGemm:
         return None if supported(*vals) else "ATen reference (mm / addmm, add): inputs the template was not built for"
 
     def cost(self, node):
-        from passlab.runtime.costmodel import Cost, nbytes
-        x, w = (a.meta["val"] for a in node.args[:2])
-        moved = nbytes(node.meta.get("val")) + sum(nbytes(a.meta.get("val")) for a in node.all_input_nodes)
-        return Cost(2 * x.shape[0] * x.shape[1] * w.shape[0], moved, 1)
+        return template_cost(node)
 
     def describe(self) -> str:
         return f"== {self.name}: C++ decode GEMM template (each weight row read once)"
@@ -278,10 +283,7 @@ class DecodeGroupedGemm:
         return None if grouped_supported(*vals) else "passlab::grouped_mm: inputs the template was not built for"
 
     def cost(self, node):
-        from passlab.runtime.costmodel import Cost, nbytes
-        x, w = (a.meta["val"] for a in node.args[:2])
-        moved = nbytes(node.meta.get("val")) + sum(nbytes(a.meta.get("val")) for a in node.all_input_nodes)
-        return Cost(2 * x.shape[0] * x.shape[1] * w.shape[1], moved, 1)
+        return template_cost(node)
 
     def describe(self) -> str:
         return f"== {self.name}: C++ decode GEMM template per expert (each weight row read once)"
