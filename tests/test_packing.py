@@ -140,3 +140,24 @@ def test_bad_option_is_an_error():
     gm = capture(Mlp().eval(), (fresh((2, 32), torch.float32, 0),))
     with pytest.raises(ValueError, match="choose"):
         run_pass(gm, choose="sometimes")
+
+
+def test_folded_weights_are_not_held_twice():
+    """A compiler-made weight (batch norm folded into the convolution) that only the
+    packed call read is dropped from the module: the packed copy replaces it."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    gm = capture(model, (fresh((1, 8, 6, 6), torch.float32, 0),))
+    gm = get_pass("fold_batchnorm")(gm, PassContext(device="cpu")).gm
+    folded = {k for k in dict(gm.named_buffers()) if k.startswith("_")}
+    assert folded
+    res = run_pass(gm, choose="always")
+    assert res.stats["plain_buffers_dropped"] >= 1
+    left = {k for k in dict(res.gm.named_buffers()) if k.startswith("_") and not k.startswith("_packed")}
+    assert not (left & folded) or all(any(n.op == "get_attr" and n.target == k for n in res.gm.graph.nodes)
+                                     for k in left & folded)
+    x = fresh((1, 8, 6, 6), torch.float32, 4)
+    with torch.no_grad():
+        assert relative_error(res.gm(x), model(x)) <= 1e-4

@@ -15,8 +15,9 @@ MKL's twice over, on another it may not.
 A packed weight is an opaque MKLDNN tensor: it has no storage, so it can be
 neither deep-copied nor saved. The packed weights live in one submodule,
 `_packed` (`PackedWeights`): non-persistent buffers (`state_dict` keeps the
-plain weights), shared, never copied, when the graph module is deep-copied
-(they are read-only).
+model's plain weights), shared, never copied, when the graph module is
+deep-copied (they are read-only). A compiler-made plain weight that only the
+packed calls read is dropped (`drop_unread`).
 """
 from __future__ import annotations
 
@@ -27,16 +28,19 @@ from torch import nn
 from passlab.passes import PassResult, register_pass
 from passlab.runtime import autotune
 
-from .onednn import ONEDNN_ATTRS, onednn_available, onednn_dtype_ok, onednn_weight
+from ..meta import fake_mode_of
+from .onednn import ONEDNN_ATTRS, WEIGHT_VIEWS, onednn_available, onednn_dtype_ok
 from ..vocabulary import (Counters, Skip, act_of, aten, constant_of, erase_dead, gemm_operands, shape,
                           users)
 
 CONV = aten.convolution.default
-CONV_PW = torch.ops.mkldnn._convolution_pointwise.default
-LINEAR_PW = torch.ops.mkldnn._linear_pointwise.default
-CONV_BINARY = torch.ops.mkldnn._convolution_pointwise.binary
-LINEAR_PW = torch.ops.mkldnn._linear_pointwise.default
-LINEAR_BINARY = torch.ops.mkldnn._linear_pointwise.binary
+try:                       # a torch built without oneDNN has none of these: the pass then changes nothing
+    CONV_PW = torch.ops.mkldnn._convolution_pointwise.default
+    CONV_BINARY = torch.ops.mkldnn._convolution_pointwise.binary
+    LINEAR_PW = torch.ops.mkldnn._linear_pointwise.default
+    LINEAR_BINARY = torch.ops.mkldnn._linear_pointwise.binary
+except (AttributeError, RuntimeError):
+    CONV_PW = CONV_BINARY = LINEAR_PW = LINEAR_BINARY = None
 
 
 class PackedWeights(nn.Module):
@@ -211,87 +215,98 @@ def pack_conv(gm, n, c: Counters, device, measure: bool) -> int:
 # ---------------------------------------------------------------- linear
 
 def match_linear(n, gm, device):
-    """(x, [N, K] weight node or None, bias, plain [N, K] weight) of a packable linear."""
+    """(x, the weight operand as the node runs it now, its [N, K] weight, bias node) of a
+    linear by a constant weight: a oneDNN linear `fuse_epilogue` made, or mm / addmm."""
     out = n.meta["val"]
     if out.device.type != "cpu" or not str(device).startswith("cpu"):
         raise Skip("not_cpu")
     if not onednn_dtype_ok(out.dtype):
         raise Skip("dtype")
     if n.target in (LINEAR_PW, LINEAR_BINARY):
-        w_node = n.args[1] if n.target == LINEAR_PW else n.args[2]
-        x = n.args[0]
-        weight = plain_weight(gm, w_node)
+        x, w, b = (n.args[0], n.args[1], n.args[2]) if n.target == LINEAR_PW else (n.args[0], n.args[2], n.args[3])
+        weight = plain_weight(gm, w)
         static_shape(x)
-        return x, w_node, weight
+        return x, weight, weight, b
     ops = gemm_operands(n)
     if ops is None or n.target == aten.bmm.default:
         raise Skip("not_a_matrix_gemm")
     x, wt, b = ops
-    if {x.meta["val"].dtype, wt.meta["val"].dtype} != {out.dtype} or x.meta["val"].dim() != 2:
+    if {x.meta["val"].dtype, wt.meta["val"].dtype} != {out.dtype} or x.meta["val"].dim() != 2 \
+            or wt.meta["val"].dim() != 2:
         raise Skip("dtype")
     if b is not None and (b.meta["val"].dim() != 1 or b.meta["val"].dtype != out.dtype):
         raise Skip("bias_not_1d")
     static_shape(x)
-    return x, None, None
+    if wt.op == "call_function" and wt.target in WEIGHT_VIEWS:      # mm(x, permute(W)): a Linear's own [N, K] W
+        w = constant_of(gm, wt.args[0])
+        if w is None or (wt.target == aten.permute.default and list(wt.args[1]) not in ([1, 0], [-1, -2])):
+            raise Skip("weight_not_constant")
+        return x, w.t(), w, b
+    operand = plain_weight(gm, wt)                                 # a constant [K, N] operand (layout's, GPT-2's)
+    return x, operand, operand.t().contiguous(), b
 
 
-def linear_packed_faster(n, x_val, weight, packed) -> bool:
-    """The packed oneDNN linear against what `n` runs now (ATen's GEMM or the
-    unpacked oneDNN linear), at this shape."""
+def linear_packed_faster(n, x_val, operand, weight, packed, has_bias: bool) -> bool:
+    """The packed oneDNN linear against what `n` runs now (ATen's GEMM on its own
+    operand, or the unpacked oneDNN linear), at this shape."""
     x = sample(x_val)
     N, K = weight.shape
-    b = torch.randn(N, dtype=weight.dtype) if (len(n.args) > 2 and n.target == LINEAR_PW and n.args[2] is not None) \
-        or n.target == aten.addmm.default else None
-    if n.target == LINEAR_PW:
+    b = torch.randn(N, dtype=weight.dtype) if has_bias else None
+    if n.target in (LINEAR_PW, LINEAR_BINARY):
         now = lambda: LINEAR_PW(x, weight, b, "none", [], "")          # noqa: E731
     else:
-        wt = weight.t()
-        now = (lambda: torch.addmm(b, x, wt)) if b is not None else (lambda: torch.mm(x, wt))
+        now = (lambda: torch.addmm(b, x, operand)) if b is not None else (lambda: torch.mm(x, operand))
     candidates = {"now": now, "packed": lambda: LINEAR_PW(x, packed, b, "none", [], "")}
-    key = ("pack_linear", str(n.target), tuple(x_val.shape), tuple(x_val.stride()), N, K, x_val.dtype, b is not None)
+    key = ("pack_linear", str(n.target), tuple(x_val.shape), tuple(x_val.stride()), tuple(operand.stride()), N, K,
+           x_val.dtype, has_bias)
     with torch.no_grad():
         return autotune.fastest(key, candidates) == "packed"
 
 
-def pack_linear(gm, n, c: Counters, device, measure: bool) -> bool:
+def pack_linear(gm, n, c: Counters, device, measure: bool) -> list:
+    """Pack one linear's weight; returns the weight nodes it no longer reads ([]: left alone)."""
     found = c.attempt(match_linear, n, gm, device, not_candidates=("not_a_matrix_gemm",))
     if found is None:
-        return False
-    x, w_node, weight = found
-    g = gm.graph
-    if w_node is None:                          # mm / addmm: the [N, K] weight a Linear holds
-        x, wt, b = gemm_operands(n)
-        with g.inserting_before(n):
-            w_node = onednn_weight(gm, n, wt)
-        if w_node is None:
-            c.skip("weight_not_constant")
-            return False
-        weight = constant_of(gm, w_node)
-        if weight is None:
-            erase_dead(g, [w_node])
-            c.skip("weight_not_constant")
-            return False
-    M = static_shape(x)[0]
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), M)
-    if measure and not linear_packed_faster(n, x.meta["val"], weight, packed):
+        return []
+    x, operand, weight, b = found
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), static_shape(x)[0])
+    if measure and not linear_packed_faster(n, x.meta["val"], operand, weight, packed, b is not None):
         c.skip("aten_measured_faster", nodes=[n])
-        erase_dead(g, [w_node])
-        return False
+        return []
+    g = gm.graph
+    i = {LINEAR_PW: 1, LINEAR_BINARY: 2}.get(n.target)
+    old = n.args[i] if i is not None else gemm_operands(n)[1]
     with g.inserting_before(n):
-        wp = g.get_attr(packed_constant(gm, w_node.name, packed))
-    wp.meta["val"] = w_node.meta.get("val", weight)
-    if n.target in (LINEAR_PW, LINEAR_BINARY):
-        n.update_arg(1 if n.target == LINEAR_PW else 2, wp)
+        wp = g.get_attr(packed_constant(gm, old.name, packed))
+    wp.meta["val"] = fake_mode_of(gm).from_tensor(weight)       # what the packed weight stands for: [N, K]
+    if i is not None:
+        n.update_arg(i, wp)
     else:
-        _, wt, b = gemm_operands(n)
         with g.inserting_before(n):
             node = g.call_function(LINEAR_PW, (x, wp, b, "none", [], ""))
         node.meta.update(n.meta)
         node.meta["fused_from"] = [n.name]
         n.replace_all_uses_with(node)
-        erase_dead(g, [n, wt])
-    erase_dead(g, [w_node])
-    return True
+        erase_dead(g, [n])
+    return [old]
+
+
+def drop_unread(gm, nodes) -> int:
+    """Erase the weight nodes nothing reads any more (and views of them); a
+    compiler-made buffer (`_...`, never a user's parameter) that no node reads is
+    dropped from the module too, so a folded weight is not held twice."""
+    g = gm.graph
+    roots = [m.args[0] if m.op == "call_function" else m for m in nodes]
+    erase_dead(g, nodes)
+    erase_dead(g, roots)
+    read = {m.target for m in g.nodes if m.op == "get_attr"}
+    dropped = 0
+    for r in roots:
+        if r.op == "get_attr" and r._erased and r.target.startswith("_") and "." not in r.target \
+                and r.target not in read and r.target in gm._buffers:
+            del gm._buffers[r.target]
+            dropped += 1
+    return dropped
 
 
 @register_pass("pack_weights")
@@ -301,19 +316,26 @@ def pack_weights(gm: torch.fx.GraphModule, ctx, *, choose: str = "measure", line
     if choose not in ("measure", "always"):
         raise ValueError(f"choose must be 'measure' or 'always', got {choose!r}")
     c = Counters()
-    if not onednn_available(ctx.device):
-        return PassResult(gm, changed=False, stats=c.as_dict(convolutions=0, linears=0, post_ops=0, reason="no_onednn"))
+    if CONV_PW is None or not onednn_available(ctx.device):
+        return PassResult(gm, changed=False, stats=c.as_dict(convolutions=0, linears=0, post_ops=0,
+                                                                        reason="no_onednn"))
     measure = choose == "measure"
     convs = linears = post_ops = 0
+    unread = []
     for n in list(gm.graph.nodes):
         if n.op != "call_function" or n._erased:
             continue
         if conv and n.target == CONV:
+            weight = n.args[1]
             replaced = pack_conv(gm, n, c, ctx.device, measure)
             convs += replaced > 0
             post_ops += max(replaced - 1, 0)
+            unread += [weight] if replaced else []
         elif linear and n.target in (LINEAR_PW, LINEAR_BINARY, aten.mm.default, aten.addmm.default):
-            linears += pack_linear(gm, n, c, ctx.device, measure)
+            old = pack_linear(gm, n, c, ctx.device, measure)
+            linears += bool(old)
+            unread += old
     c.rewritten = convs + linears
-    stats = c.as_dict(convolutions=convs, linears=linears, post_ops=post_ops)
+    stats = c.as_dict(convolutions=convs, linears=linears, post_ops=post_ops,
+                      plain_buffers_dropped=drop_unread(gm, unread))
     return PassResult(gm, changed=c.rewritten > 0, stats=stats)
