@@ -13,6 +13,7 @@ passes, `fuse`, `cleanup`, `layout`, `write_in_place`).
                         (`passes=` another test, e.g. attention's: also `expands_nothing`)
 - `sole_user_through_views(n)`  forward through single-user reshapes to the op that reads the value
 - `gemm_operands(n)`    (x, w, bias) of an mm / addmm (alpha = beta = 1) / bmm, else None
+- `residual_of(n, passed)`  (residual, add) where n's value (through views) is added to a same-shape tensor
 - `activation_at(t)`    the activation applied to `t` (gelu / gelu_tanh / silu / relu) and its nodes
 - `new_constant`, `constant_of`   register a new buffer `_<stem>` (weights are never edited) / read one
 
@@ -224,6 +225,20 @@ def gemm_operands(n):
         return x, w, b
     x, w = n.args[:2]
     return x, w, None
+
+
+def residual_of(gemm, c_passed: list):
+    """(residual node, add node) where the GEMM's value (through views) is added to
+    a same-shape, same-dtype tensor, else (None, None)."""
+    nxt = sole_user_through_views(gemm, c_passed)
+    t = c_passed[-1] if c_passed else gemm
+    if nxt is None or nxt.target != aten.add.Tensor or nxt.kwargs or len(nxt.args) != 2:
+        return None, None
+    y = nxt.args[1] if nxt.args[0] is t else nxt.args[0]
+    if isinstance(y, torch.fx.Node) and y is not t and shape(y) == shape(nxt) == shape(t) \
+            and y.meta["val"].dtype == gemm.meta["val"].dtype:
+        return y, nxt
+    return None, None
 
 
 ACTIVATIONS = {aten.gelu.default: "gelu", aten.silu.default: "silu", aten.relu.default: "relu"}

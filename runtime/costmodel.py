@@ -68,12 +68,9 @@ def gemm_flops(node: torch.fx.Node) -> int:
         return 2 * o.numel() * a.shape[-1]
     if getattr(getattr(t, "_schema", None), "name", "") == "mkldnn::_linear_pointwise":
         return 2 * o.numel() * node.args[0].meta["val"].shape[-1]    # x [M, K], weight [N, K]
-    if t == aten.convolution.default:
-        w = ins[1]
-        groups = node.args[8] if len(node.args) > 8 else 1
-        return 2 * o.numel() * math.prod(w.shape[1:]) if groups else 0
-    if getattr(getattr(t, "_schema", None), "name", "") == "mkldnn::_convolution_pointwise":   # packed weight
-        w = node.args[2 if t._overloadname == "binary" else 1].meta["val"]        # [out, in / groups, kh, kw]
+    if t == aten.convolution.default or getattr(getattr(t, "_schema", None), "name", "") == \
+            "mkldnn::_convolution_pointwise":                   # oneDNN's takes `other` before W in .binary
+        w = ins[2 if getattr(t, "_overloadname", "") == "binary" else 1]      # [out, in / groups, kh, kw]
         return 2 * o.numel() * math.prod(w.shape[1:])
     if len(ins) >= 2 and hasattr(ins[0], "shape"):  # attention and friends: a rough count
         q, k = ins[0], ins[1]

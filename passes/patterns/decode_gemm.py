@@ -29,22 +29,7 @@ from passlab.runtime import autotune, ops  # noqa: F401  (ops: registers passlab
 from passlab.runtime.codegen import cpp_gemv
 
 from .onednn import onednn_weight
-from ..vocabulary import (Counters, Skip, aten, constant_of, erase_dead, gemm_operands, shape,
-                          sole_user_through_views)
-
-
-def residual_of(gemm, c_passed: list):
-    """(residual node, add node) where the GEMM's value (through views) is added to
-    a same-shape, same-dtype tensor, else (None, None)."""
-    nxt = sole_user_through_views(gemm, c_passed)
-    t = c_passed[-1] if c_passed else gemm
-    if nxt is None or nxt.target != aten.add.Tensor or nxt.kwargs or len(nxt.args) != 2:
-        return None, None
-    y = nxt.args[1] if nxt.args[0] is t else nxt.args[0]
-    if isinstance(y, torch.fx.Node) and y is not t and shape(y) == shape(nxt) == shape(t) \
-            and y.meta["val"].dtype == gemm.meta["val"].dtype:
-        return y, nxt
-    return None, None
+from ..vocabulary import Counters, Skip, aten, constant_of, erase_dead, gemm_operands, residual_of, shape
 
 
 def match(gemm: torch.fx.Node, device: str):

@@ -30,8 +30,8 @@ from passlab.runtime import autotune
 
 from ..meta import fake_mode_of
 from .onednn import ONEDNN_ATTRS, WEIGHT_VIEWS, onednn_available, onednn_dtype_ok
-from ..vocabulary import (Counters, Skip, act_of, aten, constant_of, erase_dead, gemm_operands, shape,
-                          users)
+from ..vocabulary import (Counters, Skip, act_of, aten, constant_of, erase_dead, gemm_operands, residual_of,
+                          shape, users)
 
 CONV = aten.convolution.default
 try:                       # a torch built without oneDNN has none of these: the pass then changes nothing
@@ -152,18 +152,12 @@ def unary_post_op(n):
 
 
 def residual_add(n):
-    """(other, add node) where `n`'s sole user adds a same-shape, same-dtype,
-    same-strides tensor to it (a residual connection), else None."""
-    us = users(n)
-    if len(us) != 1 or us[0].target != aten.add.Tensor or us[0].kwargs or len(us[0].args) != 2:
-        return None
-    add = us[0]
-    other = add.args[1] if add.args[0] is n else add.args[0]
-    if not isinstance(other, torch.fx.Node) or other is n:
-        return None
-    o, v = other.meta.get("val"), n.meta["val"]
-    if o is None or o.shape != v.shape or o.dtype != v.dtype or o.stride() != v.stride() \
-            or add.meta["val"].stride() != v.stride():
+    """(other, add node) where `n`'s sole user, with no view between, adds a
+    same-shape, same-dtype, same-strides tensor to it (a residual connection)."""
+    passed: list = []
+    other, add = residual_of(n, passed)
+    v = n.meta["val"]
+    if add is None or passed or other.meta["val"].stride() != v.stride() or add.meta["val"].stride() != v.stride():
         return None
     return other, add
 
