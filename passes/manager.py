@@ -179,10 +179,14 @@ class Statistics:
 
 
 class Snapshot:
-    """Keeps a clone of the graph after each pass, for drawings and diffs."""
+    """Keeps a clone of the graph after each pass that changed it, for drawings
+    and diffs (a pass that changed nothing shares the snapshot before it). The
+    manager also rolls a failed pass back to the snapshot before it, so with
+    this instrument no copy of the graph is taken before each pass."""
 
     def after_pass(self, step, gm, ctx, record):
-        record.snapshot = clone(gm)
+        if record.changed:
+            record.snapshot = clone(gm)
 
 
 def fill_stats(record: StepRecord, gm) -> None:
@@ -207,9 +211,13 @@ class PassManager:
             (pipeline and not isinstance(pipeline[0], Step)) else pipeline
         self.instruments = instruments if instruments is not None else [VerifyGraph(), Statistics(), Snapshot()]
         self.strict, self.progress = strict, progress
+        self.snapshots = any(isinstance(i, Snapshot) for i in self.instruments)
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PipelineResult:
+        """The pipeline over a copy of `gm` (the caller's graph is never changed)."""
         baseline = StepRecord("baseline", snapshot=clone(gm))
+        if self.snapshots:
+            gm = clone(gm)          # the passes' working copy; every rollback restores a snapshot
         fill_stats(baseline, gm)
         for inst in self.instruments:
             if isinstance(inst, CheckNumerics):
@@ -233,7 +241,9 @@ class PassManager:
 
     def run_one(self, step: Step, gm, ctx: PassContext, prev: StepRecord):
         rec = StepRecord(step.name, dict(step.options))
-        work = clone(gm)
+        # the graph before the pass, for a rollback: the last snapshot (the pass then works on gm
+        # itself), or a copy taken now where no snapshots are kept
+        work = gm if self.snapshots else clone(gm)
         step_ctx = PassContext(**{**ctx.__dict__, "options": dict(step.options)})
         t0 = time.perf_counter()
         try:
@@ -245,12 +255,15 @@ class PassManager:
             rec.stats = dict(res.stats)
             for inst in self.instruments:
                 inst.after_pass(step, new, step_ctx, rec)
+            if self.snapshots and rec.snapshot is None:
+                rec.snapshot = prev.snapshot        # unchanged: the graph the snapshot before shows
             return new, rec
         except Exception as e:  # any failure of a pass or instrument: roll back
             rec.pass_seconds = rec.pass_seconds or time.perf_counter() - t0
             rec.status, rec.changed = "rolled_back", False
             rec.error = f"{type(e).__name__}: {e}"
             rec.stats = {**rec.stats, "traceback": traceback.format_exc(limit=6)}   # keep what the pass counted
-            fill_stats(rec, gm)
+            before = clone(prev.snapshot) if self.snapshots else gm
+            fill_stats(rec, before)
             rec.max_error, rec.numerics_ok, rec.snapshot = prev.max_error, prev.numerics_ok, prev.snapshot
-            return gm, rec
+            return before, rec

@@ -57,8 +57,13 @@ def unregister_pass(name: str) -> None:
     _PASSES.pop(name, None)
 
 
+# modules of passes/ that register no pass: passes/inductor.py runs passlab's pipeline inside Inductor and
+# imports torch._inductor (about 1 s), which `passlab.optimize` and `passlab run` must not pay for
+NOT_PASS_MODULES = frozenset({"passlab.passes.inductor"})
+
+
 def load_builtin_and_plugins() -> None:
-    """Import every module of passes/ (so built-ins register) and every plugin."""
+    """Import every module of passes/ that registers passes (so built-ins register) and every plugin."""
     global _loaded
     if _loaded:
         return
@@ -66,6 +71,8 @@ def load_builtin_and_plugins() -> None:
     import passlab.passes as pkg
     failed = lambda name: LOAD_ERRORS.setdefault(name, "import failed")
     for info in pkgutil.walk_packages(pkg.__path__, prefix="passlab.passes.", onerror=failed):
+        if info.name in NOT_PASS_MODULES:
+            continue
         try:
             importlib.import_module(info.name)
         except Exception as e:  # one broken pass module must not take the others down; tests check LOAD_ERRORS

@@ -17,7 +17,7 @@ from passlab.passes import (PassContext, PassManager, PassResult, PipelineError,
                             UnknownPassError, get_pass, parse, register_pass, unregister_pass)
 from passlab.graphs import check_metadata, clone
 from passlab.passes.contract import captured
-from passlab.passes.manager import CheckNumerics, Statistics, VerifyGraph
+from passlab.passes.manager import CheckNumerics, Snapshot, Statistics, VerifyGraph
 from passlab.tools import cli, scaffold
 
 aten = torch.ops.aten
@@ -133,9 +133,10 @@ def mlp():
     return captured("mlp")
 
 
-def manager(sample, pipeline, strict=False):
+def manager(sample, pipeline, strict=False, snapshots=False):
     return PassManager(pipeline, strict=strict, instruments=[
-        VerifyGraph(), CheckNumerics(sample.module, sample.make_inputs, "cpu", 1e-4), Statistics()])
+        VerifyGraph(), CheckNumerics(sample.module, sample.make_inputs, "cpu", 1e-4), Statistics()]
+        + ([Snapshot()] if snapshots else []))
 
 
 def test_the_framework_ends_every_pass(mlp):
@@ -153,10 +154,15 @@ def test_the_framework_ends_every_pass(mlp):
         unregister_pass("t_negate_twice")
 
 
-def test_broken_passes_are_rolled_back_with_the_reason(mlp, broken_passes):
+@pytest.mark.parametrize("snapshots", [False, True], ids=["copy_before_each_pass", "rollback_to_snapshot"])
+def test_broken_passes_are_rolled_back_with_the_reason(mlp, broken_passes, snapshots):
+    """Without snapshots each pass works on a copy; with them the passes share one working copy and a
+    failed pass is rolled back to the snapshot before it. Either way the caller's graph is untouched."""
     s, gm = mlp
     pipeline = ",".join(n for b in broken_passes for n in (b, "dce")) + ",fold_constants"
-    res = manager(s, pipeline).run(gm, PassContext(sample=s))
+    code = gm.code
+    res = manager(s, pipeline, snapshots=snapshots).run(gm, PassContext(sample=s))
+    assert gm.code == code and res.gm is not gm
     by_name = {r.name: r for r in res.steps if r.name.startswith("t_")}
     for name, rec in by_name.items():
         assert rec.status == "rolled_back" and not rec.changed, name
@@ -170,6 +176,10 @@ def test_broken_passes_are_rolled_back_with_the_reason(mlp, broken_passes):
     assert aten.permute.default not in [n.target for n in res.gm.graph.nodes]
     inputs = s.make_inputs(11)
     assert torch.allclose(res.gm(*inputs), s.module(*inputs), rtol=1e-5, atol=1e-6)
+    if snapshots:       # a step that changed nothing shows the graph of the snapshot before it
+        for prev, rec in zip([res.baseline] + res.steps, res.steps):
+            assert (rec.snapshot is prev.snapshot) != (rec.changed and rec.status == "ok"), rec.name
+        assert res.steps[-1].snapshot.code == res.gm.code
 
 
 def test_strict_stops_and_keeps_everything_before(mlp, broken_passes):
