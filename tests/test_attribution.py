@@ -2,6 +2,7 @@ import itertools
 import json
 import math
 import subprocess
+import os
 import sys
 
 import pytest
@@ -201,3 +202,33 @@ def test_autotune_picks_the_faster_candidate_once():
     assert autotune.fastest("k", {"slow": slow, "fast": lambda: a + 1}) == "fast"
     n = calls["slow"]
     assert autotune.fastest("k", {"slow": slow, "fast": lambda: a + 1}) == "fast" and calls["slow"] == n
+
+
+def test_autotune_choices_are_kept_on_disk_per_machine(monkeypatch):
+    """A second process (here: the in-memory choices forgotten) reads the choice instead of timing again;
+    PASSLAB_AUTOTUNE=fresh times it anew; a stored answer that is no candidate is measured again."""
+    import json
+    from passlab.runtime import autotune
+    autotune.clear()
+    a = torch.randn(64, 64)
+    calls = {"slow": 0}
+
+    def slow():
+        calls["slow"] += 1
+        return a @ a @ a @ a
+
+    cands = {"slow": slow, "fast": lambda: a + 1}
+    assert autotune.fastest(("disk", (64, 64), torch.float32), cands) == "fast" and calls["slow"] > 0
+    stored = json.load(open(autotune.path("cpu")))
+    assert stored == {repr(("disk", (64, 64), torch.float32)): "fast"}
+    autotune._CHOICES.clear(), autotune._LOADED.clear()          # as a new process starts
+    calls["slow"] = 0
+    assert autotune.fastest(("disk", (64, 64), torch.float32), cands) == "fast" and calls["slow"] == 0
+    assert autotune.fastest(("disk", (64, 64), torch.float32), {"slow": slow, "other": lambda: a + 1}) \
+        == "other" and calls["slow"] > 0
+    monkeypatch.setenv("PASSLAB_AUTOTUNE", "fresh")
+    autotune._CHOICES.clear(), autotune._LOADED.clear()
+    calls["slow"] = 0
+    assert autotune.fastest(("disk", (64, 64), torch.float32), cands) == "fast" and calls["slow"] > 0
+    autotune.clear()
+    assert not os.path.exists(autotune.path("cpu"))
