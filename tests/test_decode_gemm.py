@@ -95,6 +95,37 @@ def test_decode_attention_matches_sdpa(rows, bool_mask):
     assert step.stats["rewritten"] == (0 if rows > 8 else 1) and sdpa_left == (rows > 8)
 
 
+class AttendRepeated(torch.nn.Module):
+    """Hugging Face's sdpa attention without `enable_gqa`: keys and values copied per query head (repeat_kv)."""
+
+    def forward(self, q, k, v, keep):
+        B, G, S, D = k.shape
+        R = q.shape[1] // G
+        k = k[:, :, None].expand(B, G, R, S, D).reshape(B, G * R, S, D)
+        v = v[:, :, None].expand(B, G, R, S, D).reshape(B, G * R, S, D)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+def test_decode_attention_reads_the_cache_before_repeat_kv():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(2, 8, 1, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g), \
+        torch.randn(2, 2, 40, 16, generator=g)
+    keep = torch.rand(2, 1, 1, 40, generator=g) > 0.3
+    keep[..., 0] = True
+    m = AttendRepeated().eval()
+    gm = capture(m, (q, k, v, keep))
+    assert any(n.target == torch.ops.aten.expand.default for n in gm.graph.nodes)
+    check = CheckNumerics(lambda *a: m(*a), lambda seed: (q + seed, k - seed, v, keep), "cpu", 1e-4)
+    res = PassManager(["decode_attention(choose=always)"], instruments=[VerifyGraph(), check]).run(
+        gm, context(load("mlp", "tiny"), "cpu"))
+    step = res.steps[-1]
+    assert step.status == "ok" and step.stats["rewritten"] == 1, step.error
+    ops = [n.target for n in res.gm.graph.nodes]
+    assert torch.ops.aten.expand.default not in ops and torch.ops.aten.clone.default not in ops
+    bmm = next(n for n in res.gm.graph.nodes if n.target == torch.ops.aten.bmm.default)
+    assert tuple(bmm.meta["val"].shape) == (2 * 2, 4, 40)        # the 4 query heads of a key head: one GEMM
+
+
 def test_decode_attention_on_hf_decode_step():
     from passlab.graphs import stateful
     from passlab.tools import serve

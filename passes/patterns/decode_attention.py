@@ -13,7 +13,10 @@ mask) spend most of their time on per-head overhead (measured on llama_decode,
 Zen 4, bf16: 360 us per call against about 50 us for this form), and written-out
 attention with `repeat_kv` copies the cache once per call. Here the R query heads
 that share a key/value head are the rows of one GEMM over that head's keys, so
-the cache is read once, in place. Legal for L <= 8 rows, no dropout, not
+the cache is read once, in place. Keys and values that reach the SDPA through
+`repeat_kv` (unsqueeze-expand-reshape: a copy of the cache per query head, what
+Hugging Face's sdpa attention passes where it does not ask for `enable_gqa`)
+are read before that copy, and the copy is gone. Legal for L <= 8 rows, no dropout, not
 `is_causal` (a decode step's mask is explicit), 4-D contiguous q, keys and
 values whose (batch, head) dims merge into one, and H a multiple of G. At each
 shape it is timed against SDPA (`autotune`) and used only where faster
@@ -27,7 +30,8 @@ import torch.fx
 from passlab.passes import PassResult, register_pass
 from passlab.runtime import autotune
 
-from ..vocabulary import Counters, Skip, aten
+from ..vocabulary import Counters, Skip, aten, erase_dead, passes_value
+from .attention import unrepeat
 
 SDPA = aten.scaled_dot_product_attention.default
 MAX_ROWS = 8
@@ -57,6 +61,13 @@ def match(n: torch.fx.Node) -> dict:
     G, S = kv.shape[1], kv.shape[2]
     if L > MAX_ROWS:
         raise Skip("not_decode")
+    repeated = (k, v)
+    if G == H:          # repeat_kv's copies: read the cache before them
+        kk, vv = unrepeat(k, tuple(kv.shape)), unrepeat(v, tuple(vv.shape))
+        if kk is not None and vv is not None and kk.meta["val"].shape[1] == vv.meta["val"].shape[1]:
+            k, v = kk, vv
+            kv, vv = k.meta["val"], v.meta["val"]
+            G = kv.shape[1]
     if a["dropout_p"] != 0.0 or a["is_causal"]:
         raise Skip("dropout_or_causal")
     if H % G or vv.shape[1] != G or kv.shape[0] != B or vv.shape[0] != B or vv.shape[2] != S:
@@ -74,7 +85,8 @@ def match(n: torch.fx.Node) -> dict:
         if not fits:
             raise Skip("mask_shape")
     scale = a["scale"] if a["scale"] is not None else D ** -0.5
-    return dict(q=q, k=k, v=v, mask=mask, scale=float(scale), B=B, H=H, L=L, D=D, G=G, S=S)
+    return dict(q=q, k=k, v=v, mask=mask, scale=float(scale), B=B, H=H, L=L, D=D, G=G, S=S,
+                repeated=[x for x in repeated if x not in (k, v)])
 
 
 def explicit(q, k, v, mask, scale, B, H, L, D, G, S):
@@ -133,6 +145,7 @@ def rewrite(g: torch.fx.Graph, n: torch.fx.Node, m: dict) -> None:
         out = c(aten.view.default, (c(aten.bmm.default, (p, vg)), [B, H, L, D]))
     n.replace_all_uses_with(out)
     g.erase_node(n)
+    erase_dead(g, m["repeated"], upstream=lambda x: passes_value(x) or x.target == aten.expand.default)
 
 
 @register_pass("decode_attention")
