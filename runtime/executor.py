@@ -12,6 +12,10 @@ models, `python -m passlab.tools.heldout`, which prints both):
   every call through `nn.Module.__getattr__` (nested: `getattr(self.blocks,
   "0").attn.in_proj_weight`, ~1-3 us each); the bound function takes them as
   pre-filled arguments of a `functools.partial` and skips `nn.Module.__call__`.
+- A chain of views that keep the elements in order (view, unsqueeze,
+  squeeze, alias) runs as one `view` of the chain's base: the graph keeps
+  each step (what the passes wrote and the drawings show), the bound
+  function makes one call (a decode step has dozens of such chains).
 - ATen calls go straight to each overload's C++ callable (`direct_ops`):
   `torch.ops.aten.view.default(x, ...)` costs an attribute chain and a Python
   frame (`OpOverload.__call__`) before the dispatcher; the bound function
@@ -90,6 +94,38 @@ def bind(gm: torch.fx.GraphModule):
     return fn
 
 
+aten = torch.ops.aten
+# views that keep the elements in logical (row-major) order: any chain of them is one `view` of its base
+ORDER_VIEWS = frozenset({aten.view.default, aten._unsafe_view.default, aten.unsqueeze.default, aten.squeeze.default,
+                         aten.squeeze.dim, aten.squeeze.dims, aten.alias.default})
+
+
+def is_order_view(n) -> bool:
+    return isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target in ORDER_VIEWS
+
+
+def view_chain_base(n: torch.fx.Node):
+    """The node a chain of two or more order-keeping views starts from (`n` its last
+    view, of a static shape), or None. A view of that base to `n`'s shape exists
+    whenever the chain does (each step keeps row-major order), so `view` finds it."""
+    if not is_order_view(n) or not is_order_view(n.args[0]):
+        return None
+    val = n.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
+        return None
+    base = n.args[0]
+    while is_order_view(base):
+        base = base.args[0]
+    return base if isinstance(base, torch.fx.Node) else None
+
+
+def drop_dead_views(g: torch.fx.Graph) -> None:
+    """Erase the views nothing reads any more (the inner links of folded chains)."""
+    for n in reversed(list(g.nodes)):
+        if is_order_view(n) and not n.users:
+            g.erase_node(n)
+
+
 OP_CALL = re.compile(r"\btorch\.ops\.(\w+)\.(\w+)\.(\w+)\(")
 
 
@@ -129,11 +165,18 @@ def _bind(gm: torch.fx.GraphModule):
             consts.append(fetch_attr(gm, n.target))
     for n in gm.graph.nodes:
         if n.op != "get_attr":
-            env[n] = g.node_copy(n, lambda a: env[a])
+            base = view_chain_base(n)
+            if base is None:
+                env[n] = g.node_copy(n, lambda a: env[a])
+            else:                       # a chain of views: one view of the chain's base
+                env[n] = g.call_function(aten.view.default, (env[base], list(n.meta["val"].shape)))
+                env[n].meta = n.meta
+    drop_dead_views(g)
     code = g.python_code("self")
     scope = dict(code.globals)
     src = direct_ops(code.src, scope)
     exec(compile(src, f"<passlab bound {gm.__class__.__name__}>", "exec"), scope)
     fn = functools.partial(scope["forward"], None, *consts)
     fn.graph_module = gm
+    fn.bound_views = sum(1 for n in g.nodes if is_order_view(n))
     return fn
