@@ -126,6 +126,19 @@ def test_decode_attention_reads_the_cache_before_repeat_kv():
     assert tuple(bmm.meta["val"].shape) == (2 * 2, 4, 40)        # the 4 query heads of a key head: one GEMM
 
 
+def test_decode_attention_on_plain_multi_head_attention():
+    """Keys and values with as many heads as the queries, not copies: nothing to read through."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 4, 1, 16, generator=g) for _ in range(3))
+    keep = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    m = Attend(True).eval()
+    gm = capture(m, (q, k, v, keep))
+    check = CheckNumerics(lambda *a: m(*a), lambda seed: (q + seed, k, v - seed, keep), "cpu", 1e-4)
+    res = PassManager(["decode_attention(choose=always)"], instruments=[VerifyGraph(), check]).run(
+        gm, context(load("mlp", "tiny"), "cpu"))
+    assert res.steps[-1].status == "ok" and res.steps[-1].stats["rewritten"] == 1, res.steps[-1].error
+
+
 def test_decode_attention_on_hf_decode_step():
     from passlab.graphs import stateful
     from passlab.tools import serve

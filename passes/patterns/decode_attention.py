@@ -63,9 +63,9 @@ def match(n: torch.fx.Node) -> dict:
         raise Skip("not_decode")
     repeated = (k, v)
     if G == H:          # repeat_kv's copies: read the cache before them
-        kk, vv = unrepeat(k, tuple(kv.shape)), unrepeat(v, tuple(vv.shape))
-        if kk is not None and vv is not None and kk.meta["val"].shape[1] == vv.meta["val"].shape[1]:
-            k, v = kk, vv
+        k0, v0 = unrepeat(k, tuple(kv.shape)), unrepeat(v, tuple(vv.shape))
+        if k0 is not None and v0 is not None and k0.meta["val"].shape[1] == v0.meta["val"].shape[1]:
+            k, v = k0, v0
             kv, vv = k.meta["val"], v.meta["val"]
             G = kv.shape[1]
     if a["dropout_p"] != 0.0 or a["is_causal"]:
