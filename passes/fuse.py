@@ -17,9 +17,11 @@ masking, scaling), into single kernels:
 4. exact routing: in bf16/fp16, whatever float a top-k/argmax/sort depends on
    rounds exactly as eager: integer and bool values (exact in any kernel) and,
    on CPU, the float ops ATen computes as one IEEE fp32 operation (add, mul,
-   div, casts, views, cat, sqrt, ...: `ROUNDS_AS_EAGER`) fuse, each result
+   div, casts, views, cat, sqrt, ...: `ROUNDS_AS_EAGER`), and the 16-bit
+   transcendentals the kernel was checked to round as ATen does on every
+   input value (`runtime/kernel/exactness.py`), fuse, each result
    rounded in the kernel to its own dtype as eager stores it; the rest
-   (reductions, exp, softmax) stays in ATen (`exact_routing=off` fuses it
+   (reductions, softmax, unchecked ops) stays in ATen (`exact_routing=off` fuses it
    all; an MoE router may then pick other experts on ties and the output
    changes);
 5. cost: a group is kept only if it saves bytes by the static cost model
@@ -54,6 +56,7 @@ from torch.fx.passes.utils.fuser_utils import (erase_nodes, fuse_as_graphmodule,
 
 from passlab.runtime import costmodel
 from passlab.runtime.kernel import ROUND_EACH_OP, TYPE_OF, FusedKernel, LoweringError, can_lower, lower
+from passlab.runtime.kernel.exactness import exact_unary
 
 from .api import PassResult
 from .meta import propagate
@@ -87,9 +90,14 @@ ROUNDS_AS_EAGER = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.S
 
 
 def rounds_as_eager(node) -> bool:
+    """One IEEE operation as ATen computes it, or a transcendental on a 16-bit float that the
+    kernel was checked, on this machine, to round as ATen does for every input value
+    (`runtime/kernel/exactness.py`: SiLU, sigmoid, exp in bf16 on Zen 4)."""
     if node.target is aten.pow.Tensor_Scalar:
         return node.args[1] in (1, 2)
-    return node.target in ROUNDS_AS_EAGER and node.kwargs.get("alpha", 1) in (1, -1)
+    if node.target in ROUNDS_AS_EAGER:
+        return node.kwargs.get("alpha", 1) in (1, -1)
+    return exact_unary(node)
 
 
 def decision_cone(gm) -> set:

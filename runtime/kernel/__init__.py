@@ -11,7 +11,8 @@ raises `LoweringError`; the fusion pass uses that as its legality test.
 - `primitives`: step 1, the fused FX subgraph -> a DAG of primitives (`DECOMP`);
 - `materialize`: steps 2-3, the anchor and the `Kernel` (`lower`, `simplify`);
 - `ir`: the description itself (`Kernel`, `Buffer`, `Value`);
-- `fused`: `FusedKernel`, the target of a fused node.
+- `fused`: `FusedKernel`, the target of a fused node;
+- `exactness`: whether a kernel rounds a 16-bit transcendental as ATen does (checked on every value).
 
 The printers (`runtime/codegen/`) schedule and print a `Kernel`; nothing here
 imports them except `FusedKernel`, when it is asked for its source or called.
