@@ -92,7 +92,8 @@ ROUNDS_AS_EAGER = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.S
 def rounds_as_eager(node) -> bool:
     """One IEEE operation as ATen computes it, or a transcendental on a 16-bit float that the
     kernel was checked, on this machine, to round as ATen does for every input value
-    (`runtime/kernel/exactness.py`: SiLU, sigmoid, exp in bf16 on Zen 4)."""
+    (`runtime/kernel/exactness.py`: SiLU and sigmoid in bf16 on Zen 4; not exp, whose kernel
+    flushes results below FLT_MIN to 0)."""
     if node.target is aten.pow.Tensor_Scalar:
         return node.args[1] in (1, 2)
     if node.target in ROUNDS_AS_EAGER:

@@ -56,13 +56,15 @@ static inline int64_t pl_clampi(int64_t i, int64_t hi) { return i < 0 ? 0 : (i >
 static inline float pl_abs(float a) { return fabsf(a); }
 static inline int64_t pl_abs(int64_t a) { return a < 0 ? -a : a; }
 // exp: Cody-Waite reduction, Sleef's degree-6 expf polynomial with explicit fmaf, 2^n applied in two
-// halves so that denormal results and overflow to inf come out of the arithmetic itself; within 1 ulp
-// of exp over all floats, exact at 0, +-inf and NaN. Below -104 (where exp rounds to 0) the lane
-// computes exp(0) and selects 0: a masked score (-inf, -1e4) would otherwise underflow through the
-// denormal range, which costs a microcode assist per lane (causal softmax [32, 256, 256] bf16 on Zen 4:
-// 792 -> 449 us). gcc vectorizes it in `omp simd` loops (glibc's libmvec `expf` measured 2x slower).
+// halves so that overflow to inf comes out of the arithmetic itself; within 1 ulp of exp wherever
+// exp(x) >= FLT_MIN, exact at 0, +-inf and NaN. Below ln(FLT_MIN) (-87.34) the result is flushed to 0,
+// as GPU exp (ex2.approx.ftz) and -ffast-math flush it: the lane computes exp(0) and selects 0. A
+// masked score (-inf, -1e4, Swin's -100) would otherwise underflow through the denormal range, which
+// costs a microcode assist per lane (causal softmax [32, 256, 256] bf16 on Zen 4: 792 -> 449 us with
+// a -1e4 mask, 934 -> 505 us with -100; the bf16 results are unchanged). gcc vectorizes it in
+// `omp simd` loops (glibc's libmvec `expf` measured 2x slower).
 static inline float pl_exp(float x) {
-  float xc = x < -104.0f ? 0.0f : (x > 89.0f ? 89.0f : x);
+  float xc = x < -87.33654f ? 0.0f : (x > 89.0f ? 89.0f : x);
   float n = rintf(xc * 1.44269504088896341f);
   float r = fmaf(n, -0.693145751953125f, xc);
   r = fmaf(n, -1.428606765330187045e-06f, r);
@@ -77,7 +79,7 @@ static inline float pl_exp(float x) {
   uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(ni - n1 + 127) << 23;
   float s1, s2; memcpy(&s1, &b1, 4); memcpy(&s2, &b2, 4);
   float e = u * s1 * s2;
-  return x < -104.0f ? 0.0f : e;
+  return x < -87.33654f ? 0.0f : e;
 }
 static inline float pl_log(float x) {  // Cephes logf
   uint32_t u; memcpy(&u, &x, 4);
