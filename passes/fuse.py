@@ -7,7 +7,9 @@ masking, scaling), into single kernels:
 1. candidates: torch.fx's `CapabilityBasedPartitioner` proposes maximal
    cycle-free partitions of ops the kernel description can express (views
    stay outside: a view of a kernel input is a strided read, a view of an
-   intermediate ends the group);
+   intermediate ends the group, except a permute / transpose that only fused
+   ops read: the kernel reads through it, e.g. ConvNeXt's NHWC layer scale,
+   permute to NCHW, residual add);
 2. vertical split: inside each candidate, nodes join their producers' group in
    topological order while the group stays legal: it lowers to ONE kernel
    description (one iteration space, reductions over the same dims, every
@@ -72,6 +74,8 @@ COMPOSITES = {aten._softmax.default, aten._log_softmax.default, aten.native_laye
 # 0.24 ms against 0.45 ms on Zen 4)
 ATEN_ALONE = {aten.gelu.default}
 NO_OPS = {aten._assert_tensor_metadata.default}
+# views a kernel reads through (dims relabelled, no data moved): a permute between two fused ops
+KERNEL_VIEWS = {aten.permute.default, aten.transpose.int}
 # ops whose result jumps when an input moves by one ulp (MoE routers: top-k of bf16 probabilities).
 # In bf16/fp16 everything they depend on is left to ATen, so it rounds exactly as eager does;
 # otherwise a tie breaks the other way, tokens go to other experts and the output changes wholesale.
@@ -146,6 +150,8 @@ class Fusible(OperatorSupportBase):
                 and self.is_node_supported(None, src)
         if not (can_lower(node) or is_kernel(node)) or not tensor_ok(node.meta.get("val")) or node in self.exclude:
             return False
+        if node.target in KERNEL_VIEWS and not all(self.is_node_supported(None, u) for u in node.users):
+            return False        # a view read outside the kernels stays a view (a kernel would copy it)
         return all(tensor_ok(a.meta.get("val")) for a in node.all_input_nodes)
 
 

@@ -251,3 +251,42 @@ def test_kernel_of_constants_only_survives_shape_propagation():
 def Sample_of(m, x):
     from passlab.graphs import Sample
     return Sample("m", m, (x,))
+
+
+class LayerScaleResidual(torch.nn.Module):
+    """ConvNeXt's block tail as Hugging Face writes it: the layer scale in NHWC, a permute
+    back to NCHW, the residual add; the sum is also returned in NHWC (a view read outside)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.fc = torch.nn.Linear(c, c)
+        self.gamma = torch.nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):                       # x: NCHW
+        h = self.fc(x.permute(0, 2, 3, 1))
+        z = x + (self.gamma * torch.relu(h)).permute(0, 3, 1, 2)
+        return z, z.permute(0, 2, 3, 1)
+
+
+def test_permute_between_fused_ops_stays_in_one_kernel():
+    """A permute of a computed value between two fusible ops is read through inside one kernel
+    (no copy, no split); a permute whose result leaves the kernels stays a view."""
+    from passlab.graphs import Sample
+    torch.manual_seed(0)
+    m = LayerScaleResidual().eval()
+    x = torch.randn(2, 16, 5, 7)
+    sample = Sample("layer_scale", m, (x,))
+    gm = capture(m, (x,))
+    res = get_pass("fuse")(clone(gm), PassContext(sample=sample))
+    kernels = fused_kernels(res.gm)
+    assert any({"relu", "mul.Tensor", "permute", "add.Tensor"} <= set(k.ops) for k in kernels)
+    returned = [n for n in res.gm.graph.nodes if n.target is torch.ops.aten.permute.default
+                and any(u.op == "output" for u in n.users)]
+    assert returned, "the returned permute was materialized by a kernel instead of staying a view"
+    run = compile_graph(res.gm, "cpu")
+    for seed in range(3):
+        x = torch.randn(2, 16, 5, 7, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            got, want = run(x), m(x)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and relative_error(g, w) < 1e-6

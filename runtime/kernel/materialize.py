@@ -117,6 +117,9 @@ class Materializer:
             return tuple(d for i, d in enumerate(amap) if i not in p.rdims)
         if p.op in ("load", "const", "iota", "reshape", "cat"):
             return None
+        if p.op == "permute":
+            m = self.natural.get(id(p.args[0]))
+            return None if m is None else tuple(m[d] for d in p.perm)
         known = [(a, self.natural.get(id(a))) for a in p.args if isinstance(a, P)]
         out = [None] * len(p.shape)
         found = False
@@ -219,6 +222,11 @@ class Materializer:
             return self.value("iota", (d, start, p.args[1]), p.type, d in self.inner)
         if p.op == "cat":
             return self.cat(p, amap)
+        if p.op == "permute":   # output dim i is input dim perm[i]
+            amap_x = [None] * len(p.perm)
+            for i, d in enumerate(p.perm):
+                amap_x[d] = amap[i]
+            return self.emit(p.args[0], tuple(amap_x))
         if p.op == "reshape":   # (C,) seen as (C, 1, 1): trailing size-1 dims added
             return self.emit(p.args[0], amap[:len(p.args[0].shape)])
         if p.op in REDUCE_INIT:

@@ -29,6 +29,7 @@ class P:
     rdims: tuple = ()           # reductions: reduced positions of args[0]
     keepdim: bool = True
     node: object = None         # loads: the placeholder
+    perm: tuple = ()            # permute: the input dim behind each output dim
 
 
 def bshape(*shapes):
@@ -292,6 +293,8 @@ DECOMP = {
     aten.var.correction: lambda b, n, x, dims=None, correction=1, keepdim=False:
         _var(b, b.cast(x, "f"), dims, 1 if correction is None else correction, keepdim),
     aten.cat.default: lambda b, n, xs, dim=0: _cat(b, n, xs, dim),
+    aten.permute.default: lambda b, n, x, dims: _permute(x, dims),
+    aten.transpose.int: lambda b, n, x, d0, d1: _transpose(x, d0, d1),
     operator.getitem: lambda b, n, x, i: _getitem(x, i),
 }
 
@@ -305,6 +308,23 @@ def _cat(b, node, xs, dim):
         raise LoweringError("cat of inputs with different ranks")
     type_ = promote(*[x.type for x in xs])
     return P("cat", tuple(b.cast(x, type_) for x in xs), shape, type_, rdims=(dim % len(shape),))
+
+
+def _permute(x, dims):
+    """A permuted view of a computed value: no data moves, the materializer maps its dims
+    onto the input's (a permute between two fused ops, e.g. NHWC -> NCHW around a residual add)."""
+    if not isinstance(x, P):
+        raise LoweringError("permute of a constant")
+    nd = len(x.shape)
+    perm = tuple(d % nd for d in dims)
+    return P("permute", (x,), tuple(x.shape[d] for d in perm), x.type, perm=perm)
+
+
+def _transpose(x, a, b):
+    dims = list(range(len(x.shape)))
+    a, b = a % len(dims), b % len(dims)
+    dims[a], dims[b] = dims[b], dims[a]
+    return _permute(x, dims)
 
 
 def _no(node):
