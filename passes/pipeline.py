@@ -13,7 +13,7 @@ from typing import Any
 from .api import Pass
 from .registry import ALIASES, get_pass
 
-DEFAULT_PIPELINE = "cleanup,fold_batchnorm,group_experts,gather_rows,sum_pairs,fuse_attention,decode_attention,merge_projections,decode_gemm,fuse_epilogue,layout,pack_weights,fuse,overlap_reorder,overlap_chunk,write_in_place"
+DEFAULT_PIPELINE = "cleanup,unbroadcast_gemm,fold_batchnorm,group_experts,gather_rows,sum_pairs,fuse_attention,decode_attention,merge_projections,decode_gemm,fuse_epilogue,layout,pack_weights,fuse,overlap_reorder,overlap_chunk,write_in_place"
 
 
 class PipelineError(ValueError):

@@ -125,6 +125,14 @@ class Counters:
         self.matched += 1
         return found
 
+    def matches(self, graph: torch.fx.Graph, target, match, *args, not_candidates=()):
+        """(node, what `match` found) for every call of `target` in `graph` that matched,
+        each attempt counted (`attempt`); the nodes are listed first, so a rewrite may erase."""
+        for node in [n for n in graph.nodes if n.op == "call_function" and n.target == target]:
+            found = self.attempt(match, node, *args, not_candidates=not_candidates)
+            if found is not None:
+                yield node, found
+
     def count(self, reason: str | None) -> None:
         """One match: rewritten (`reason` None) or skipped for `reason`."""
         self.matched += 1

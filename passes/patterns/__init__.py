@@ -11,6 +11,7 @@
 - `group_experts`          gathered per-token expert GEMMs -> sort by expert + one grouped GEMM
 - `gather_rows`            x[idx] with a 1-D integer idx -> index_select
 - `sum_pairs`              a sum over a dim of size 2 -> the add of its two halves
+- `unbroadcast_gemm`       bmm by one matrix expanded over the batch -> one mm over the batch's rows
 
 All of them are written in the passes' vocabulary (`passes/vocabulary.py`) and
 count what they saw (`Counters`: matched / rewritten / skipped{reason}), so the

@@ -64,11 +64,7 @@ def gather_rows(gm: torch.fx.GraphModule, ctx) -> PassResult:
     """x[idx] with a 1-D integer idx (a row gather) -> index_select(x, 0, idx): whole rows copied."""
     c, g = Counters(), gm.graph
     wrapped = 0
-    for n in [n for n in g.nodes if n.op == "call_function" and n.target == INDEX]:
-        found = c.attempt(match, n)
-        if found is None:
-            continue
-        x, idx, rows = found
+    for n, (x, idx, rows) in c.matches(g, INDEX, match):
         with g.inserting_before(n):
             if not never_negative(idx):
                 neg = g.call_function(aten.lt.Scalar, (idx, 0))

@@ -42,11 +42,7 @@ def match(n: torch.fx.Node):
 def sum_pairs(gm: torch.fx.GraphModule, ctx) -> PassResult:
     """A sum over a dim of size 2 (top-2 MoE combine) -> add of the two halves (same bits)."""
     c, g = Counters(), gm.graph
-    for n in [n for n in g.nodes if n.op == "call_function" and n.target == SUM]:
-        found = c.attempt(match, n, not_candidates=("not_a_pair",))
-        if found is None:
-            continue
-        x, d, keep = found
+    for n, (x, d, keep) in c.matches(g, SUM, match, not_candidates=("not_a_pair",)):
         with g.inserting_before(n):
             a = g.call_function(aten.select.int, (x, d, 0))
             b = g.call_function(aten.select.int, (x, d, 1))
