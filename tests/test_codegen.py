@@ -291,3 +291,21 @@ def EXPR_AND_OR_BITWISE() -> bool:
     """The printer's and/or on bools are the bitwise operators the loops above use."""
     from passlab.runtime.codegen import EXPR
     return EXPR["and"][0] == "({0} & {1})" and EXPR["or"][0] == "({0} | {1})"
+
+
+def test_exp_within_an_ulp_and_flushes_below_flt_min():
+    """The kernels' exp: within 1 ulp of torch's wherever exp(x) >= FLT_MIN; 0 below (a masked
+    score never goes through the denormal range); inf, -inf and NaN as eager."""
+    tiny = torch.finfo(torch.float32).tiny
+    special = torch.tensor([float("-inf"), -1e4, -104.0, -100.0, -88.0, -87.34, -87.33, -1.0, 0.0, 1.0,
+                            88.0, 88.72, 89.0, float("inf"), float("nan")])
+    x = torch.cat([special, torch.linspace(-110, 90, 20001), torch.randn(4096) * 30])
+    out = codegen.runner(kernel_of(torch.exp, x), "cpu")(x)
+    want = torch.exp(x.double())
+    normal = want >= tiny
+    ulp = torch.finfo(torch.float32).eps
+    finite = torch.isfinite(torch.exp(x))                  # beyond FLT_MAX both are inf
+    assert ((out.double() - want).abs() <= ulp * want)[normal & finite].all()
+    assert torch.equal(out[~finite & ~x.isnan()], torch.exp(x)[~finite & ~x.isnan()])
+    assert (out[(want < tiny) & ~x.isnan()] == 0).all()
+    assert torch.isinf(out[x == float("inf")]).all() and out[x.isnan()].isnan().all()
