@@ -19,24 +19,21 @@ import torch.fx
 
 from passlab.passes import PassResult, register_pass
 
+from ..cleanup import noop_source
 from ..vocabulary import Counters, Skip, aten, erase_dead
 
 BMM = aten.bmm.default
-SAME_SHAPE_VIEWS = {aten.view.default, aten._unsafe_view.default}
 
 
 def match(n: torch.fx.Node):
     x, b = n.args[:2]
-    while isinstance(b, torch.fx.Node) and b.op == "call_function" and b.target in SAME_SHAPE_VIEWS \
-            and tuple(b.args[1]) == tuple(b.args[0].meta["val"].shape):
-        b = b.args[0]                       # view(expand(W), its own shape), as captured
+    while isinstance(b, torch.fx.Node) and noop_source(b) is not None:
+        b = noop_source(b)                  # view(expand(W), its own shape), as captured
     if not (isinstance(b, torch.fx.Node) and b.op == "call_function" and b.target == aten.expand.default):
         raise Skip("not_an_expanded_operand")
     w = b.args[0]
     wv, xv = w.meta["val"], x.meta["val"]
-    if wv.dim() == 3 and wv.shape[0] == 1:
-        pass
-    elif wv.dim() != 2:
+    if not (wv.dim() == 2 or (wv.dim() == 3 and wv.shape[0] == 1)):
         raise Skip("operand_batched")
     B, M, K = xv.shape
     if B > 1 and M > 1 and xv.stride(0) != M * xv.stride(1):

@@ -61,7 +61,7 @@ static inline int64_t pl_abs(int64_t a) { return a < 0 ? -a : a; }
 // as GPU exp (ex2.approx.ftz) and -ffast-math flush it: the lane computes exp(0) and selects 0. A
 // masked score (-inf, -1e4, Swin's -100) would otherwise underflow through the denormal range, which
 // costs a microcode assist per lane (causal softmax [32, 256, 256] bf16 on Zen 4: 792 -> 449 us with
-// a -1e4 mask, 934 -> 505 us with -100; the bf16 results are unchanged). gcc vectorizes it in
+// a -1e4 mask, 934 -> 455 us with -100; the bf16 results are unchanged). gcc vectorizes it in
 // `omp simd` loops (glibc's libmvec `expf` measured 2x slower).
 static inline float pl_exp(float x) {
   float xc = x < -87.33654f ? 0.0f : (x > 89.0f ? 89.0f : x);
