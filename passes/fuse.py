@@ -76,6 +76,8 @@ ATEN_ALONE = {aten.gelu.default}
 NO_OPS = {aten._assert_tensor_metadata.default}
 # views a kernel reads through (dims relabelled, no data moved): a permute between two fused ops
 KERNEL_VIEWS = {aten.permute.default, aten.transpose.int}
+# row gathers: C++ kernels read them through a checked index (Triton kernels have no error flag)
+GATHERS = {aten.index_select.default, aten.embedding.default, aten.index.Tensor}
 # ops whose result jumps when an input moves by one ulp (MoE routers: top-k of bf16 probabilities).
 # In bf16/fp16 everything they depend on is left to ATen, so it rounds exactly as eager does;
 # otherwise a tie breaks the other way, tokens go to other experts and the output changes wholesale.
@@ -90,7 +92,9 @@ ROUNDS_AS_EAGER = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.S
                    aten._to_copy.default, aten.clone.default, aten.maximum.default, aten.minimum.default,
                    aten.sqrt.default, aten.rsqrt.default, aten.cat.default, aten.slice.Tensor, aten.view.default,
                    aten._unsafe_view.default, aten.reshape.default, aten.permute.default, aten.expand.default,
-                   aten.unsqueeze.default, aten.squeeze.dim, aten.select.int, aten.t.default, aten.transpose.int}
+                   aten.unsqueeze.default, aten.squeeze.dim, aten.select.int, aten.t.default, aten.transpose.int,
+                   aten.index_select.default, aten.embedding.default, aten.index.Tensor, aten.full.default,
+                   aten.full_like.default, aten.zeros_like.default, aten.ones_like.default, aten.scalar_tensor.default}
 
 
 def rounds_as_eager(node) -> bool:
@@ -137,9 +141,9 @@ def tensor_ok(v) -> bool:
 class Fusible(OperatorSupportBase):
     """Ops the kernel description can express, on dtypes the kernels handle."""
 
-    def __init__(self, exclude=frozenset()):
+    def __init__(self, exclude=frozenset(), gathers=True):
         super().__init__()
-        self.exclude = exclude
+        self.exclude, self.gathers = exclude, gathers
 
     def is_node_supported(self, submodules, node: torch.fx.Node) -> bool:
         if node.op != "call_function":
@@ -149,6 +153,8 @@ class Fusible(OperatorSupportBase):
             return isinstance(src, torch.fx.Node) and (src.target in COMPOSITES or is_kernel(src)) \
                 and self.is_node_supported(None, src)
         if not (can_lower(node) or is_kernel(node)) or not tensor_ok(node.meta.get("val")) or node in self.exclude:
+            return False
+        if node.target in GATHERS and not self.gathers:
             return False
         if node.target in KERNEL_VIEWS and not all(self.is_node_supported(None, u) for u in node.users):
             return False        # a view read outside the kernels stays a view (a kernel would copy it)
@@ -288,13 +294,15 @@ def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool
         if n.op == "call_function" and n.target in NO_OPS:
             gm.graph.erase_node(n)
             dropped += 1
+    copied = copy_for_readers(gm)
     exact = decision_cone(gm) if exact_routing else set()
     if exact and not str(ctx.device).startswith("cuda"):     # Triton may contract a*b+c: CPU kernels only
         rounded = {n for n in exact if rounds_as_eager(n)}
         for n in rounded:
             n.meta[ROUND_EACH_OP] = True
         exact -= rounded
-    partitions = CapabilityBasedPartitioner(gm, Fusible(exact), allows_single_node_partition=True,
+    gathers = str(ctx.device).startswith("cpu")
+    partitions = CapabilityBasedPartitioner(gm, Fusible(exact, gathers), allows_single_node_partition=True,
                                             skip_horizontal_fusion=True).propose_partitions()
     c = Counters()
     grouper = Grouper(gm, max_nodes, c)
@@ -326,10 +334,37 @@ def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool
         c.skip("feeds_routing_decision", len(cone), nodes=cone)
     stats = {"groups": len(kept), "nodes_fused": nodes_fused, "horizontal_merges": merged,
              "kernels_extended": extended, "launches_before": before.launches, "launches_after": after.launches,
-             "bytes_saved": saved, "asserts_dropped": dropped, "skipped": dict(c.skipped)}
+             "bytes_saved": saved, "asserts_dropped": dropped, "constants_copied": copied,
+             "skipped": dict(c.skipped)}
     if c.declined:          # where it declined: the candidate node sets (`passlab explain`)
         stats["declined"] = list(c.declined)
     return PassResult(gm, changed=bool(kept) or dropped > 0, stats=stats)
+
+
+def copy_for_readers(gm: torch.fx.GraphModule) -> int:
+    """Values cheaper to recompute in each kernel that reads them than to share: a
+    constant the graph makes (`full`, `arange`: no inputs), and a concatenation read only
+    as gather tables (a kernel reads the rows it gathers from the concatenation's inputs;
+    the concatenation itself is never written). With several readers each gets a copy:
+    shared, the value would tie their kernels together and none could absorb it (the MoE's
+    `cat([h, zeros])` and `cat([y, zeros])` share one zeros row; the top-2 combine gathers
+    twice from `cat([y, zeros])`). Returns how many copies were made."""
+    def tables(n):
+        return n.target is aten.cat.default and all(
+            u.target in GATHERS and u.args[0] is n and n not in u.args[1:] for u in n.users)
+    made = 0
+    for copied in (tables, lambda n: not n.all_input_nodes):     # tables first: their copies read the constants
+        for n in list(gm.graph.nodes):
+            if n.op != "call_function" or not can_lower(n) or len(n.users) < 2 \
+                    or not tensor_ok(n.meta.get("val")) or not copied(n):
+                continue
+            for u in list(n.users)[1:]:
+                with gm.graph.inserting_before(u):
+                    c = gm.graph.node_copy(n)
+                c.meta = dict(n.meta)
+                u.replace_input_with(n, c)
+                made += 1
+    return made
 
 
 def is_kernel(node) -> bool:

@@ -290,3 +290,114 @@ def test_permute_between_fused_ops_stays_in_one_kernel():
             got, want = run(x), m(x)
         for g, w in zip(got, want):
             assert g.shape == w.shape and relative_error(g, w) < 1e-6
+
+
+class PaddedGather(torch.nn.Module):
+    """An MoE's dispatch and combine as the `moe` sample writes them: rows gathered from a
+    table padded with a zeros row (`cat([h, zeros])[src]`), scaled; and an embedding."""
+
+    def __init__(self, vocab=50, d=32):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+
+    def forward(self, h, src, w, ids):
+        pad = torch.cat([h, h.new_zeros(1, h.shape[1])])
+        y = pad[src] * w.unsqueeze(-1) + 1.0
+        z = torch.cat([h * 2.0, h.new_zeros(1, h.shape[1])])       # read by two gathers: copied for each
+        return y, self.emb(ids) * 0.5, z[src[::2]] + z[src[1::2]]
+
+
+def gathers(k) -> bool:
+    return any(op in ("index.Tensor", "index_select") for op in k.ops)
+
+
+def padded_gather_inputs(dtype, seed, index_dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(10, 32, generator=g).to(dtype), torch.randint(0, 11, (40,), generator=g).to(index_dtype),
+            torch.randn(40, generator=g).to(dtype), torch.randint(0, 50, (3, 7), generator=g).to(index_dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gathers_fuse_into_kernels_with_eager_values(dtype):
+    """Rows gathered from a zero-padded table and an embedding are read inside kernels (the
+    padded table is never written); in fp32 every value is eager's, bit for bit."""
+    from passlab.graphs import Sample
+    torch.manual_seed(0)
+    m = PaddedGather().to(dtype).eval()
+    x = padded_gather_inputs(dtype, 0)
+    sample = Sample("gathers", m, x, dtype=dtype)
+    res = get_pass("fuse")(clone(capture(m, x)), PassContext(sample=sample))
+    kernels = fused_kernels(res.gm)
+    assert sum(gathers(k) for k in kernels) == 2 and any("embedding" in k.ops for k in kernels), kernels
+    left = {n.target for n in res.gm.graph.nodes if n.op == "call_function"}
+    assert not left & {torch.ops.aten.cat.default, torch.ops.aten.index.Tensor, torch.ops.aten.embedding.default}
+    assert res.stats["constants_copied"] >= 1
+    assert any("pl_gix" in k.source("cpu") for k in kernels)
+    run = compile_graph(res.gm, "cpu")
+    for seed in range(1, 4):
+        x = padded_gather_inputs(dtype, seed, torch.int32 if seed == 3 else torch.int64)
+        if seed == 3:     # a new index dtype: capture and fuse again for it
+            res = get_pass("fuse")(clone(capture(m, x)), PassContext(sample=Sample("gathers", m, x, dtype=dtype)))
+            run = compile_graph(res.gm, "cpu")
+        with torch.no_grad():
+            for got, want in zip(run(*x), m(*x)):     # bf16: one rounding per kernel, not per op
+                assert got.shape == want.shape
+                assert torch.equal(got, want) if dtype == torch.float32 else relative_error(got, want) <= 1e-2
+
+
+def test_gather_out_of_range_raises_index_error_as_eager():
+    """A row index outside the table makes the kernel flag the call: IndexError, as eager's,
+    never a read out of bounds; the next call with good indices runs as before."""
+    from passlab.graphs import Sample
+    m = PaddedGather().eval()
+    x = padded_gather_inputs(torch.float32, 0)
+    res = get_pass("fuse")(clone(capture(m, x)), PassContext(sample=Sample("gathers", m, x)))
+    run = compile_graph(res.gm, "cpu")
+    for bad in (11, -12, 1 << 40):
+        src = x[1].clone()
+        src[5] = bad
+        with pytest.raises(IndexError):
+            m(x[0], src, x[2], x[3])
+        with pytest.raises(IndexError, match="index out of range"):
+            run(x[0], src, x[2], x[3])
+    ids = x[3].clone()
+    ids[2, 3] = 50
+    with pytest.raises(IndexError, match="index out of range"):
+        run(x[0], x[1], x[2], ids)
+    for got, want in zip(run(*x), m(*x)):
+        assert torch.equal(got, want)
+
+
+def test_gathers_stay_in_aten_for_triton():
+    """Triton kernels have no error flag: `fuse` leaves gathers to ATen off the CPU (a gathering
+    kernel printed for Triton reads the rows in range, as the interpreter test shows)."""
+    from passlab.graphs import Sample
+    m = PaddedGather().eval()
+    x = padded_gather_inputs(torch.float32, 0)
+    res = get_pass("fuse")(clone(capture(m, x)), PassContext(device="triton", sample=Sample("gathers", m, x)))
+    assert not any(gathers(k) or "embedding" in k.ops for k in fused_kernels(res.gm))
+    cpu = get_pass("fuse")(clone(capture(m, x)), PassContext(sample=Sample("gathers", m, x)))
+    printed = 0
+    for k, args in kernel_inputs(cpu.gm, x):
+        if gathers(k) or "embedding" in k.ops:
+            printed += 1
+            assert torch.equal(codegen.runner(k, "triton")(*args), k.subgraph(*args)), k.source("cuda")
+    assert printed == 3
+
+
+def test_routing_cone_skips_rounding_values_already_bf16():
+    """In the bf16 routing cone each op's result is rounded in the kernel, except a value that
+    is a bf16 value already (a gathered row, a choice between rows and zeros, a bool as 0/1)."""
+    from passlab.passes import PassManager
+    from passlab.tools.runner import context
+    sample = load("moe", "tiny", dtype="bf16")
+    res = PassManager(["dce", "gather_rows", "sum_pairs", "fuse"]).run(
+        capture(sample.module, sample.example_inputs), context(sample, "cpu"))
+    combine = [k for k in fused_kernels(res.gm) if gathers(k) and "add.Tensor" in k.ops]
+    assert combine
+    for k in combine:
+        vals = {v.id: v for v in k.kernel.values}
+        for v in vals.values():
+            if v.op == "round_bf16":
+                assert vals[v.args[0]].op not in ("gather", "where", "cast", "round_bf16"), k.source("cpu")
+    assert numerics(sample, res.gm) <= TOLERANCE[torch.bfloat16]

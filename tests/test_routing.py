@@ -118,6 +118,38 @@ def test_sum_pairs_is_bit_exact_and_fires_on_the_moe_combine():
     assert get_pass("sum_pairs")(gm, context(sample, "cpu")).stats["rewritten"] == 4   # per layer: top-2 weights, combine
 
 
+def test_sum_pairs_builds_each_half_from_its_own_gathered_rows():
+    """The top-2 combine `(ys[slot] * w).view(n, 2, d).sum(1)`: each half gathers its own rows
+    (every other index), so the gathers, the scaling and the add make one kernel; the values
+    stay eager's bit for bit."""
+    class Combine(torch.nn.Module):
+        def forward(self, ys, slot, w, x):
+            y = ys[slot] * w.reshape(-1, 1)
+            return x + y.view(x.shape[0], 2, ys.shape[1]).sum(1)
+
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(9, 16, generator=g), torch.randint(0, 9, (12,), generator=g), torch.rand(12, generator=g),
+            torch.randn(6, 16, generator=g))
+    gm = capture(Combine(), args)
+    res = PassManager(["dce", "gather_rows", "sum_pairs", "fuse"]).run(gm, context(load("mlp", "tiny"), "cpu"))
+    pairs = next(s for s in res.steps if s.name == "sum_pairs")
+    assert pairs.stats["rewritten"] == 1 and pairs.stats["gathered"] == 1
+    left = [n for n in res.gm.graph.nodes if n.op == "call_function" and n.target in
+            (aten.index_select.default, aten.index.Tensor, aten.add.Tensor, aten.mul.Tensor)]
+    assert not left, left                              # all of it in one kernel
+    from passlab.runtime.executor import compile_graph
+    run = compile_graph(res.gm, "cpu")
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed + 1)
+        args = (torch.randn(9, 16, generator=g), torch.randint(-9, 9, (12,), generator=g),
+                torch.rand(12, generator=g), torch.randn(6, 16, generator=g))
+        assert torch.equal(run(*args), Combine()(*args))
+    sample = load("moe", "tiny")
+    gm = capture(sample.module, sample.example_inputs)
+    res = PassManager(["dce", "gather_rows", "sum_pairs"]).run(gm, context(sample, "cpu"))
+    assert res.steps[-1].stats["gathered"] == 2                          # the combine of each layer
+
+
 def test_gather_rows_matches_advanced_indexing():
     class Gather(torch.nn.Module):
         def forward(self, x, idx):

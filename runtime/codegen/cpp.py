@@ -53,6 +53,12 @@ static inline int64_t pl_min(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline bool pl_max(bool a, bool b) { return a || b; }
 static inline bool pl_min(bool a, bool b) { return a && b; }
 static inline int64_t pl_clampi(int64_t i, int64_t hi) { return i < 0 ? 0 : (i > hi ? hi : i); }
+// a gather's row index: outside [0, n) it flags the call (the runner raises IndexError, as eager
+// does) and reads row 0 instead
+static inline int64_t pl_gix(int64_t i, int64_t n, int* bad) {
+  if ((uint64_t)i >= (uint64_t)n) { __atomic_store_n(bad, 1, __ATOMIC_RELAXED); return 0; }
+  return i;
+}
 static inline float pl_abs(float a) { return fabsf(a); }
 static inline int64_t pl_abs(int64_t a) { return a < 0 ? -a : a; }
 // exp: Cody-Waite reduction, Sleef's degree-6 expf polynomial with explicit fmaf, 2^n applied in two
@@ -162,12 +168,19 @@ def byte_loads(k, need) -> set:
 
 
 def load_expr(k, v, inner_idx: bool, scratch=frozenset()) -> str:
+    """A load (or a gather: its row, clamped into a concatenation part's rows, times the row stride)."""
     if v.id in scratch:
         return CAST[v.type][0].format(f"sb{v.id}[r]")
-    inner = [term(t, CLAMP) for t in terms(v.args[1], k.inner, v.args[2])] if inner_idx else []
+    astr, shifts = v.address
+    inner = [term(t, CLAMP) for t in terms(astr, k.inner, shifts)] if inner_idx else []
+    src = v.params[0] if v.op == "gather" else v.args[0]
+    if v.op == "gather":
+        _, _, first, rows, stride = v.params
+        row = CLAMP.format(f"v{v.args[0]}", first, rows - 1) if rows else f"v{v.args[0]}"
+        inner.append(f"{row} * {stride}")
     off = " + ".join([f"o{v.id}"] + inner)
-    raw = f"in{v.args[0]}[{off}]"
-    if k.inputs[v.args[0]].dtype == torch.bfloat16:
+    raw = f"in{src}[{off}]"
+    if k.inputs[src].dtype == torch.bfloat16:
         raw = f"pl_bf16({raw})"
     return CAST[v.type][0].format(raw)
 
@@ -175,8 +188,11 @@ def load_expr(k, v, inner_idx: bool, scratch=frozenset()) -> str:
 def expr(k, v, vals, scratch=frozenset()) -> str:
     if v.op == "const":
         return const(v.args[0], v.type)
-    if v.op == "load":
+    if v.op in ("load", "gather"):
         return load_expr(k, v, v.elem, scratch)
+    if v.op == "gix":
+        n, wrap = v.params
+        return f"pl_gix(v{v.args[0]}{f' + (v{v.args[0]} < 0 ? {n} : 0)' if wrap else ''}, {n}, &pl_bad)"
     if v.op == "iota":
         d, start, step = v.args
         return CAST[v.type][0].format(f"{start} + {step} * i{d}")
@@ -206,7 +222,7 @@ class Body(Printer):
 
     def begin(self):
         k = self.k
-        lines = self.comment("//") + [f'extern "C" void {self.name}(void* const* pl_args) {{']
+        lines = self.comment("//") + [f'extern "C" int {self.name}(void* const* pl_args) {{', "  int pl_bad = 0;"]
         for i, b in enumerate(k.inputs):
             lines.append(f"  const {STORAGE[b.dtype]}* __restrict in{i} = (const {STORAGE[b.dtype]}*)pl_args[{i}];")
         for j, b in enumerate(k.outputs):
@@ -217,7 +233,7 @@ class Body(Printer):
         return lines + [f"  for (int64_t m = 0; m < {k.m_size}; ++m) {{"]
 
     def end(self):
-        return ["  }", "}"]
+        return ["  }", "  return pl_bad;", "}"]
 
     def expr(self, v):
         return expr(self.k, v, self.vals, self.widened)

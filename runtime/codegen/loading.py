@@ -56,7 +56,7 @@ def build_cpu(kernels) -> None:
     lib = load_cached_library(h, text, list(bodies), cxx, flags)
     for k in kernels:
         fn = getattr(lib, cpp.symbol(k))
-        fn.argtypes, fn.restype = [ctypes.c_void_p], None
+        fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int
         k._compiled["cpu"] = make_runner(k, fn, "cpu", lib)
 
 

@@ -70,7 +70,7 @@ class Plan:
     need: set                   # ids of the values the outputs depend on
     outer: list                 # (dim, divisor, size): index[dim] = (m // divisor) % size
     inner: list                 # the same over r (one inner dim: index = r)
-    loads: list                 # needed load Values: each gets a row offset `o{id}`
+    loads: list                 # needed load and gather Values: each gets a row offset `o{id}`
     rows_before: list           # row Values computed before any loop
     loops: list
     row_stores: list            # (output index, value id): stored once per row
@@ -142,7 +142,8 @@ def _schedule(k, scratch_rows: int) -> Plan:
                           elem_stores if li == len(reductions) else [], after))
         kept |= later
     inner = [(k.inner[0], None, None)] if len(k.inner) == 1 else k.index_terms(k.inner)
-    return Plan(k, need, k.index_terms(k.outer), inner, [v for v in k.values if v.id in need and v.op == "load"],
+    return Plan(k, need, k.index_terms(k.outer), inner,
+                [v for v in k.values if v.id in need and v.op in ("load", "gather")],
                 rows_before, loops, row_stores)
 
 
@@ -168,7 +169,7 @@ class Printer:
     def render(self) -> str:
         p, k = self.plan, self.k
         rows = [self.index(d, div, size, "m") for d, div, size in p.outer]
-        rows += [self.offset(f"o{v.id}", terms(v.args[1], k.outer, v.args[2])) for v in p.loads]
+        rows += [self.offset(f"o{v.id}", terms(v.address[0], k.outer, v.address[1])) for v in p.loads]
         rows += [self.offset(f"q{j}", terms(b.astrides, k.outer)) for j, b in enumerate(k.outputs)]
         rows += [self.value(v) for v in p.rows_before] + self.before_loops()
         for loop in p.loops:

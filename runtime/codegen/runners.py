@@ -3,7 +3,9 @@ against what its kernel was generated for (`KernelInputError`): count,
 tensor-ness, device, sizes, dtypes and strides (a differently strided input is
 copied into the generated layout, except where the kernel reads it expanded);
 no runner exists for an empty kernel. So a wrong call is an error, never an
-out-of-bounds read or a truncated result."""
+out-of-bounds read or a truncated result. A C++ kernel returns non-zero when a
+gathered row index is out of range: the runner raises IndexError, as eager's
+index_select and embedding do."""
 from __future__ import annotations
 
 import ctypes
@@ -69,7 +71,9 @@ def make_runner(fk, fn, device: str, keepalive):
         arr_t = ctypes.c_void_p * (n_in + n_out)
 
         def launch(ins, res):
-            fn(arr_t(*[t.data_ptr() for t in ins], *[t.data_ptr() for t in res]))
+            if fn(arr_t(*[t.data_ptr() for t in ins], *[t.data_ptr() for t in res])):
+                raise IndexError(f"index out of range in self (kernel {fk.name} was given a row index outside "
+                                 f"the table it gathers from, which eager's index_select / embedding refuses too)")
     else:
         from . import triton as tr
         rblock, xblock = tr.rblock(k), tr.xblock(k)

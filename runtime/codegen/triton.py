@@ -49,6 +49,16 @@ def const(value, type_) -> str:
 
 
 def expr(k, v, vals) -> str:
+    if v.op == "gix":      # clamped into the table: `fuse` forms gathers for C++ kernels only, whose
+        n, wrap = v.params  # error flag raises IndexError; here a bad index reads a row in range
+        i = f"tl.where(v{v.args[0]} < 0, v{v.args[0]} + {n}, v{v.args[0]})" if wrap else f"v{v.args[0]}"
+        return CLAMP.format(i, 0, n - 1)
+    if v.op == "gather":
+        inp, astr, first, rows, stride = v.params
+        inner = [term(t, CLAMP) for t in terms(astr, k.inner)] if v.elem else []
+        row = CLAMP.format(f"v{v.args[0]}", first, rows - 1) if rows else f"v{v.args[0]}"
+        off = " + ".join([f"o{v.id}"] + inner + [f"{row} * {stride}"])
+        return CAST[v.type][1].format(f"tl.load(in{inp} + {off}, mask={'emask' if v.elem else 'mmask'}, other=0)")
     if v.op == "const":
         return const(v.args[0], v.type)
     if v.op == "load":

@@ -10,7 +10,11 @@ and its SSA list of `Value`s.
   inputs cost nothing and strided inputs are read in place;
 - values: an SSA list of primitive ops, each *row*-level (constant over `r`:
   reduction results, broadcast loads) or *elem*-level, every one computed in
-  fp32 (int64 for integers, bool) whatever the storage dtype.
+  fp32 (int64 for integers, bool) whatever the storage dtype;
+- gathers (`index_select`, `embedding`): a "gather" value reads one input at
+  a row its index value picks (the index first passes a "gix" value, which
+  checks it against the table's rows: out of range, the kernel returns
+  non-zero and the runner raises IndexError as eager does).
 """
 from __future__ import annotations
 
@@ -74,6 +78,14 @@ class Value:
     type: str                   # "f" float32, "i" int64, "b" bool
     elem: bool                  # varies over the inner dims
     phase: int = 0              # how many reduction loops must run before it
+    # gather: (input, stride per anchor dim, first row, rows to clamp into or 0, row stride);
+    # gix: (rows, whether a negative index counts from the end)
+    params: tuple = ()
+
+    @property
+    def address(self):
+        """A load's or a gather's stride per anchor dim, and a load's concatenation shifts."""
+        return (self.params[1], ()) if self.op == "gather" else (self.args[1], self.args[2])
 
 
 @dataclass

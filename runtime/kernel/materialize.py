@@ -115,7 +115,7 @@ class Materializer:
             if p.keepdim:
                 return tuple(None if i in p.rdims else d for i, d in enumerate(amap))
             return tuple(d for i, d in enumerate(amap) if i not in p.rdims)
-        if p.op in ("load", "const", "iota", "reshape", "cat"):
+        if p.op in ("load", "const", "iota", "reshape", "cat", "gather"):
             return None
         if p.op == "permute":
             m = self.natural.get(id(p.args[0]))
@@ -188,11 +188,11 @@ class Materializer:
         return {v.args[0] for v in self.values if v.op == "iota"} | \
             {d for v in self.values if v.op == "load" for d, _, _ in v.args[2]}
 
-    def value(self, op, args, type_, elem, phase=0):
-        key = (op, args, type_)
+    def value(self, op, args, type_, elem, phase=0, params=()):
+        key = (op, args, type_, params)
         if key in self.memo:
             return self.memo[key]
-        v = Value(len(self.values), op, args, type_, elem, phase)
+        v = Value(len(self.values), op, args, type_, elem, phase, params)
         self.values.append(v)
         self.memo[key] = v.id
         return v.id
@@ -222,6 +222,8 @@ class Materializer:
             return self.value("iota", (d, start, p.args[1]), p.type, d in self.inner)
         if p.op == "cat":
             return self.cat(p, amap)
+        if p.op == "gather":
+            return self.gather(p, amap)
         if p.op == "permute":   # output dim i is input dim perm[i]
             amap_x = [None] * len(p.perm)
             for i, d in enumerate(p.perm):
@@ -261,15 +263,63 @@ class Materializer:
 
     def load(self, p, amap):
         node = p.node
-        v = node.meta["val"]
         idx = self.placeholders.index(node)
-        astr = [0] * len(self.sizes)
-        for i, d in enumerate(amap):
-            if d is not None:
-                astr[d] = v.stride()[i]
+        astr = self.astrides(node, amap)
         elem = any(astr[d] for d in self.inner)
         shifts = tuple((d, off, size) for d, (off, size) in sorted(self.shift.items()) if astr[d])
         return self.value("load", (idx, tuple(astr), shifts), p.type, elem)
+
+    def astrides(self, node, amap):
+        """A kernel input's stride per anchor dim, read with its dims at `amap`."""
+        astr = [0] * len(self.sizes)
+        for i, d in enumerate(amap):
+            if d is not None:
+                astr[d] = node.meta["val"].stride()[i]
+        return astr
+
+    def gather(self, p, amap):
+        """Rows picked by an index: the index (checked against the table's rows) addresses
+        the table's gathered dim (`gathered`)."""
+        table, index = p.args
+        dim, k = p.rdims[0], len(index.shape)
+        if self.shift:
+            raise LoweringError("a gather inside a concatenated value")
+        ix = self.emit(index, tuple(None if s == 1 else d for s, d in zip(index.shape, amap[dim:dim + k])))
+        at = self.values[ix]
+        ix = self.value("gix", (ix,), "i", at.elem, at.phase, params=(table.shape[dim], p.wrap))
+        return self.gathered(table, ix, amap[:dim] + (None,) + amap[dim + k:], dim, 0, True)
+
+    def gathered(self, t, ix, tmap, dim, first, whole):
+        """Table `t` (rows `first`... of the whole table) read at row `ix`: a kernel input is
+        read there (clamped into its rows unless it is the `whole` table, whose index is
+        checked), a constant is itself, a cast or rounding applies to the rows read, and a
+        concatenation along `dim` selects the part owning the row."""
+        at = self.values[ix]
+        if t.op in ("cast", "round_bf16", "round_f16"):
+            x = self.values[self.gathered(t.args[0], ix, tmap, dim, first, whole)]
+            return self.value(t.op, (x.id,), t.type, x.elem, x.phase)
+        if t.op == "const":
+            return self.value("const", (t.args[0],), t.type, False)
+        if t.op == "load":
+            astr = self.astrides(t.node, tmap)
+            params = (self.placeholders.index(t.node), tuple(astr), first, 0 if whole else t.shape[dim],
+                      t.node.meta["val"].stride()[dim])
+            return self.value("gather", (ix,), t.type, at.elem or any(astr[d] for d in self.inner), at.phase,
+                              params=params)
+        if t.op != "cat" or t.rdims[0] != dim:
+            raise LoweringError("a gather reads a kernel input, a constant or a concatenation of them")
+        vid, end = None, first + t.shape[dim]
+        for part in reversed(t.args):
+            end -= part.shape[dim]
+            pid = self.gathered(part, ix, tmap, dim, end, False)
+            if vid is None:
+                vid = pid
+                continue
+            cond = self.value("lt", (ix, self.value("const", (end + part.shape[dim],), "i", False)), "b",
+                              at.elem, at.phase)
+            vs = [self.values[i] for i in (cond, pid, vid)]
+            vid = self.value("where", (cond, pid, vid), t.type, any(v.elem for v in vs), max(v.phase for v in vs))
+        return vid
 
     def cat(self, p, amap):
         d = amap[p.rdims[0]]
@@ -304,8 +354,8 @@ def simplify(k: Kernel, pinned: set) -> Kernel:
     k.inner = [keep.index(d) for d in k.inner if d in keep]
     k.sizes = [k.sizes[d] for d in keep]
     astrs = [remap_astr(b.astrides) for b in k.outputs]
-    loads = [v for v in k.values if v.op == "load"]
-    lstr = [remap_astr(v.args[1]) for v in loads]
+    loads = [v for v in k.values if v.op in ("load", "gather")]
+    lstr = [remap_astr(v.address[0]) for v in loads]
     pin = {keep.index(d) for d in pinned if d in keep}
     labels = list(range(len(k.sizes)))     # post-keep dim -> where it is now (pinned dims never merge)
     d = len(k.sizes) - 2
@@ -336,7 +386,10 @@ def simplify(k: Kernel, pinned: set) -> Kernel:
     for b, s in zip(k.outputs, astrs):
         b.astrides = tuple(s)
     for v, s in zip(loads, lstr):
-        v.args = (v.args[0], tuple(s), tuple((labels.index(keep.index(d)), o, n) for d, o, n in v.args[2]))
+        if v.op == "gather":
+            v.params = (v.params[0], tuple(s)) + v.params[2:]
+        else:
+            v.args = (v.args[0], tuple(s), tuple((labels.index(keep.index(d)), o, n) for d, o, n in v.args[2]))
     for v in k.values:
         if v.op == "iota":
             v.args = (labels.index(keep.index(v.args[0])),) + tuple(v.args[1:])

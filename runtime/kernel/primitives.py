@@ -30,6 +30,8 @@ class P:
     keepdim: bool = True
     node: object = None         # loads: the placeholder
     perm: tuple = ()            # permute: the input dim behind each output dim
+    wrap: bool = False          # gather: a negative index counts from the end (advanced indexing)
+                                # gather: rdims = (the table's gathered dim,)
 
 
 def bshape(*shapes):
@@ -294,6 +296,9 @@ DECOMP = {
         _var(b, b.cast(x, "f"), dims, 1 if correction is None else correction, keepdim),
     aten.cat.default: lambda b, n, xs, dim=0: _cat(b, n, xs, dim),
     aten.permute.default: lambda b, n, x, dims: _permute(x, dims),
+    aten.index_select.default: lambda b, n, x, dim, idx: _gather(x, dim, idx, one_d=True),
+    aten.embedding.default: lambda b, n, w, idx, *a, **k: _gather(w, 0, idx),
+    aten.index.Tensor: lambda b, n, x, indices: _gather(x, 0, *_one_index(indices), wrap=True),
     aten.transpose.int: lambda b, n, x, d0, d1: _transpose(x, d0, d1),
     operator.getitem: lambda b, n, x, i: _getitem(x, i),
 }
@@ -318,6 +323,27 @@ def _permute(x, dims):
     nd = len(x.shape)
     perm = tuple(d % nd for d in dims)
     return P("permute", (x,), tuple(x.shape[d] for d in perm), x.type, perm=perm)
+
+
+def _one_index(indices):
+    if len(indices) != 1 or not isinstance(indices[0], P):
+        raise LoweringError("advanced indexing other than x[idx] (one index tensor, on dim 0)")
+    return indices
+
+
+def _gather(table, dim, index, one_d=False, wrap=False):
+    """Rows of `table` along `dim` picked by an integer `index` (index_select: a 1-D index;
+    embedding and x[idx]: any shape, dim 0; x[idx] wraps a negative index): the index's
+    dims take the gathered dim's place. The table is a kernel input, a constant, or a
+    concatenation of those along `dim` (an MoE's `cat([h, zeros])[src]`: the padding row
+    is never written)."""
+    if not isinstance(table, P) or not isinstance(index, P) or index.type != "i":
+        raise LoweringError("a gather needs a tensor table and an integer index tensor")
+    if one_d and len(index.shape) != 1:
+        raise LoweringError("index_select with a 0-d index")
+    dim %= len(table.shape)
+    shape = table.shape[:dim] + index.shape + table.shape[dim + 1:]
+    return P("gather", (table, index), shape, table.type, rdims=(dim,), wrap=wrap)
 
 
 def _transpose(x, a, b):
@@ -379,7 +405,30 @@ ROUND = {torch.bfloat16: "round_bf16", torch.float16: "round_f16"}
 
 
 def round_each_op(p, dtype):
-    """`p` (a node's float value) rounded to `dtype` as eager stores it between ops."""
-    if dtype not in ROUND or not isinstance(p, P) or p.type != "f" or p.op == "load":
+    """`p` (a node's float value) rounded to `dtype` as eager stores it between ops (not
+    where it is a `dtype` value already: rounding it again changes nothing)."""
+    if dtype not in ROUND or not isinstance(p, P) or p.type != "f" or held_in(p, dtype):
         return p
     return P(ROUND[dtype], (p,), p.shape, "f")
+
+
+def held_in(p, dtype) -> bool:
+    """Whether every value `p` takes is a `dtype` value: a load or constant of that dtype,
+    a bool as 0 / 1, a value rounded to it, or a choice among such values (where, cat,
+    gather, permute)."""
+    if not isinstance(p, P):
+        return False
+    if p.op == "load":
+        return p.node.meta["val"].dtype in (dtype, torch.bool)
+    if p.op == "const":
+        v = p.args[0]
+        return isinstance(v, (bool, int, float)) and torch.tensor(float(v)).to(dtype).item() == v
+    if p.op == "cast":
+        return p.args[0].type == "b"
+    if p.op == "where":
+        return held_in(p.args[1], dtype) and held_in(p.args[2], dtype)
+    if p.op == "gather":
+        return held_in(p.args[0], dtype)
+    if p.op in ("cat", "permute", "reshape"):
+        return all(held_in(a, dtype) for a in p.args)
+    return p.op == ROUND.get(dtype)
