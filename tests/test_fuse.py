@@ -401,3 +401,31 @@ def test_routing_cone_skips_rounding_values_already_bf16():
             if v.op == "round_bf16":
                 assert vals[v.args[0]].op not in ("gather", "where", "cast", "round_bf16"), k.source("cpu")
     assert numerics(sample, res.gm) <= TOLERANCE[torch.bfloat16]
+
+
+class Divisions(torch.nn.Module):
+    def forward(self, a, b, x, y):
+        return (a // b) * 2, torch.div(a, b, rounding_mode="trunc") + 1, (x // y) * 1.0, \
+            torch.div(x, y, rounding_mode="trunc") + 0.0
+
+
+def test_divisions_with_rounding_are_eagers():
+    """Integer division in integer arithmetic (float32 would round 2^25 + 1), float floor
+    division by ATen's fmod algorithm (1 // 0.1 is 9, not floor(1 / 0.1) = 10), and an integer
+    division by zero raises ZeroDivisionError as eager's does."""
+    from passlab.graphs import Sample
+    a = torch.tensor([2**25 + 1, 2**25 + 3, -7, 7, -7, 2**62 + 5, -(2**62) - 3, 9] * 4)
+    b = torch.tensor([3, 3, 2, -2, -2, 7, -1, 4] * 4)
+    x = torch.tensor([1.0, -1.0, 5.5, -5.5, 7.0, 1e30, 3.0, 0.3] * 4)
+    y = torch.tensor([0.1, 0.1, 2.0, 2.0, -0.0, 1e-30, float("inf"), 0.1] * 4)
+    m = Divisions()
+    res = get_pass("fuse")(clone(capture(m, (a, b, x, y))), PassContext(sample=Sample("div", m, (a, b, x, y))))
+    assert sum("div.Tensor_mode" in k.ops for k in fused_kernels(res.gm)) == 2
+    run = compile_graph(res.gm, "cpu")
+    for got, want in zip(run(a, b, x, y), m(a, b, x, y)):
+        assert torch.equal(got, want)
+    b[3] = 0
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        m(a, b, x, y)
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        run(a, b, x, y)

@@ -59,6 +59,26 @@ static inline int64_t pl_gix(int64_t i, int64_t n, int* bad) {
   if ((uint64_t)i >= (uint64_t)n) { __atomic_store_n(bad, 1, __ATOMIC_RELAXED); return 0; }
   return i;
 }
+// integer division as ATen's (truncated, or floored); a zero divisor flags the call (2: the runner
+// raises ZeroDivisionError), and INT64_MIN / -1 wraps instead of trapping
+static inline int64_t pl_idiv(int64_t a, int64_t b, bool floored, int* bad) {
+  if (b == 0) { __atomic_store_n(bad, 2, __ATOMIC_RELAXED); return 0; }
+  if (b == -1) return (int64_t)(0 - (uint64_t)a);
+  int64_t q = a / b;
+  return (floored && a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+// float floor division as ATen's vectorized div_floor_floating_vec (fmod based)
+static inline float pl_fdiv_floor(float a, float b) {
+  float basic = a / b;
+  float mod = fmodf(a, b);
+  float fl = (fabsf(basic) == INFINITY && fabsf(a) != INFINITY) ? a : a - mod;
+  float div = fl / b;
+  if (mod != 0.0f && ((b < 0.0f) != (mod < 0.0f))) div -= 1.0f;
+  float q = floorf(div);
+  q = div - q > 0.5f ? q + 1.0f : q;
+  q = div == 0.0f ? copysignf(0.0f, basic) : q;
+  return b == 0.0f ? basic : q;
+}
 static inline float pl_abs(float a) { return fabsf(a); }
 static inline int64_t pl_abs(int64_t a) { return a < 0 ? -a : a; }
 // exp: Cody-Waite reduction, Sleef's degree-6 expf polynomial with explicit fmaf, 2^n applied in two

@@ -28,6 +28,13 @@ EXPR = {
     "floor": ("floorf({0})", "tl.floor({0})"),
     "ceil": ("ceilf({0})", "tl.ceil({0})"),
     "trunc": ("truncf({0})", "tl.where({0} < 0, tl.ceil({0}), tl.floor({0}))"),
+    # division with rounding as ATen's: integers exactly (C++: a zero divisor flags the call), floats floored
+    # by ATen's fmod algorithm (c10 div_floor_floating)
+    "idiv_trunc": ("pl_idiv({0}, {1}, false, &pl_bad)", "({0} // tl.where({1} == 0, 1, {1}))"),
+    "idiv_floor": ("pl_idiv({0}, {1}, true, &pl_bad)",
+                   "(({0} // tl.where({1} == 0, 1, {1})) - ((({0} % tl.where({1} == 0, 1, {1})) != 0) & "
+                   "(({0} < 0) != ({1} < 0))).to(tl.int64))"),
+    "fdiv_floor": ("pl_fdiv_floor({0}, {1})", None),
     "eq": ("({0} == {1})", "({0} == {1})"),
     "ne": ("({0} != {1})", "({0} != {1})"),
     "lt": ("({0} < {1})", "({0} < {1})"),

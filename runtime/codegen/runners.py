@@ -4,8 +4,8 @@ tensor-ness, device, sizes, dtypes and strides (a differently strided input is
 copied into the generated layout, except where the kernel reads it expanded);
 no runner exists for an empty kernel. So a wrong call is an error, never an
 out-of-bounds read or a truncated result. A C++ kernel returns non-zero when a
-gathered row index is out of range: the runner raises IndexError, as eager's
-index_select and embedding do."""
+gathered row index is out of range (IndexError, as eager's index_select and
+embedding raise) or an integer divisor is 0 (ZeroDivisionError, as eager)."""
 from __future__ import annotations
 
 import ctypes
@@ -49,6 +49,15 @@ def check_generated(fk, device: str) -> None:
             raise KernelInputError(f"kernel {fk.name}: output {b.name} has overlapping strides {b.strides}")
 
 
+def flagged(fk, code: int) -> Exception:
+    """The error a C++ kernel flagged (its non-zero return), as eager raises it."""
+    if code == 2:
+        return RuntimeError(f"ZeroDivisionError (kernel {fk.name}: an integer division by zero, which eager "
+                            f"refuses too)")
+    return IndexError(f"index out of range in self (kernel {fk.name} was given a row index outside the table "
+                      f"it gathers from, which eager's index_select / embedding refuses too)")
+
+
 def make_runner(fk, fn, device: str, keepalive):
     """The per-call path: check inputs (count, tensor, device, shape, dtype,
     layout) before any memory is touched, fix up input strides, allocate
@@ -71,9 +80,9 @@ def make_runner(fk, fn, device: str, keepalive):
         arr_t = ctypes.c_void_p * (n_in + n_out)
 
         def launch(ins, res):
-            if fn(arr_t(*[t.data_ptr() for t in ins], *[t.data_ptr() for t in res])):
-                raise IndexError(f"index out of range in self (kernel {fk.name} was given a row index outside "
-                                 f"the table it gathers from, which eager's index_select / embedding refuses too)")
+            bad = fn(arr_t(*[t.data_ptr() for t in ins], *[t.data_ptr() for t in res]))
+            if bad:
+                raise flagged(fk, bad)
     else:
         from . import triton as tr
         rblock, xblock = tr.rblock(k), tr.xblock(k)

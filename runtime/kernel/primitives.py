@@ -221,10 +221,16 @@ def _bool_only(op):
 
 
 def _div_mode(b, node, x, y, rounding_mode=None):
-    q = b.ew("div", x, y)
+    """True division; or integer division as ATen computes it: integers in integer arithmetic
+    (float32 would round operands past 2^24; a zero divisor flags the call, and the runner
+    raises ZeroDivisionError as eager does), floats floored by ATen's fmod algorithm
+    (floor(1 / 0.1) is 10, eager's 1 // 0.1 is 9)."""
     if rounding_mode is None:
-        return q
-    q = b.ew("floor" if rounding_mode == "floor" else "trunc", q)
+        return b.ew("div", x, y)
+    if all(a.type != "f" if isinstance(a, P) else isinstance(a, int) for a in (x, y)):
+        return b.ew("idiv_floor" if rounding_mode == "floor" else "idiv_trunc", b.cast(x, "i"), b.cast(y, "i"))
+    q = b.ew("fdiv_floor", b.cast(x, "f"), b.cast(y, "f")) if rounding_mode == "floor" else \
+        b.ew("trunc", b.ew("div", x, y))
     return b.cast(q, TYPE_OF[node.meta["val"].dtype])
 
 
