@@ -22,6 +22,10 @@ written back to, and every other reader of that tensor runs before the
 update. The graph still writes the same values into the same state; the
 numerics check compares the written state too. Run it last: a pass that
 reorders nodes after it could move a reader of the old value past the update.
+
+A functional update of a tensor the graph has just made (`full`, `zeros`,
+`empty`, ...: a static cache's first fill, on the prefill) and nothing else
+reads runs in place on it too: the update's copy of the fresh buffer goes.
 """
 from __future__ import annotations
 
@@ -54,6 +58,32 @@ def match(cp: torch.fx.Node, order: dict):
     return dst, src
 
 
+FRESH = {aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format,
+         aten.empty_strided.default, aten.full_like.default, aten.zeros_like.default, aten.ones_like.default,
+         aten.empty_like.default, aten.new_zeros.default, aten.new_full.default, aten.new_empty.default}
+
+
+def fresh_target(src: torch.fx.Node):
+    """The tensor `src` updates where the graph made it just for this update, else Skip."""
+    buf = src.args[0]
+    if not (isinstance(buf, torch.fx.Node) and buf.op == "call_function" and buf.target in FRESH):
+        raise Skip("not_fresh")
+    if users(buf) != [src]:
+        raise Skip("fresh_buffer_read_elsewhere")
+    if any(a is buf for a in pytree.tree_leaves((src.args[1:], src.kwargs))):
+        raise Skip("reads_itself")
+    return buf
+
+
+def in_place(g: torch.fx.Graph, src: torch.fx.Node) -> torch.fx.Node:
+    with g.inserting_before(src):
+        new = g.call_function(IN_PLACE[src.target], src.args, src.kwargs)
+    new.meta["val"] = src.meta.get("val")
+    src.replace_all_uses_with(new)
+    g.erase_node(src)
+    return new
+
+
 @register_pass("write_in_place")
 def write_in_place(gm: torch.fx.GraphModule, ctx) -> PassResult:
     """State updated functionally then copied back (index_put + copy_) -> the update done in place."""
@@ -68,12 +98,16 @@ def write_in_place(gm: torch.fx.GraphModule, ctx) -> PassResult:
                 c.skip(str(e))
             continue
         c.matched += 1
-        with g.inserting_before(src):
-            new = g.call_function(IN_PLACE[src.target], src.args, src.kwargs)
-        new.meta["val"] = src.meta.get("val")
-        src.replace_all_uses_with(new)
         cp.replace_all_uses_with(dst)             # copy_ returns its destination (a cache returned as an output)
         g.erase_node(cp)                          # copy_(dst, dst): nothing left to write back
-        g.erase_node(src)
+        in_place(g, src)
         c.rewritten += 1
-    return PassResult(gm, changed=c.rewritten > 0, stats=c.as_dict())
+    fresh = 0
+    for src in [n for n in g.nodes if n.op == "call_function" and n.target in IN_PLACE]:
+        try:
+            fresh_target(src)
+        except Skip:
+            continue
+        in_place(g, src)
+        fresh += 1
+    return PassResult(gm, changed=c.rewritten + fresh > 0, stats=c.as_dict(fresh_buffers=fresh))

@@ -93,3 +93,31 @@ def test_update_of_a_returned_input():
         got, want = fast(xi, p, cache), m(xi, p, twin)
         torch.testing.assert_close(got[0], want[0])
         torch.testing.assert_close(cache, twin)
+
+
+class FirstFill(torch.nn.Module):
+    """A static cache's first fill, as the prefill graph captures it: a fresh zeros buffer with
+    rows written at the positions (`index_put`); a second fresh buffer is also read directly."""
+
+    def forward(self, k, pos):
+        cache = torch.zeros(2, 9, 4)
+        cache[:, pos] = k
+        other = torch.zeros(2, 9, 4)
+        other[:, pos] = k * 2
+        return cache, other + 1, other
+
+
+def test_update_of_a_fresh_buffer_runs_in_place():
+    m = FirstFill()
+    k, pos = torch.randn(2, 3, 4), torch.tensor([0, 4, 8])
+    gm = capture(m, (k, pos))
+    res = get_pass("write_in_place")(gm, context(load("mlp", "tiny"), "cpu"))
+    assert res.stats["fresh_buffers"] == 2
+    targets = [n.target for n in res.gm.graph.nodes if n.op == "call_function"]
+    assert aten.index_put.default not in targets and targets.count(aten.index_put_.default) == 2
+    for p in (pos, torch.tensor([1, 2, 3]), torch.tensor([-1, 0, 5])):
+        xi = torch.randn(2, 3, 4)
+        for got, want in zip(res.gm(xi, p), m(xi, p)):
+            assert torch.equal(got, want)
+    out = res.gm(k, pos)
+    assert out[0] is not out[2] and not torch.equal(out[1], out[2])     # two buffers, not one reused
