@@ -110,11 +110,17 @@ def cuda_graph(fn, inputs):
 def measure_many(fns: dict[str, Callable], input_sets: list[tuple], *, device: str = "cpu",
                  budget_s: float = 2.0, target_ci: float = 0.02, min_reps: int = 7,
                  max_reps: int = 10000, warmup: int = 2, writes: tuple = (),
-                 progress: Callable[[str], None] | None = None) -> dict[str, Timing]:
+                 progress: Callable[[str], None] | None = None,
+                 drop_slower: float | None = None) -> dict[str, Timing]:
     """Time every callable on rotating input sets in paired rounds until each is
     done: its median's 95% CI within `target_ci`, or `budget_s` of its own time
     spent, or `max_reps` samples. A done contender stays in the rotation until
     all are done, so every round holds samples of every contender.
+
+    `drop_slower` (for a caller that only wants the fastest): a contender whose
+    fastest of DROP_AFTER samples is more than `drop_slower` times another's
+    slowest leaves the rotation then (an MoE's eager step, seconds long, timed
+    beside a graph 40x faster).
 
     `writes`: input positions the callables write in place (a cache, a
     counter): every call gets fresh copies of those, made outside the timed
@@ -138,10 +144,13 @@ def measure_many(fns: dict[str, Callable], input_sets: list[tuple], *, device: s
                 fn(*fresh(input_sets[i % len(input_sets)]))
         spent = {k: 0.0 for k in names}
         done: set[str] = set()
+        dropped: set[str] = set()
         rnd = 0
         while len(done) < len(names):
             shift = rnd % len(names)
             for k in names[shift:] + names[:shift]:
+                if k in dropped:
+                    continue
                 fn = fns[k]
                 # a chunk of ~50 ms per callable per round keeps the rounds fine-grained
                 one = samples[k][-1] if samples[k] else 0.0
@@ -156,6 +165,10 @@ def measure_many(fns: dict[str, Callable], input_sets: list[tuple], *, device: s
                     med, lo, hi = median_ci(samples[k])
                     if (hi - lo) / 2 <= target_ci * med or spent[k] >= budget_s or n >= max_reps:
                         done.add(k)
+            if drop_slower:
+                for k in outpaced(samples, drop_slower) - dropped:
+                    dropped.add(k)
+                    done.add(k)
             rnd += 1
             if progress:
                 progress(f"timing: {len(done)}/{len(names)} done")
@@ -164,6 +177,18 @@ def measure_many(fns: dict[str, Callable], input_sets: list[tuple], *, device: s
         med, lo, hi = median_ci(xs)
         out[k] = Timing(med, lo, hi, len(xs), clock.method, threads, xs, rounds[k])
     return out
+
+
+DROP_AFTER = 3
+
+
+def outpaced(samples: dict[str, list[float]], factor: float) -> set[str]:
+    """Contenders whose fastest sample is more than `factor` times some other's slowest
+    (each with DROP_AFTER samples at least): they cannot be the fastest."""
+    ready = {k: xs for k, xs in samples.items() if len(xs) >= DROP_AFTER}
+    if len(ready) < 2:
+        return set()
+    return {k for k, xs in ready.items() if any(min(xs) > factor * max(ys) for j, ys in ready.items() if j != k)}
 
 
 def speedup(new: Timing, ref: Timing, *, reps: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float, float]:

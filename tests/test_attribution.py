@@ -83,6 +83,28 @@ def test_every_contender_stays_in_the_rotation_until_all_are_done():
     assert len(t["steady"].rounds) == t["steady"].n
 
 
+def test_a_contender_slower_on_every_sample_leaves_the_rotation_when_asked():
+    """drop_slower: a contender whose fastest sample is over `factor` x another's slowest
+    stops being timed after a few samples (the guard wants the fastest only); the others
+    go on; without it every contender stays."""
+    import time as _time
+    a = torch.randn(64, 64)
+    calls = {"slow": 0}
+
+    def slow(x):
+        calls["slow"] += 1
+        _time.sleep(0.06)           # over the 50 ms chunk: one call per round
+        return x + 1
+
+    fns = {"fast": lambda x: x + 1, "slow": slow}
+    t = measure_many(fns, [(a,)], budget_s=0.3, min_reps=9, target_ci=1e-9, drop_slower=2.0, warmup=1)
+    assert t["slow"].n == 3 and calls["slow"] == 4                   # one warm-up, three samples
+    assert t["fast"].n > t["slow"].n and t["slow"].median_s > 2 * t["fast"].median_s
+    calls["slow"] = 0
+    t = measure_many(fns, [(a,)], budget_s=0.05, min_reps=5, target_ci=1e-9, warmup=1)
+    assert t["slow"].n >= 5
+
+
 def test_speedup_is_the_ratio_of_medians_with_a_paired_ci():
     rounds = [r for r in range(40) for _ in range(3)]
     noise = [1.0 + 0.3 * ((r * 7) % 5) for r in rounds]        # a round-wide disturbance hits both alike

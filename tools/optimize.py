@@ -53,6 +53,7 @@ from .runner import context, make_manager
 CACHE_SIZE = 8           # specializations kept per optimized model (LRU)
 GUARD_BUDGET_S = 2.0     # leave-one-out reruns of the pipeline, wall time
 GUARD_TIMING_S = 0.25    # timing budget per contender per measurement
+GUARD_DROP_SLOWER = 2.0  # a contender 2x slower than another on every sample leaves the guard's timing
 GROWING_CACHE_WARN = 3   # specializations for calls with an HF cache before the DynamicCache warning
 SPECIALIZE_LIMIT = 16    # specializations per optimized model; later new signatures run the model itself
 GUARDS = ("measure", "off")
@@ -290,7 +291,8 @@ def measured_guard(sample: Sample, captured, result, steps, run_final, out_spec,
             sample.make_inputs(21)]
     base = compile_graph(result.baseline.snapshot, device)
     fns = {"final": compile_graph(result.gm, device), "captured": base, "eager": sample.reference}
-    times = timing.measure_many(fns, sets, device=device, budget_s=GUARD_TIMING_S, writes=sample.writes)
+    times = timing.measure_many(fns, sets, device=device, budget_s=GUARD_TIMING_S, writes=sample.writes,
+                                drop_slower=GUARD_DROP_SLOWER)
     fin = timing.speedup(times["final"], times["eager"])
     vs_cap = timing.speedup(times["final"], times["captured"])
     tried, dropped = [], []
@@ -312,7 +314,8 @@ def measured_guard(sample: Sample, captured, result, steps, run_final, out_spec,
         if variants:
             fns2 = {"final": fns["final"], **{f"without {i}": compile_graph(v.gm, device)
                                               for i, v in variants.items()}}
-            t2 = timing.measure_many(fns2, sets, device=device, budget_s=GUARD_TIMING_S, writes=sample.writes)
+            t2 = timing.measure_many(fns2, sets, device=device, budget_s=GUARD_TIMING_S, writes=sample.writes,
+                                     drop_slower=GUARD_DROP_SLOWER)
             best, gain = None, None
             for i in variants:
                 s = timing.speedup(t2[f"without {i}"], t2["final"])
@@ -324,7 +327,7 @@ def measured_guard(sample: Sample, captured, result, steps, run_final, out_spec,
                 run_final = graph_runner(result.gm, device, out_spec, model, state)
                 fns["final"] = compile_graph(result.gm, device)
                 times = timing.measure_many(fns, sets, device=device, budget_s=GUARD_TIMING_S,
-                                            writes=sample.writes)
+                                            writes=sample.writes, drop_slower=GUARD_DROP_SLOWER)
     chosen = min(times, key=lambda k: times[k].median_s)
     rec = {"mode": "measure", "chosen": chosen, "timings": {k: timing_dict(t) for k, t in times.items()},
            "speedup_vs_eager": {k: list(timing.speedup(t, times["eager"])) for k, t in times.items()},
