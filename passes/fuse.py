@@ -9,7 +9,10 @@ masking, scaling), into single kernels:
    stay outside: a view of a kernel input is a strided read, a view of an
    intermediate ends the group, except a permute / transpose that only fused
    ops read: the kernel reads through it, e.g. ConvNeXt's NHWC layer scale,
-   permute to NCHW, residual add);
+   permute to NCHW, residual add); row gathers (index_select, embedding,
+   x[idx]) on CPU, read through a checked index; a constant the graph makes
+   and a concatenation read only as gather tables are first copied per
+   reader (`copy_for_readers`), so each kernel computes its own;
 2. vertical split: inside each candidate, nodes join their producers' group in
    topological order while the group stays legal: it lowers to ONE kernel
    description (one iteration space, reductions over the same dims, every
