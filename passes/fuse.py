@@ -297,14 +297,14 @@ def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool
         if n.op == "call_function" and n.target in NO_OPS:
             gm.graph.erase_node(n)
             dropped += 1
-    copied = copy_for_readers(gm)
+    gathers = str(ctx.device).startswith("cpu")     # C++ kernels only: Triton's have no error flag
+    copied = copy_for_readers(gm, tables=gathers)
     exact = decision_cone(gm) if exact_routing else set()
     if exact and not str(ctx.device).startswith("cuda"):     # Triton may contract a*b+c: CPU kernels only
         rounded = {n for n in exact if rounds_as_eager(n)}
         for n in rounded:
             n.meta[ROUND_EACH_OP] = True
         exact -= rounded
-    gathers = str(ctx.device).startswith("cpu")
     partitions = CapabilityBasedPartitioner(gm, Fusible(exact, gathers), allows_single_node_partition=True,
                                             skip_horizontal_fusion=True).propose_partitions()
     c = Counters()
@@ -344,19 +344,20 @@ def fuse(gm: torch.fx.GraphModule, ctx, *, max_nodes: int = 64, horizontal: bool
     return PassResult(gm, changed=bool(kept) or dropped > 0, stats=stats)
 
 
-def copy_for_readers(gm: torch.fx.GraphModule) -> int:
+def copy_for_readers(gm: torch.fx.GraphModule, tables: bool = True) -> int:
     """Values cheaper to recompute in each kernel that reads them than to share: a
     constant the graph makes (`full`, `arange`: no inputs), and a concatenation read only
     as gather tables (a kernel reads the rows it gathers from the concatenation's inputs;
     the concatenation itself is never written). With several readers each gets a copy:
     shared, the value would tie their kernels together and none could absorb it (the MoE's
     `cat([h, zeros])` and `cat([y, zeros])` share one zeros row; the top-2 combine gathers
-    twice from `cat([y, zeros])`). Returns how many copies were made."""
-    def tables(n):
-        return n.target is aten.cat.default and all(
+    twice from `cat([y, zeros])`). `tables=False` (gathers stay in ATen there) copies constants
+    only. Returns how many copies were made."""
+    def table(n):
+        return tables and n.target is aten.cat.default and all(
             u.target in GATHERS and u.args[0] is n and n not in u.args[1:] for u in n.users)
     made = 0
-    for copied in (tables, lambda n: not n.all_input_nodes):     # tables first: their copies read the constants
+    for copied in (table, lambda n: not n.all_input_nodes):     # tables first: their copies read the constants
         for n in list(gm.graph.nodes):
             if n.op != "call_function" or not can_lower(n) or len(n.users) < 2 \
                     or not tensor_ok(n.meta.get("val")) or not copied(n):

@@ -376,6 +376,9 @@ def test_gathers_stay_in_aten_for_triton():
     x = padded_gather_inputs(torch.float32, 0)
     res = get_pass("fuse")(clone(capture(m, x)), PassContext(device="triton", sample=Sample("gathers", m, x)))
     assert not any(gathers(k) or "embedding" in k.ops for k in fused_kernels(res.gm))
+    cats = sum(1 for n in res.gm.graph.nodes if n.target is torch.ops.aten.cat.default) + \
+        sum(k.ops.count("cat") for k in fused_kernels(res.gm))
+    assert cats == 2          # the table two ATen gathers read is not copied per reader (made twice)
     cpu = get_pass("fuse")(clone(capture(m, x)), PassContext(sample=Sample("gathers", m, x)))
     printed = 0
     for k, args in kernel_inputs(cpu.gm, x):
