@@ -69,6 +69,10 @@ class Sample:
             return self.input_factory(seed)
         return tuple(pytree.tree_leaves(self.make_call(seed)))
 
+    def example_copies(self) -> tuple:
+        """The example's flat inputs, tensors copied (what a check may run on: never the user's own)."""
+        return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in self.flat_inputs)
+
     def reference(self, *flat):
         """The model called on flat graph inputs (as `make_inputs` gives them)."""
         if not self.example_kwargs and len(flat) == len(self.example_inputs) and \

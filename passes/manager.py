@@ -129,16 +129,30 @@ class CheckNumerics:
     no run sees another's writes, and the values written are compared too.
     MoE routing (`topk`) is pinned to the reference's choice where the
     candidate's own choice is a near tie (`passes/routing.py`); the rows
-    pinned are counted in the step's stats (`routing_pinned`)."""
+    pinned are counted in the step's stats (`routing_pinned`). Where the
+    model itself raises on the random inputs (a divisor drawn as 0), the
+    check runs on `fallback()` (copies of the example's values) instead and
+    says so in `inputs_from`."""
 
     def __init__(self, reference: Callable, make_inputs: Callable[[int], tuple], device: str,
-                 tolerance: float, seed: int = 1234, mutated: tuple | list = ()):
+                 tolerance: float, seed: int = 1234, mutated: tuple | list = (),
+                 fallback: Callable[[], tuple] | None = None):
         self.device, self.tolerance, self.mutated = device, tolerance, tuple(mutated)
         self.known: dict = {}
-        self.inputs = make_inputs(seed)
+        self.inputs, self.inputs_from = make_inputs(seed), "fresh random inputs"
         self.routing = RecordRouting()
-        with torch.no_grad(), self.routing:
-            self.expected = self.outcome(reference)
+        try:
+            with torch.no_grad(), self.routing:
+                self.expected = self.outcome(reference)
+        except Exception as e:   # the model refuses them (an integer divisor drawn as 0): `fallback`'s values
+            if fallback is None:
+                raise
+            self.inputs = fallback()
+            self.inputs_from = (f"the example's values (the model raised {type(e).__name__} on fresh random "
+                                f"inputs: {str(e).splitlines()[0] if str(e) else ''})")
+            self.routing = RecordRouting()
+            with torch.no_grad(), self.routing:
+                self.expected = self.outcome(reference)
 
     def outcome(self, fn: Callable):
         """fn's outputs and, where it writes inputs, their values afterwards."""
@@ -166,6 +180,8 @@ class CheckNumerics:
         record.numerics_ok = record.max_error <= self.tolerance
         if self.last_pinned:
             record.stats["routing_pinned"] = self.last_pinned
+        if self.inputs_from != "fresh random inputs":
+            record.stats["numerics_checked_on"] = self.inputs_from
         if not record.numerics_ok:
             raise PassRejected(f"numerics changed: relative error {record.max_error:.3g} "
                                f"> tolerance {self.tolerance:g}")

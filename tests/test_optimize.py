@@ -274,3 +274,25 @@ def test_backend_guard_env_is_checked(backend_env):
 
 def test_optimize_is_the_package_entry():
     assert passlab.optimize is optimize
+
+
+class IntegerDivision(torch.nn.Module):
+    def forward(self, a, b):
+        return (a // b) * 2 + 1
+
+
+def test_a_model_that_raises_on_random_inputs_is_checked_on_the_examples_values():
+    """Fresh random integers drawn from the example's range include a 0 divisor, on which the
+    model itself raises: the numerics check and the guard use copies of the example's values
+    instead (and the record says so), and a zero divisor in the user's call still raises."""
+    m = IntegerDivision()
+    a = torch.tensor([2**25 + 1, 2**25 + 3, -7, 7, -7, 9] * 4)
+    b = torch.tensor([3, 3, 2, -2, -2, 4] * 4)
+    fast = optimize(m, (a, b), pipeline="cleanup,fuse")
+    steps = fast.record["steps"]
+    assert steps and all(s["numerics_ok"] for s in steps)
+    assert "ZeroDivisionError" in steps[-1]["stats"]["numerics_checked_on"]
+    assert torch.equal(fast(a, b), m(a, b))
+    b[2] = 0
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        fast(a, b)

@@ -49,7 +49,8 @@ def make_manager(steps, sample: Sample, device: str, *, strict=False, tolerance=
     instruments = [VerifyGraph()]
     if check_numerics:
         tol = tolerance if tolerance is not None else TOLERANCE.get(sample.dtype, 1e-4)
-        instruments.append(CheckNumerics(sample.reference, sample.make_inputs, device, tol, mutated=sample.writes))
+        instruments.append(CheckNumerics(sample.reference, sample.make_inputs, device, tol, mutated=sample.writes,
+                                         fallback=sample.example_copies))
     instruments += [Statistics(), Snapshot()] if snapshots else [Statistics()]
     return PassManager(steps, instruments=instruments, strict=strict, progress=progress)
 
