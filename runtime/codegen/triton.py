@@ -76,9 +76,6 @@ def expr(k, v, vals) -> str:
         return EXPR["where"][1].format(*args)
     logical = v.op in ("eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "div", "f2i32")
     args = [f"v{a}" if logical or vals[a].type == v.type else CAST[v.type][1].format(f"v{a}") for a in v.args]
-    if EXPR[v.op][1] is None:
-        from ..kernel.ir import LoweringError
-        raise LoweringError(f"{v.op} has no Triton form")
     return EXPR[v.op][1].format(*args)
 
 
