@@ -140,19 +140,21 @@ class CheckNumerics:
         self.device, self.tolerance, self.mutated = device, tolerance, tuple(mutated)
         self.known: dict = {}
         self.inputs, self.inputs_from = make_inputs(seed), "fresh random inputs"
-        self.routing = RecordRouting()
         try:
-            with torch.no_grad(), self.routing:
-                self.expected = self.outcome(reference)
+            self.expect(reference)
         except Exception as e:   # the model refuses them (an integer divisor drawn as 0): `fallback`'s values
             if fallback is None:
                 raise
             self.inputs = fallback()
             self.inputs_from = (f"the example's values (the model raised {type(e).__name__} on fresh random "
                                 f"inputs: {str(e).splitlines()[0] if str(e) else ''})")
-            self.routing = RecordRouting()
-            with torch.no_grad(), self.routing:
-                self.expected = self.outcome(reference)
+            self.expect(reference)
+
+    def expect(self, reference: Callable) -> None:
+        """The reference's outcome on `self.inputs`, its routing decisions recorded."""
+        self.routing = RecordRouting()
+        with torch.no_grad(), self.routing:
+            self.expected = self.outcome(reference)
 
     def outcome(self, fn: Callable):
         """fn's outputs and, where it writes inputs, their values afterwards."""

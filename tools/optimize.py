@@ -290,13 +290,15 @@ def measured_guard(sample: Sample, captured, result, steps, run_final, out_spec,
     sets = [sample.example_copies(), sample.make_inputs(21)]
     base = compile_graph(result.baseline.snapshot, device)
     fns = {"final": compile_graph(result.gm, device), "captured": base, "eager": sample.reference}
+
+    def timed(contenders):
+        return timing.measure_many(contenders, sets, device=device, budget_s=GUARD_TIMING_S, writes=sample.writes,
+                                   drop_slower=GUARD_DROP_SLOWER)
     try:
-        times = timing.measure_many(fns, sets, device=device, budget_s=GUARD_TIMING_S, writes=sample.writes,
-                                    drop_slower=GUARD_DROP_SLOWER)
+        times = timed(fns)
     except Exception:     # the model refuses the random set (a divisor drawn as 0): the example's values only
         sets = sets[:1]
-        times = timing.measure_many(fns, sets, device=device, budget_s=GUARD_TIMING_S, writes=sample.writes,
-                                    drop_slower=GUARD_DROP_SLOWER)
+        times = timed(fns)
     fin = timing.speedup(times["final"], times["eager"])
     vs_cap = timing.speedup(times["final"], times["captured"])
     tried, dropped = [], []
@@ -318,8 +320,7 @@ def measured_guard(sample: Sample, captured, result, steps, run_final, out_spec,
         if variants:
             fns2 = {"final": fns["final"], **{f"without {i}": compile_graph(v.gm, device)
                                               for i, v in variants.items()}}
-            t2 = timing.measure_many(fns2, sets, device=device, budget_s=GUARD_TIMING_S, writes=sample.writes,
-                                     drop_slower=GUARD_DROP_SLOWER)
+            t2 = timed(fns2)
             best, gain = None, None
             for i in variants:
                 s = timing.speedup(t2[f"without {i}"], t2["final"])
@@ -330,8 +331,7 @@ def measured_guard(sample: Sample, captured, result, steps, run_final, out_spec,
                 dropped.append(steps[best].name)
                 run_final = graph_runner(result.gm, device, out_spec, model, state)
                 fns["final"] = compile_graph(result.gm, device)
-                times = timing.measure_many(fns, sets, device=device, budget_s=GUARD_TIMING_S,
-                                            writes=sample.writes, drop_slower=GUARD_DROP_SLOWER)
+                times = timed(fns)
     chosen = min(times, key=lambda k: times[k].median_s)
     rec = {"mode": "measure", "chosen": chosen, "timings": {k: timing_dict(t) for k, t in times.items()},
            "speedup_vs_eager": {k: list(timing.speedup(t, times["eager"])) for k, t in times.items()},

@@ -91,8 +91,8 @@ def halves(g: torch.fx.Graph, x: torch.fx.Node, d: int):
 
 def rows(g, e, k, n, made, reached):
     """Rows k, k + 2, ... of `e` ([2n, ...]) as an [n, ...] value; new nodes go to `made`."""
-    def call(target, *args):
-        made.append(g.call_function(target, args))
+    def call(target, *args, **kwargs):
+        made.append(g.call_function(target, args, kwargs))
         return made[-1]
     es = shape(e)
     if e.op == "call_function" and len(users(e)) == 1:
@@ -103,8 +103,7 @@ def rows(g, e, k, n, made, reached):
         if op_class(e) is OpClass.POINTWISE and not any(isinstance(v, torch.fx.Node) for v in e.kwargs.values()):
             args = [rows(g, a, k, n, made, reached) if isinstance(a, torch.fx.Node) and len(shape(a)) == len(es)
                     and shape(a)[0] == 2 * n else a for a in e.args]
-            made.append(g.call_function(e.target, tuple(args), dict(e.kwargs)))
-            return made[-1]
+            return call(e.target, *args, **e.kwargs)
     try:
         e.meta["val"].view(n, 2, *es[1:])
     except RuntimeError:

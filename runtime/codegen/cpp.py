@@ -17,7 +17,7 @@ import math
 import torch
 
 from .exprs import CAST, EXPR
-from .plan import STATEMENTS, Printer, term, terms
+from .plan import STATEMENTS, Printer, gather_row, term, terms
 from .symbols import naming
 
 CLAMP = STATEMENTS["clamp"][0]
@@ -195,9 +195,7 @@ def load_expr(k, v, inner_idx: bool, scratch=frozenset()) -> str:
     inner = [term(t, CLAMP) for t in terms(astr, k.inner, shifts)] if inner_idx else []
     src = v.params[0] if v.op == "gather" else v.args[0]
     if v.op == "gather":
-        _, _, first, rows, stride = v.params
-        row = CLAMP.format(f"v{v.args[0]}", first, rows - 1) if rows else f"v{v.args[0]}"
-        inner.append(f"{row} * {stride}")
+        inner.append(gather_row(v, CLAMP))
     off = " + ".join([f"o{v.id}"] + inner)
     raw = f"in{src}[{off}]"
     if k.inputs[src].dtype == torch.bfloat16:

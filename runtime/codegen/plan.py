@@ -93,6 +93,15 @@ def term(t, clamp: str) -> str:
     return f"i{d} * {stride}"
 
 
+def gather_row(v, clamp: str) -> str:
+    """The source of a gather's row term: its index value (clamped into a concatenation
+    part's rows with the printer's `clamp` format, less the part's first row) times the
+    table's row stride."""
+    _, _, first, rows, stride = v.params
+    row = clamp.format(f"v{v.args[0]}", first, rows - 1) if rows else f"v{v.args[0]}"
+    return f"{row} * {stride}"
+
+
 def schedule(k, scratch_rows: int = 0) -> Plan:
     """The loop plan of kernel `k` (cached on it per scratch policy)."""
     plans = k.__dict__.setdefault("_plans", {})

@@ -15,7 +15,7 @@ import math
 import torch
 
 from .exprs import CAST, EXPR
-from .plan import STATEMENTS, Printer, term, terms
+from .plan import STATEMENTS, Printer, gather_row, term, terms
 from .symbols import naming
 
 CLAMP = STATEMENTS["clamp"][1]
@@ -54,11 +54,9 @@ def expr(k, v, vals) -> str:
         i = f"tl.where(v{v.args[0]} < 0, v{v.args[0]} + {n}, v{v.args[0]})" if wrap else f"v{v.args[0]}"
         return CLAMP.format(i, 0, n - 1)
     if v.op == "gather":
-        inp, astr, first, rows, stride = v.params
-        inner = [term(t, CLAMP) for t in terms(astr, k.inner)] if v.elem else []
-        row = CLAMP.format(f"v{v.args[0]}", first, rows - 1) if rows else f"v{v.args[0]}"
-        off = " + ".join([f"o{v.id}"] + inner + [f"{row} * {stride}"])
-        return CAST[v.type][1].format(f"tl.load(in{inp} + {off}, mask={'emask' if v.elem else 'mmask'}, other=0)")
+        inner = [term(t, CLAMP) for t in terms(v.params[1], k.inner)] if v.elem else []
+        off = " + ".join([f"o{v.id}"] + inner + [gather_row(v, CLAMP)])
+        return CAST[v.type][1].format(f"tl.load(in{v.params[0]} + {off}, mask={'emask' if v.elem else 'mmask'}, other=0)")
     if v.op == "const":
         return const(v.args[0], v.type)
     if v.op == "load":
